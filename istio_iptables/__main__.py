@@ -1,0 +1,3 @@
+from istio_iptables.cli import main
+
+main()

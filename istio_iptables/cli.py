@@ -1,0 +1,207 @@
+"""The ``istio-iptables`` command line: Istio's flags and environment variables, unchanged.
+
+Only click is imported here; python-iptables, pyroute2 and the appliers are imported
+lazily on the paths that need them, so a dry run costs little more than starting Python.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from istio_iptables.errors import ExitCode, IstioIptablesError
+
+log = logging.getLogger("istio_iptables")
+
+# (name, short flag, long flag, environment variables: an alias listed first wins, as in Istio)
+VALUE_OPTIONS: list[tuple[str, str | None, str, tuple[str, ...], str]] = [
+    ("envoy_port", "-p", "--envoy-port", (), "Outbound listener port (REDIRECT target of ISTIO_REDIRECT)."),
+    ("inbound_capture_port", "-z", "--inbound-capture-port", ("INBOUND_CAPTURE_PORT",),
+     "Inbound listener port (REDIRECT/TPROXY target of inbound traffic)."),
+    ("inbound_tunnel_port", "-e", "--inbound-tunnel-port", ("INBOUND_TUNNEL_PORT",),
+     "HBONE tunnel port, never redirected."),
+    ("proxy_uid", "-u", "--proxy-uid", ("PROXY_UID",),
+     "Comma separated uids whose traffic is not captured (default: the uid of $ENVOY_USER, else 1337)."),
+    ("proxy_gid", "-g", "--proxy-gid", ("PROXY_GID",),
+     "Comma separated gids whose traffic is not captured (default: the proxy uids)."),
+    ("istio_inbound_interception_mode", "-m", "--istio-inbound-interception-mode",
+     ("ISTIO_INBOUND_INTERCEPTION_MODE",), "REDIRECT (default) or TPROXY."),
+    ("istio_inbound_ports", "-b", "--istio-inbound-ports", ("ISTIO_INBOUND_PORTS",),
+     "Inbound ports to capture: '*' for all, a comma separated list, or empty for none."),
+    ("istio_local_exclude_ports", "-d", "--istio-local-exclude-ports", ("ISTIO_LOCAL_EXCLUDE_PORTS",),
+     "Inbound ports never captured (used with -b '*')."),
+    ("istio_exclude_interfaces", "-c", "--istio-exclude-interfaces", ("ISTIO_EXCLUDE_INTERFACES",),
+     "Interfaces whose traffic is never captured."),
+    ("istio_service_cidr", "-i", "--istio-service-cidr", ("ISTIO_SERVICE_CIDR",),
+     "Outbound CIDRs to capture: '*' for all, a comma separated list, or empty for none."),
+    ("istio_service_exclude_cidr", "-x", "--istio-service-exclude-cidr", ("ISTIO_SERVICE_EXCLUDE_CIDR",),
+     "Outbound CIDRs never captured (they win over -i)."),
+    ("istio_outbound_ports", "-q", "--istio-outbound-ports", ("ISTIO_OUTBOUND_PORTS",),
+     "Outbound TCP ports always captured, whatever the destination."),
+    ("istio_local_outbound_ports_exclude", "-o", "--istio-local-outbound-ports-exclude",
+     ("ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE",), "Outbound ports never captured (TCP and UDP)."),
+    ("kube_virt_interfaces", "-k", "--kube-virt-interfaces", ("KUBE_VIRT_INTERFACES",),
+     "Interfaces of VM guests, whose incoming traffic is treated as outbound."),
+    ("istio_inbound_tproxy_mark", "-t", "--istio-inbound-tproxy-mark", ("ISTIO_INBOUND_TPROXY_MARK",),
+     "Packet mark of TPROXY mode."),
+    ("istio_inbound_tproxy_route_table", "-r", "--istio-inbound-tproxy-route-table",
+     ("ISTIO_INBOUND_TPROXY_ROUTE_TABLE",), "Policy routing table of TPROXY mode."),
+    ("iptables_probe_port", None, "--iptables-probe-port", ("IPTABLES_PROBE_PORT",),
+     "Original destination port of --run-validation's probe."),
+    ("probe_timeout", None, "--probe-timeout", ("PROBE_TIMEOUT",), "Deadline of --run-validation (e.g. 5s)."),
+    ("network_namespace", None, "--network-namespace", ("NETWORK_NAMESPACE",),
+     "Network namespace (name under /run/netns, or a path) to write the rules into."),
+    ("force_iptables_binary", None, "--force-iptables-binary", ("FORCE_IPTABLES_BINARY",),
+     "Use the legacy or the nft iptables backend instead of detecting it."),
+    ("applier", None, "--applier", ("ISTIO_IPTABLES_APPLIER",),
+     "How rules are written: 'restore' (iptables-restore, default) or 'libiptc' (in-process, legacy only)."),
+]
+
+BOOL_OPTIONS: list[tuple[str, str | None, str, tuple[str, ...], str]] = [
+    ("dry_run", "-n", "--dry-run", ("DRY_RUN",), "Print the rules instead of writing them."),
+    ("skip_rule_apply", None, "--skip-rule-apply", ("SKIP_RULE_APPLY",), "Write no rules or routes."),
+    ("run_validation", None, "--run-validation", ("RUN_VALIDATION",),
+     "Check that redirection works (exit 126 if not)."),
+    ("redirect_dns", None, "--redirect-dns", ("ISTIO_META_DNS_CAPTURE", "REDIRECT_DNS"),
+     "Capture DNS to the agent on port 15053."),
+    ("drop_invalid", None, "--drop-invalid", ("INVALID_DROP", "DROP_INVALID"),
+     "Drop packets conntrack marks INVALID."),
+    ("dual_stack", None, "--dual-stack", ("ISTIO_DUAL_STACK", "DUAL_STACK"),
+     "Enable IPv6 rules when the namespace has any IPv6 address."),
+    ("capture_all_dns", None, "--capture-all-dns", ("CAPTURE_ALL_DNS",),
+     "With --redirect-dns, capture every port 53 flow, not only the resolv.conf servers."),
+    ("cni_mode", None, "--cni-mode", ("CNI_MODE",), "Run as the CNI plugin does (per-namespace lock)."),
+    ("reconcile", None, "--reconcile", ("RECONCILE",), "Replace rules of another configuration."),
+    ("cleanup_only", None, "--cleanup-only", ("CLEANUP_ONLY",), "Remove everything this tool added."),
+    ("force_apply", None, "--force-apply", ("FORCE_APPLY",), "Apply even when the rules look current."),
+    ("native_nftables", None, "--native-nftables", ("NATIVE_NFTABLES",), "Use native nftables."),
+]
+
+# Env-only knobs of Istio (no flag).
+ENV_ONLY = {
+    "owner_groups_include": "ISTIO_OUTBOUND_OWNER_GROUPS",
+    "owner_groups_exclude": "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
+    "loopback_cidr": "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR",
+    "envoy_user": "ENVOY_USER",
+}
+
+LOG_OPTIONS = [
+    "--log_output_level",
+    "--log_target",
+    "--log_stacktrace_level",
+    "--log_rotate",
+    "--log_rotate_max_age",
+    "--log_rotate_max_size",
+    "--log_rotate_max_backups",
+]
+
+
+def _options(command: Callable[..., Any]) -> Callable[..., Any]:
+    for name, short, long, envvars, help_text in reversed(BOOL_OPTIONS):
+        names = [long] + ([short] if short else [])
+        command = click.option(
+            *names, name, is_flag=False, flag_value="true", default=None, envvar=list(envvars) or None,
+            show_envvar=bool(envvars), metavar="[BOOL]", help=help_text,
+        )(command)
+    for name, short, long, envvars, help_text in reversed(VALUE_OPTIONS):
+        names = [long] + ([short] if short else [])
+        command = click.option(
+            *names, name, default=None, envvar=list(envvars) or None, show_envvar=bool(envvars), help=help_text,
+        )(command)
+    return command
+
+
+def _source_label(ctx: click.Context, name: str, long: str, envvars: tuple[str, ...]) -> str:
+    if ctx.get_parameter_source(name) is ParameterSource.ENVIRONMENT:
+        return next((var for var in envvars if var in os.environ), long)
+    return long
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@_options
+@click.option("--enable-ipv6/--disable-ipv6", "enable_ipv6", default=None,
+              help="Write IPv6 rules or not (default: detect from the namespace's addresses, as Istio).")
+@click.option("--resolv-conf", "resolv_conf", default="/etc/resolv.conf", show_default=True,
+              help="Where --redirect-dns reads the DNS servers to capture.")
+@click.option("--log_output_level", "log_output_level", default="default:info",
+              help="Istio logging: scope:level pairs, e.g. default:debug.")
+@click.option("--log_as_json", "log_as_json", is_flag=False, flag_value="true", default="false",
+              metavar="[BOOL]", help="Istio logging: one JSON object per line.")
+@click.option("--log_target", "log_target", default="stderr", help="Istio logging: stderr, stdout or a file.")
+@click.option("--log_caller", "log_caller", default="", hidden=True)
+@click.option("--log_stacktrace_level", "log_stacktrace_level", default="", hidden=True)
+@click.option("--log_rotate", "log_rotate", default="", hidden=True)
+@click.option("--log_rotate_max_age", "log_rotate_max_age", default="", hidden=True)
+@click.option("--log_rotate_max_size", "log_rotate_max_size", default="", hidden=True)
+@click.option("--log_rotate_max_backups", "log_rotate_max_backups", default="", hidden=True)
+@click.option("--iptables-trace-logging", "trace_logging", is_flag=False, flag_value="true", default=None,
+              hidden=True)
+@click.option("-f", "--restore-format", "restore_format", is_flag=False, flag_value="true", default=None,
+              hidden=True)
+@click.version_option(package_name="istio-iptables")
+@click.pass_context
+def command(ctx: click.Context, **values: Any) -> None:
+    """Write the netfilter rules that send a pod's traffic through its sidecar proxy."""
+    from istio_iptables.config import RawSettings, Setting
+    from istio_iptables.logging_setup import configure_logging
+
+    configure_logging(values["log_output_level"], values["log_as_json"], values["log_target"])
+    for removed in ("trace_logging", "restore_format"):
+        if values[removed] is not None:
+            log.warning("ignoring --%s: Istio removed it", removed.replace("_", "-"))
+
+    settings: dict[str, Setting] = {}
+    flags: dict[str, Setting] = {}
+    for name, _short, long, envvars, _help in VALUE_OPTIONS:
+        if values[name] is not None:
+            settings[name] = Setting(values[name], _source_label(ctx, name, long, envvars))
+    for name, _short, long, envvars, _help in BOOL_OPTIONS:
+        if values[name] is not None:
+            flags[name] = Setting(values[name], _source_label(ctx, name, long, envvars))
+    for name, var in ENV_ONLY.items():
+        if var in os.environ:
+            settings[name] = Setting(os.environ[var], var)
+
+    raw = RawSettings(
+        values=settings, flags=flags, enable_ipv6=values["enable_ipv6"], resolv_conf=values["resolv_conf"]
+    )
+    try:
+        from istio_iptables.host import RealHost
+        from istio_iptables.run import run
+
+        config = _parse(raw, RealHost())
+        run(config, sys.stdout)
+    except IstioIptablesError as error:
+        log.error("%s", error)
+        ctx.exit(error.exit_code)
+
+
+def _parse(raw: Any, host: Any) -> Any:
+    from istio_iptables.config import parse
+
+    return parse(raw, host)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["explain"]:
+        from istio_iptables.explain_cli import explain_command
+
+        explain_command.main(args=args[1:], prog_name="istio-iptables explain")
+        return
+    try:
+        command.main(args=args, prog_name="istio-iptables", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(ExitCode.INVALID_INPUT)
+    except click.exceptions.Abort:
+        sys.exit(ExitCode.FAILURE)
+    sys.exit(ExitCode.OK)

@@ -1,0 +1,261 @@
+"""The rule model: plain typed data describing netfilter rules, with no I/O.
+
+A :class:`RuleSet` holds the rules of one address family in the order they are
+generated. Matches and targets are small frozen dataclasses; their values are
+validated before they get here (see :mod:`istio_iptables.config`), and the
+renderers turn them into text without ever splicing free-form strings.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Literal, TypeAlias
+
+IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Family(Enum):
+    V4 = 4
+    V6 = 6
+
+    @property
+    def restore_program(self) -> str:
+        return "iptables-restore" if self is Family.V4 else "ip6tables-restore"
+
+    @property
+    def loopback(self) -> IPNetwork:
+        return ipaddress.ip_network("127.0.0.1/32" if self is Family.V4 else "::1/128")
+
+    @property
+    def inbound_passthrough_source(self) -> IPNetwork:
+        """The address Envoy binds for inbound passthrough (127.0.0.6 / ::6)."""
+        return ipaddress.ip_network("127.0.0.6/32" if self is Family.V4 else "::6/128")
+
+    def owns(self, network: IPNetwork | ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        return network.version == self.value
+
+
+Table = Literal["filter", "mangle", "nat", "raw"]
+TABLES: tuple[Table, ...] = ("filter", "mangle", "nat", "raw")
+BUILTIN_CHAINS = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
+
+# Chains this tool creates; everything named here (and nothing else) is ours to remove.
+ISTIO_INBOUND = "ISTIO_INBOUND"
+ISTIO_IN_REDIRECT = "ISTIO_IN_REDIRECT"
+ISTIO_OUTPUT = "ISTIO_OUTPUT"
+ISTIO_REDIRECT = "ISTIO_REDIRECT"
+ISTIO_DIVERT = "ISTIO_DIVERT"
+ISTIO_TPROXY = "ISTIO_TPROXY"
+ISTIO_OUTPUT_DNS = "ISTIO_OUTPUT_DNS"
+ISTIO_DROP = "ISTIO_DROP"
+OWN_CHAINS = frozenset(
+    {
+        ISTIO_INBOUND,
+        ISTIO_IN_REDIRECT,
+        ISTIO_OUTPUT,
+        ISTIO_REDIRECT,
+        ISTIO_DIVERT,
+        ISTIO_TPROXY,
+        ISTIO_OUTPUT_DNS,
+        ISTIO_DROP,
+    }
+)
+
+
+# --- matches -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: Literal["tcp", "udp"]
+    negate: bool = False
+
+
+@dataclass(frozen=True)
+class Address:
+    direction: Literal["src", "dst"]
+    network: IPNetwork
+    negate: bool = False
+
+
+@dataclass(frozen=True)
+class Ports:
+    """``--dport``/``--sport`` for one port, ``-m multiport --dports`` for several (at most 15)."""
+
+    direction: Literal["src", "dst"]
+    ports: tuple[int, ...]
+    negate: bool = False
+
+
+@dataclass(frozen=True)
+class Interface:
+    direction: Literal["in", "out"]
+    name: str
+    negate: bool = False
+
+
+@dataclass(frozen=True)
+class Owner:
+    """``-m owner --uid-owner``/``--gid-owner``; ``id`` is a number or a group name."""
+
+    kind: Literal["uid", "gid"]
+    id: str
+    negate: bool = False
+
+
+@dataclass(frozen=True)
+class Mark:
+    value: int
+    negate: bool = False
+
+
+@dataclass(frozen=True)
+class ConnMark:
+    value: int
+    negate: bool = False
+
+
+@dataclass(frozen=True)
+class ConnState:
+    states: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SetMatch:
+    """``-m set --match-set NAME dst|src``: membership of an address in an ipset."""
+
+    name: str
+    direction: Literal["src", "dst"]
+    negate: bool = False
+
+
+Match: TypeAlias = Protocol | Address | Ports | Interface | Owner | Mark | ConnMark | ConnState | SetMatch
+
+
+# --- targets -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Jump:
+    chain: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    name: Literal["RETURN", "ACCEPT", "DROP"]
+
+
+@dataclass(frozen=True)
+class Redirect:
+    port: int
+
+
+@dataclass(frozen=True)
+class Tproxy:
+    port: int
+    mark: int
+    mask: int = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class SetMark:
+    value: int
+
+
+@dataclass(frozen=True)
+class ConnMarkSave:
+    pass
+
+
+@dataclass(frozen=True)
+class ConnMarkRestore:
+    pass
+
+
+@dataclass(frozen=True)
+class CtZone:
+    zone: int
+
+
+Target: TypeAlias = Jump | Verdict | Redirect | Tproxy | SetMark | ConnMarkSave | ConnMarkRestore | CtZone
+
+RETURN = Verdict("RETURN")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule; ``position`` is set for ``-I CHAIN position`` inserts, None for appends."""
+
+    table: Table
+    chain: str
+    matches: tuple[Match, ...]
+    target: Target
+    position: int | None = None
+
+
+@dataclass
+class RuleSet:
+    """The rules of one family, in generation order (the order the restore input lists them)."""
+
+    family: Family
+    rules: list[Rule] = field(default_factory=list)
+
+    def append(self, table: Table, chain: str, *matches: Match, target: Target) -> None:
+        self.rules.append(Rule(table, chain, matches, target))
+
+    def insert(self, table: Table, chain: str, position: int, *matches: Match, target: Target) -> None:
+        self.rules.append(Rule(table, chain, matches, target, position))
+
+    def tables(self) -> list[Table]:
+        used = {rule.table for rule in self.rules}
+        return [table for table in TABLES if table in used]
+
+    def rules_of(self, table: Table) -> list[Rule]:
+        return [rule for rule in self.rules if rule.table == table]
+
+    def declared_chains(self, table: Table) -> list[str]:
+        """Non-built-in chains of ``table``: those holding rules first, then pure jump targets."""
+        chains: dict[str, None] = {}
+        rules = self.rules_of(table)
+        for rule in rules:
+            if rule.chain not in BUILTIN_CHAINS:
+                chains.setdefault(rule.chain)
+        for rule in rules:
+            if isinstance(rule.target, Jump) and rule.target.chain not in BUILTIN_CHAINS:
+                chains.setdefault(rule.target.chain)
+        return list(chains)
+
+    def chain_order(self, table: Table) -> dict[str, list[Rule]]:
+        """The rules of every chain of ``table`` in the order the kernel will hold them."""
+        chains: dict[str, list[Rule]] = {name: [] for name in self.declared_chains(table)}
+        for rule in self.rules_of(table):
+            chain = chains.setdefault(rule.chain, [])
+            if rule.position is None:
+                chain.append(rule)
+            else:
+                chain.insert(rule.position - 1, rule)
+        return chains
+
+
+@dataclass(frozen=True)
+class TproxyRoutes:
+    """Policy routing TPROXY needs: ``ip rule fwmark MARK lookup TABLE`` + ``local default dev lo``."""
+
+    mark: int
+    table: int
+    families: tuple[Family, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything one run wants in the namespace."""
+
+    rulesets: tuple[RuleSet, ...]
+    routes: TproxyRoutes | None = None
+    # IPv6 needs ::6/128 on lo for Envoy's inbound passthrough bind (Istio adds it whenever v6 is on).
+    ipv6_passthrough_address: bool = False
+
+    def ruleset(self, family: Family) -> RuleSet | None:
+        return next((rs for rs in self.rulesets if rs.family is family), None)

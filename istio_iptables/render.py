@@ -1,0 +1,128 @@
+"""Render the rule model as iptables-restore input.
+
+Every token comes from a typed, validated value (numbers, parsed addresses, names
+checked against a strict pattern), and :func:`check_token` refuses anything that
+could end a line or start another option, so no input can add a rule of its own.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from istio_iptables.model import (
+    Address,
+    ConnMark,
+    ConnMarkRestore,
+    ConnMarkSave,
+    ConnState,
+    CtZone,
+    Interface,
+    Jump,
+    Mark,
+    Match,
+    Owner,
+    Ports,
+    Protocol,
+    Redirect,
+    Rule,
+    RuleSet,
+    SetMark,
+    SetMatch,
+    Target,
+    Tproxy,
+    Verdict,
+)
+
+MULTIPORT_LIMIT = 15  # the kernel's xt_multiport holds at most 15 ports per rule
+_SAFE_TOKEN = re.compile(r"[A-Za-z0-9_.:/,@+!$-]+")
+
+
+class RenderError(ValueError):
+    """A value reached the renderer that could change the meaning of the restore input."""
+
+
+def check_token(token: str) -> str:
+    if not _SAFE_TOKEN.fullmatch(token):
+        raise RenderError(f"refusing to render unsafe token {token!r}")
+    return token
+
+
+def _negated(negate: bool, *tokens: str) -> list[str]:
+    return ["!", *tokens] if negate else list(tokens)
+
+
+def match_tokens(match: Match) -> list[str]:
+    if isinstance(match, Protocol):
+        return _negated(match.negate, "-p", match.name)
+    if isinstance(match, Address):
+        return _negated(match.negate, "-s" if match.direction == "src" else "-d", str(match.network))
+    if isinstance(match, Interface):
+        return _negated(match.negate, "-i" if match.direction == "in" else "-o", match.name)
+    if isinstance(match, Ports):
+        if len(match.ports) == 1:
+            option = "--sport" if match.direction == "src" else "--dport"
+            return _negated(match.negate, option, str(match.ports[0]))
+        if len(match.ports) > MULTIPORT_LIMIT:
+            raise RenderError(f"multiport takes at most {MULTIPORT_LIMIT} ports, got {len(match.ports)}")
+        option = "--sports" if match.direction == "src" else "--dports"
+        return ["-m", "multiport", *_negated(match.negate, option, ",".join(map(str, match.ports)))]
+    if isinstance(match, Owner):
+        return ["-m", "owner", *_negated(match.negate, f"--{match.kind}-owner", match.id)]
+    if isinstance(match, Mark):
+        return ["-m", "mark", *_negated(match.negate, "--mark", str(match.value))]
+    if isinstance(match, ConnMark):
+        return ["-m", "connmark", *_negated(match.negate, "--mark", str(match.value))]
+    if isinstance(match, ConnState):
+        return ["-m", "conntrack", "--ctstate", ",".join(match.states)]
+    if isinstance(match, SetMatch):
+        return ["-m", "set", *_negated(match.negate, "--match-set", match.name, match.direction)]
+    raise TypeError(f"unknown match {match!r}")
+
+
+def target_tokens(target: Target) -> list[str]:
+    if isinstance(target, Jump):
+        return ["-j", target.chain]
+    if isinstance(target, Verdict):
+        return ["-j", target.name]
+    if isinstance(target, Redirect):
+        return ["-j", "REDIRECT", "--to-ports", str(target.port)]
+    if isinstance(target, Tproxy):
+        return ["-j", "TPROXY", "--tproxy-mark", f"{target.mark}/{target.mask:#x}", "--on-port", str(target.port)]
+    if isinstance(target, SetMark):
+        return ["-j", "MARK", "--set-mark", str(target.value)]
+    if isinstance(target, ConnMarkSave):
+        return ["-j", "CONNMARK", "--save-mark"]
+    if isinstance(target, ConnMarkRestore):
+        return ["-j", "CONNMARK", "--restore-mark"]
+    if isinstance(target, CtZone):
+        return ["-j", "CT", "--zone", str(target.zone)]
+    raise TypeError(f"unknown target {target!r}")
+
+
+def rule_spec(rule: Rule) -> list[str]:
+    """The rule's matches and target as iptables arguments (no chain, no -A/-I)."""
+    tokens = [token for match in rule.matches for token in match_tokens(match)]
+    tokens += target_tokens(rule.target)
+    return [check_token(token) for token in tokens]
+
+
+def rule_line(rule: Rule) -> str:
+    head = ["-A", rule.chain] if rule.position is None else ["-I", rule.chain, str(rule.position)]
+    return " ".join([*map(check_token, head), *rule_spec(rule)])
+
+
+def render_restore(ruleset: RuleSet, *, comment: bool = True) -> str:
+    """The restore input for one family, in Istio's layout: ``* table``, ``-N`` chains, rules, COMMIT."""
+    lines: list[str] = [f"# {ruleset.family.restore_program}"] if comment else []
+    for table in ruleset.tables():
+        lines.append(f"* {table}")
+        lines.extend(f"-N {check_token(chain)}" for chain in ruleset.declared_chains(table))
+        lines.extend(rule_line(rule) for rule in ruleset.rules_of(table))
+        lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def render_documents(rulesets: Iterable[RuleSet]) -> str:
+    """The dry-run output: the IPv4 document, then the IPv6 one when IPv6 is on."""
+    return "".join(render_restore(ruleset) for ruleset in rulesets)

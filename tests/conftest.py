@@ -1,0 +1,70 @@
+"""Shared fixtures. Kernel tests need root and network namespaces: under CI=true they never skip."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+from tests.netns import NetNS
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def kernel_available() -> str | None:
+    """None when namespace tests can run here, else why not."""
+    if os.geteuid() != 0:
+        return "needs root"
+    for tool in ("ip", "iptables-legacy-restore", "iptables-nft-restore", "nft"):
+        if shutil.which(tool) is None:
+            return f"needs {tool}"
+    return None
+
+
+def require_kernel() -> None:
+    reason = kernel_available()
+    if reason:
+        if IN_CI:
+            pytest.fail(f"namespace test cannot run under CI=true: {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def netns() -> Iterator[NetNS]:
+    require_kernel()
+    with NetNS() as namespace:
+        yield namespace
+
+
+@pytest.fixture
+def netns_factory() -> Iterator:
+    """Make as many namespaces as a test needs; all are deleted afterwards."""
+    require_kernel()
+    made: list[NetNS] = []
+
+    def make(prefix: str = "iit") -> NetNS:
+        namespace = NetNS(prefix)
+        made.append(namespace)
+        return namespace
+
+    yield make
+    for namespace in made:
+        namespace.delete()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "netns" in item.fixturenames or "netns_factory" in item.fixturenames:
+            item.add_marker(pytest.mark.netns)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator:
+    outcome = yield
+    report = outcome.get_result()
+    # Under CI a skipped namespace test would hide a broken test bed: count it as a failure.
+    if IN_CI and report.skipped and item.get_closest_marker("netns") is not None:
+        report.outcome = "failed"
+        report.longrepr = f"namespace test skipped under CI=true: {report.longrepr}"
