@@ -16,6 +16,7 @@ from typing import Literal, Protocol
 
 from istio_iptables.errors import ConfigError
 from istio_iptables.model import IPNetwork
+from istio_iptables.records import record
 
 Mode = Literal["REDIRECT", "TPROXY"]
 
@@ -31,7 +32,7 @@ _GROUP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?")
 _NUMBER = re.compile(r"[0-9]+")
 
 
-@dataclass(frozen=True)
+@record
 class Setting:
     """A raw value and a label naming where it came from (``--flag`` or ``ENV_VAR``)."""
 
@@ -39,7 +40,7 @@ class Setting:
     source: str
 
 
-@dataclass(frozen=True)
+@record
 class CidrSelection:
     """An include list of CIDRs, or ``*`` for everything."""
 
@@ -50,7 +51,7 @@ class CidrSelection:
         return tuple(cidr for cidr in self.cidrs if cidr.version == version)
 
 
-@dataclass(frozen=True)
+@record
 class PortSelection:
     """Inbound ports to capture: ``*`` for all, a list, or nothing (empty)."""
 
@@ -62,7 +63,7 @@ class PortSelection:
         return not self.wildcard and not self.ports
 
 
-@dataclass(frozen=True)
+@record
 class Config:
     proxy_port: int = 15001
     inbound_capture_port: int = 15006

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal, TypeAlias
 
+from istio_iptables.records import record
+
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -67,20 +69,20 @@ OWN_CHAINS = frozenset(
 # --- matches -----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record
 class Protocol:
     name: Literal["tcp", "udp"]
     negate: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class Address:
     direction: Literal["src", "dst"]
     network: IPNetwork
     negate: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class Ports:
     """``--dport``/``--sport`` for one port, ``-m multiport --dports`` for several (at most 15)."""
 
@@ -89,14 +91,14 @@ class Ports:
     negate: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class Interface:
     direction: Literal["in", "out"]
     name: str
     negate: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class Owner:
     """``-m owner --uid-owner``/``--gid-owner``; ``id`` is a number or a group name."""
 
@@ -105,24 +107,24 @@ class Owner:
     negate: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class Mark:
     value: int
     negate: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class ConnMark:
     value: int
     negate: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class ConnState:
     states: tuple[str, ...]
 
 
-@dataclass(frozen=True)
+@record
 class SetMatch:
     """``-m set --match-set NAME dst|src``: membership of an address in an ipset."""
 
@@ -137,44 +139,44 @@ Match: TypeAlias = Protocol | Address | Ports | Interface | Owner | Mark | ConnM
 # --- targets -----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record
 class Jump:
     chain: str
 
 
-@dataclass(frozen=True)
+@record
 class Verdict:
     name: Literal["RETURN", "ACCEPT", "DROP"]
 
 
-@dataclass(frozen=True)
+@record
 class Redirect:
     port: int
 
 
-@dataclass(frozen=True)
+@record
 class Tproxy:
     port: int
     mark: int
     mask: int = 0xFFFFFFFF
 
 
-@dataclass(frozen=True)
+@record
 class SetMark:
     value: int
 
 
-@dataclass(frozen=True)
+@record
 class ConnMarkSave:
     pass
 
 
-@dataclass(frozen=True)
+@record
 class ConnMarkRestore:
     pass
 
 
-@dataclass(frozen=True)
+@record
 class CtZone:
     zone: int
 
@@ -184,7 +186,7 @@ Target: TypeAlias = Jump | Verdict | Redirect | Tproxy | SetMark | ConnMarkSave 
 RETURN = Verdict("RETURN")
 
 
-@dataclass(frozen=True)
+@record
 class Rule:
     """One rule; ``position`` is set for ``-I CHAIN position`` inserts, None for appends."""
 
@@ -239,7 +241,7 @@ class RuleSet:
         return chains
 
 
-@dataclass(frozen=True)
+@record
 class TproxyRoutes:
     """Policy routing TPROXY needs: ``ip rule fwmark MARK lookup TABLE`` + ``local default dev lo``."""
 
@@ -248,7 +250,7 @@ class TproxyRoutes:
     families: tuple[Family, ...]
 
 
-@dataclass(frozen=True)
+@record
 class Plan:
     """Everything one run wants in the namespace."""
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 from typing import TextIO
 
 from istio_iptables.capture import build_plan
 from istio_iptables.config import Config
 from istio_iptables.errors import EnvironmentProblem
+from istio_iptables.logging_setup import log
 from istio_iptables.render import render_documents
-
-log = logging.getLogger("istio_iptables")
 
 
 def run(config: Config, out: TextIO) -> None:
