@@ -43,6 +43,7 @@ from istio_iptables.model import (
     TproxyRoutes,
     Verdict,
 )
+from istio_iptables.sets import cidr_matches, port_matches
 
 TCP = Protocol("tcp")
 UDP = Protocol("udp")
@@ -85,10 +86,12 @@ def build_ruleset(config: Config, family: Family) -> RuleSet:
         capture_dns(config, rules)
     # Envoy-aware apps and container-to-container traffic use localhost explicitly: leave it alone.
     rules.append("nat", ISTIO_OUTPUT, Address("dst", loopback), target=RETURN)
-    for cidr in of_family(config.outbound_exclude, family):
-        rules.append("nat", ISTIO_OUTPUT, Address("dst", cidr), target=RETURN)
-    for port in config.outbound_ports_include:
-        rules.append("nat", ISTIO_OUTPUT, TCP, Ports("dst", (port,)), target=Jump(ISTIO_REDIRECT))
+    # Long lists become one set match (istio_iptables/sets.py); short ones one rule per entry.
+    excluded = of_family(config.outbound_exclude, family)
+    for destination in cidr_matches(config.use_sets, rules, "out-excl", excluded):
+        rules.append("nat", ISTIO_OUTPUT, destination, target=RETURN)
+    for port in port_matches(config.use_sets, rules, "port-out", config.outbound_ports_include):
+        rules.append("nat", ISTIO_OUTPUT, TCP, port, target=Jump(ISTIO_REDIRECT))
     capture_outbound_ranges(config, rules)
     if config.tproxy:
         keep_tproxy_marks(config, rules, loopback)
@@ -151,12 +154,12 @@ def capture_inbound(config: Config, rules: RuleSet, loopback: IPNetwork) -> None
         )
     rules.append(table, "PREROUTING", TCP, target=Jump(ISTIO_INBOUND))
     if ports.wildcard:
-        for port in config.inbound_exclude_ports:
-            rules.append(table, ISTIO_INBOUND, TCP, Ports("dst", (port,)), target=RETURN)
+        for port in port_matches(config.use_sets, rules, "port-in-excl", config.inbound_exclude_ports):
+            rules.append(table, ISTIO_INBOUND, TCP, port, target=RETURN)
         divert_inbound(config, rules, ())
     else:
-        for port in ports.ports:
-            divert_inbound(config, rules, (Ports("dst", (port,)),))
+        for port in port_matches(config.use_sets, rules, "port-in", ports.ports):
+            divert_inbound(config, rules, (port,))
 
 
 def divert_inbound(config: Config, rules: RuleSet, port_match: tuple[Match, ...]) -> None:
@@ -171,9 +174,9 @@ def divert_inbound(config: Config, rules: RuleSet, port_match: tuple[Match, ...]
 
 def bypass_excluded_outbound_ports(config: Config, rules: RuleSet) -> None:
     """``-o``: must come before the loopback rules so connections back to self honour it too."""
-    for port in config.outbound_ports_exclude:
+    for port in port_matches(config.use_sets, rules, "port-out-excl", config.outbound_ports_exclude):
         for protocol in (TCP, UDP):
-            rules.append("nat", ISTIO_OUTPUT, protocol, Ports("dst", (port,)), target=RETURN)
+            rules.append("nat", ISTIO_OUTPUT, protocol, port, target=RETURN)
 
 
 def protect_proxy_traffic(
@@ -279,12 +282,10 @@ def capture_outbound_ranges(config: Config, rules: RuleSet) -> None:
         for name in config.virt_interfaces:
             rules.insert("nat", "PREROUTING", 1, Interface("in", name), target=Jump(ISTIO_REDIRECT))
         return
-    for cidr in of_family(include.cidrs, rules.family):
+    for destination in cidr_matches(config.use_sets, rules, "out-incl", of_family(include.cidrs, rules.family)):
         for name in config.virt_interfaces:
-            rules.insert(
-                "nat", "PREROUTING", 1, Interface("in", name), Address("dst", cidr), target=Jump(ISTIO_REDIRECT)
-            )
-        rules.append("nat", ISTIO_OUTPUT, Address("dst", cidr), target=Jump(ISTIO_REDIRECT))
+            rules.insert("nat", "PREROUTING", 1, Interface("in", name), destination, target=Jump(ISTIO_REDIRECT))
+        rules.append("nat", ISTIO_OUTPUT, destination, target=Jump(ISTIO_REDIRECT))
 
 
 def keep_tproxy_marks(config: Config, rules: RuleSet, loopback: IPNetwork) -> None:

@@ -60,6 +60,9 @@ VALUE_OPTIONS: list[tuple[str, str | None, str, tuple[str, ...], str]] = [
      "Use the legacy or the nft iptables backend instead of detecting it."),
     ("applier", None, "--applier", ("ISTIO_IPTABLES_APPLIER",),
      "How rules are written: 'restore' (iptables-restore, default) or 'libiptc' (in-process, legacy only)."),
+    ("use_sets", None, "--use-sets", ("ISTIO_IPTABLES_USE_SETS",),
+     "Long CIDR/port lists as one set match: auto (over 64 entries, default), always, never, or "
+     "multiport (no ipset: long port lists as multiport rules). See docs/speed.md."),
 ]
 
 BOOL_OPTIONS: list[tuple[str, str | None, str, tuple[str, ...], str]] = [

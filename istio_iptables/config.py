@@ -19,6 +19,8 @@ from istio_iptables.model import IPNetwork
 from istio_iptables.records import record
 
 Mode = Literal["REDIRECT", "TPROXY"]
+UseSets = Literal["auto", "always", "never", "multiport"]  # see istio_iptables/sets.py
+USE_SETS_CHOICES: tuple[UseSets, ...] = ("auto", "always", "never", "multiport")
 
 MAX_OWNER_GROUPS = 64
 DNS_CAPTURE_PORT = 15053
@@ -99,6 +101,7 @@ class Config:
     native_nftables: bool = False
     force_iptables_binary: Literal["", "legacy", "nft"] = ""
     applier: Literal["restore", "libiptc"] = "restore"
+    use_sets: UseSets = "auto"
     owner_groups_include: tuple[str, ...] | None = None  # None means "*": every group is captured
     owner_groups_exclude: tuple[str, ...] = ()
     loopback_cidr: ipaddress.IPv4Network = DEFAULT_IPV4_LOOPBACK
@@ -378,6 +381,9 @@ def parse(raw: RawSettings, host: Host) -> Config:
     applier = raw.get("applier", "restore")
     if applier.value not in ("restore", "libiptc"):
         raise ConfigError(applier.source, applier.value, "must be restore or libiptc")
+    use_sets = raw.get("use_sets", "auto")
+    if use_sets.value not in USE_SETS_CHOICES:
+        raise ConfigError(use_sets.source, use_sets.value, f"must be one of {', '.join(USE_SETS_CHOICES)}")
 
     return Config(
         proxy_port=parse_port(raw.get("envoy_port", "15001")),
@@ -413,6 +419,7 @@ def parse(raw: RawSettings, host: Host) -> Config:
         native_nftables=flag("native_nftables"),
         force_iptables_binary=force_binary.value,  # type: ignore[arg-type]
         applier=applier.value,  # type: ignore[arg-type]
+        use_sets=use_sets.value,  # type: ignore[arg-type]
         owner_groups_include=(
             None if include_groups.value in ("*", "") else parse_owner_groups(include_groups, host)
         ),

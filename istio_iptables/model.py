@@ -126,11 +126,25 @@ class ConnState:
 
 @record
 class SetMatch:
-    """``-m set --match-set NAME dst|src``: membership of an address in an ipset."""
+    """``-m set --match-set NAME dst|src``: membership of an address (or port) in a :class:`NamedSet`."""
 
     name: str
     direction: Literal["src", "dst"]
     negate: bool = False
+
+
+@record
+class NamedSet:
+    """A set that rules match with :class:`SetMatch`: an ipset, or a named set in native nftables.
+
+    ``net`` sets hold the CIDRs of one family; ``port`` sets hold port numbers and serve both
+    families. The name carries a digest of the members, so other members mean another name.
+    """
+
+    name: str
+    kind: Literal["net", "port"]
+    family: Family | None
+    members: tuple[IPNetwork, ...] | tuple[int, ...]
 
 
 Match: TypeAlias = Protocol | Address | Ports | Interface | Owner | Mark | ConnMark | ConnState | SetMatch
@@ -203,6 +217,7 @@ class RuleSet:
 
     family: Family
     rules: list[Rule] = field(default_factory=list)
+    sets: dict[str, NamedSet] = field(default_factory=dict)  # the sets these rules match, by name
 
     def append(self, table: Table, chain: str, *matches: Match, target: Target) -> None:
         self.rules.append(Rule(table, chain, matches, target))

@@ -1,0 +1,147 @@
+"""Long lists as sets: one rule that matches a set instead of one rule per CIDR or port.
+
+Istio writes one rule per excluded or included CIDR and port, and every new connection walks
+them in order: 10 000 excluded CIDRs cost it 100-400 µs per connection, a set one lookup
+(docs/speed.md). How a list is written is decided in one place, :func:`cidr_matches` and
+:func:`port_matches`, which the capture policy calls for each list. ``--use-sets``:
+
+- ``auto`` (default): a list of more than :data:`SET_THRESHOLD` entries becomes one set;
+  shorter lists keep Istio's rules exactly (so Istio's goldens still hold).
+- ``always``: every non-empty list becomes a set.
+- ``never``: Istio's rules, one per entry, whatever the length.
+- ``multiport``: no sets, so no ipset needed (e.g. gVisor): port lists longer than the threshold
+  become ``-m multiport`` rules of at most 15 ports; CIDR lists stay one rule per entry.
+
+Sets are ipsets for the iptables backends (``hash:net`` per family, ``bitmap:port`` shared by
+both families). Their names are ours and say what they hold, plus a digest of the members
+(``istio-v4-out-excl-1c9a02f3``): other members mean another name, so a changed list shows up
+as changed rules (drift) and a new set never replaces an old one in place.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+from istio_iptables.config import UseSets
+from istio_iptables.model import Address, Family, IPNetwork, Match, NamedSet, Ports, RuleSet, SetMatch
+from istio_iptables.render import MULTIPORT_LIMIT, check_token
+
+# Above this many entries a list becomes a set (auto) or multiport rules. Below it, walking the
+# rules costs less than 0.2x a new connection's baseline even on iptables-nft (docs/speed.md).
+SET_THRESHOLD = 64
+
+# What each set holds; the purpose is part of the name.
+CidrPurpose = Literal["out-excl", "out-incl"]
+PortPurpose = Literal["port-out", "port-out-excl", "port-in", "port-in-excl"]
+# Not compiled at import: most runs never ask (re caches it on first use).
+OWN_SET_NAME = r"istio-(?:v4-|v6-)?(?:out-excl|out-incl|port-out|port-out-excl|port-in|port-in-excl)-[0-9a-f]{8}(?:-t)?"
+_FAMILY_TAG = {Family.V4: "v4", Family.V6: "v6"}
+IPSET_MAXELEM = 65536  # ipset's default; larger sets say how many they hold
+
+
+def use_set(use_sets: UseSets, count: int) -> bool:
+    if count == 0:
+        return False
+    return use_sets == "always" or (use_sets == "auto" and count > SET_THRESHOLD)
+
+
+def cidr_matches(
+    use_sets: UseSets, rules: RuleSet, purpose: CidrPurpose, cidrs: Sequence[IPNetwork]
+) -> list[Match]:
+    """The destination match of each rule a CIDR list needs: one per CIDR, or one set match."""
+    if not use_set(use_sets, len(cidrs)):
+        return [Address("dst", cidr) for cidr in cidrs]
+    members = set_members(cidrs)
+    named = NamedSet(set_name(purpose, members, rules.family), "net", rules.family, members)
+    rules.sets[named.name] = named
+    return [SetMatch(named.name, "dst")]
+
+
+def port_matches(use_sets: UseSets, rules: RuleSet, purpose: PortPurpose, ports: Sequence[int]) -> list[Match]:
+    """The destination port match of each rule a port list needs: per port, multiport, or one set."""
+    if use_sets == "multiport" and len(ports) > SET_THRESHOLD:
+        chunks = [tuple(ports[start : start + MULTIPORT_LIMIT]) for start in range(0, len(ports), MULTIPORT_LIMIT)]
+        return [Ports("dst", chunk) for chunk in chunks]
+    if not use_set(use_sets, len(ports)):
+        return [Ports("dst", (port,)) for port in ports]
+    members = tuple(ports)
+    named = NamedSet(set_name(purpose, members, None), "port", None, members)
+    rules.sets[named.name] = named
+    return [SetMatch(named.name, "dst")]
+
+
+def set_members(cidrs: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
+    """The CIDRs as a hash:net set can hold them: a /0 (which it cannot) as its two halves."""
+    members: list[IPNetwork] = []
+    for cidr in cidrs:
+        members.extend(cidr.subnets() if cidr.prefixlen == 0 else (cidr,))
+    return tuple(dict.fromkeys(members))
+
+
+def set_name(purpose: str, members: Sequence[object], family: Family | None) -> str:
+    """``istio-[v4-|v6-]PURPOSE-DIGEST``: at most 27 characters, so ``NAME-t`` fits ipset's 31."""
+    # CRC-32 is enough: the digest only has to change when the members do, nobody forges it.
+    digest = zlib.crc32(",".join(map(str, members)).encode()) & 0xFFFFFFFF
+    tag = f"{_FAMILY_TAG[family]}-" if family is not None else ""
+    return f"istio-{tag}{purpose}-{digest:08x}"
+
+
+def is_own_set(name: str) -> bool:
+    return re.fullmatch(OWN_SET_NAME, name) is not None
+
+
+def sets_of(rulesets: Iterable[RuleSet]) -> list[NamedSet]:
+    """Every set the rule sets match, once (port sets serve both families)."""
+    found: dict[str, NamedSet] = {}
+    for ruleset in rulesets:
+        found.update(ruleset.sets)
+    return list(found.values())
+
+
+# --- ipset ---------------------------------------------------------------------------------
+
+
+def temporary_name(name: str) -> str:
+    return f"{name}-t"
+
+
+def ipset_create_options(named: NamedSet) -> str:
+    if named.kind == "port":
+        return "bitmap:port range 0-65535"
+    family = "inet" if named.family is Family.V4 else "inet6"
+    return f"hash:net family {family} maxelem {max(IPSET_MAXELEM, len(named.members))}"
+
+
+def render_ipset_restore(sets: Iterable[NamedSet]) -> str:
+    """``ipset restore`` input that leaves each set holding exactly its members.
+
+    A set of that name may exist (a rerun, or a set someone edited): it is filled as a temporary
+    set and swapped in, so rules that match it never see it half filled.
+    """
+    lines: list[str] = []
+    for named in sets:
+        name, temporary = check_token(named.name), check_token(temporary_name(named.name))
+        options = ipset_create_options(named)
+        lines += [f"create {name} {options} -exist", f"create {temporary} {options} -exist", f"flush {temporary}"]
+        lines += [f"add {temporary} {check_token(str(member))}" for member in named.members]
+        lines += [f"swap {temporary} {name}", f"destroy {temporary}"]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def render_ipset_document(rulesets: Iterable[RuleSet]) -> str:
+    """The dry run's ``# ipset restore`` section (before the rules, as it must be loaded), or nothing."""
+    script = render_ipset_restore(sets_of(rulesets))
+    return f"# ipset restore\n{script}" if script else ""
+
+
+def render_ipset_destroy(names: Iterable[str]) -> str:
+    """``ipset restore`` input that destroys these sets (each must be ours)."""
+    lines = []
+    for name in names:
+        if not is_own_set(name):
+            raise ValueError(f"refusing to destroy set {name!r}: not one of ours")
+        lines.append(f"destroy {check_token(name)}")
+    return "\n".join(lines) + "\n" if lines else ""

@@ -1,0 +1,147 @@
+"""Set-based rules in a kernel: excluded destinations bypass the proxy, included ones reach it.
+
+Two namespaces joined by a veth: ``client`` holds the rules and a stand-in proxy on 15001 that
+answers "proxy"; ``server`` owns the destination addresses and answers "direct" on 80 and 8080.
+The rules are loaded as the dry run prints them (ipset first, then iptables-restore).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.netns import NetNS
+
+EXCLUDED, INCLUDED = "198.51.100.1", "203.0.113.1"
+SERVE = """
+import selectors, socket, sys, time
+tag = sys.argv[1].encode()
+selector = selectors.DefaultSelector()
+for port in map(int, sys.argv[2:]):
+    listener = socket.create_server(("0.0.0.0", port), reuse_port=True)
+    listener.setblocking(False)
+    selector.register(listener, selectors.EVENT_READ)
+print("ready", flush=True)
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline:
+    for key, _ in selector.select(timeout=0.5):
+        connection, _ = key.fileobj.accept()
+        connection.sendall(tag)
+        connection.close()
+"""
+ASK = """
+import socket, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3) as connection:
+    print(connection.recv(16).decode())
+"""
+
+
+def filler_cidrs(count: int) -> list[str]:
+    return [f"10.{i // 256}.{i % 256}.0/24" for i in range(count)]
+
+
+def filler_ports(count: int) -> list[str]:
+    return [str(port) for port in range(20000, 20000 + count)]
+
+
+class Pair:
+    def __init__(self, make: Callable[[str], NetNS]) -> None:
+        self.client, self.server = make("iit-setc"), make("iit-sets")
+        self.servers: list[subprocess.Popen[str]] = []
+        self.client.run("ip", "link", "add", "vc", "type", "veth", "peer", "name", "vs", "netns", self.server.name)
+        self.client.run("ip", "addr", "add", "10.99.0.1/24", "dev", "vc")
+        self.client.run("ip", "link", "set", "vc", "up")
+        self.server.run("ip", "addr", "add", "10.99.0.2/24", "dev", "vs")
+        self.server.run("ip", "link", "set", "vs", "up")
+        for address in (EXCLUDED, INCLUDED):
+            self.server.run("ip", "addr", "add", f"{address}/32", "dev", "lo")
+            self.client.run("ip", "route", "add", f"{address}/32", "via", "10.99.0.2")
+        self.serve(self.server, "direct", 80, 8080)
+        self.serve(self.client, "proxy", 15001)
+
+    def serve(self, namespace: NetNS, tag: str, *ports: int) -> None:
+        command = ["ip", "netns", "exec", namespace.name, sys.executable, "-c", SERVE, tag, *map(str, ports)]
+        server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        self.servers.append(server)
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+
+    def ask(self, address: str, port: int) -> str:
+        return self.client.run(sys.executable, "-c", ASK, address, str(port), timeout=10).stdout.strip()
+
+    def load(self, backend: str, args: list[str]) -> str:
+        """Load the dry run's documents as printed: the ipset section first, then the rules."""
+        cli = [sys.executable, "-m", "istio_iptables", "--dry-run", "--disable-ipv6", *args]
+        printed = self.client.run(*cli, "--log_output_level=default:none").stdout
+        sections = printed.split("# ")[1:]
+        for section in sections:
+            program, _, text = section.partition("\n")
+            command = ["ipset", "restore"] if program == "ipset restore" else [f"iptables-{backend}-restore"]
+            self.client.run(*command, input=text)
+        return printed
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.kill()
+            server.wait()
+
+
+@pytest.fixture
+def pair(netns_factory: Callable[[str], NetNS]) -> Iterator[Pair]:
+    made = Pair(netns_factory)
+    yield made
+    made.close()
+
+
+@pytest.mark.parametrize("backend", ["legacy", "nft"])
+def test_excluded_cidrs_in_a_set_bypass_and_the_rest_is_redirected(pair: Pair, backend: str) -> None:
+    excluded = [*filler_cidrs(200), "198.51.100.0/24"]
+    printed = pair.load(backend, ["-i", "*", "-b", "*", "-x", ",".join(excluded)])
+    assert "--match-set istio-v4-out-excl-" in printed
+    assert pair.ask(EXCLUDED, 80) == "direct"
+    assert pair.ask(INCLUDED, 80) == "proxy"
+
+
+@pytest.mark.parametrize("backend", ["legacy", "nft"])
+def test_included_cidrs_and_ports_in_sets_are_redirected_and_nothing_else(pair: Pair, backend: str) -> None:
+    included = [*filler_cidrs(200), "203.0.113.0/24"]
+    ports = [*filler_ports(100), "8080"]
+    printed = pair.load(backend, ["-i", ",".join(included), "-q", ",".join(ports), "-b", ""])
+    assert "istio-v4-out-incl-" in printed and "istio-port-out-" in printed
+    assert pair.ask(INCLUDED, 80) == "proxy"
+    assert pair.ask(EXCLUDED, 8080) == "proxy"
+    assert pair.ask(EXCLUDED, 80) == "direct"
+
+
+def test_ipsets_are_filled_atomically_replaced_and_removed(netns: NetNS) -> None:
+    script = (
+        "from istio_iptables.ipset import Ipset\n"
+        "from istio_iptables.model import Family, NamedSet\n"
+        "import ipaddress, sys\n"
+        "nets = tuple(ipaddress.ip_network(c) for c in sys.argv[1].split(','))\n"
+        "ipset = Ipset()\n"
+        "ipset.load([NamedSet('istio-v4-out-excl-00000001', 'net', Family.V4, nets),\n"
+        "            NamedSet('istio-port-in-00000002', 'port', None, (80, 443))])\n"
+        "print(sorted(ipset.own_sets()))\n"
+        "print(ipset.remove_stale(['istio-port-in-00000002']))\n"
+        "print(sorted(ipset.own_sets()))\n"
+    )
+    first = netns.run(sys.executable, "-c", script, "10.0.0.0/8,192.0.2.0/24").stdout.splitlines()
+    assert first == [
+        "['istio-port-in-00000002', 'istio-v4-out-excl-00000001']",
+        "[]",
+        "['istio-port-in-00000002']",
+    ]
+    # A set someone edited is refilled to exactly its members, while a rule matches it.
+    netns.run("ipset", "add", "istio-port-in-00000002", "9999")
+    netns.run("iptables-nft-restore", "--noflush", input=(
+        "*nat\n-A OUTPUT -p tcp -m set --match-set istio-port-in-00000002 dst -j RETURN\nCOMMIT\n"
+    ))
+    netns.run(sys.executable, "-c", script, "10.0.0.0/8")
+    members = netns.run("ipset", "list", "istio-port-in-00000002").stdout.split("Members:")[1].split()
+    assert members == ["80", "443"]
+    # In use: the kernel keeps it, and we say so instead of failing.
+    kept = netns.run(sys.executable, "-c", "from istio_iptables.ipset import Ipset; print(Ipset().remove_stale([]))")
+    assert kept.stdout.strip() == "['istio-port-in-00000002']"
