@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Callable
 from itertools import islice
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from click.core import ParameterSource
@@ -242,8 +242,30 @@ def spell_out_short_options(args: list[str]) -> list[str]:
     return spelled
 
 
+def exit_now(code: object) -> NoReturn:
+    """Flush and end the process without the interpreter's teardown.
+
+    Freeing every module and object at exit takes ~7 ms, a sixth of a dry run, and nobody needs
+    it: whatever must happen at exit has happened when main() returns.
+    """
+    if code is not None and not isinstance(code, int):
+        raise SystemExit(code)  # a message for Python to print
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:
+        code = code or 120  # what Python exits with when it cannot flush stdout
+    os._exit(code or 0)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
+    if argv is None:  # the program itself (tests pass argv and get SystemExit as usual)
+        try:
+            main(sys.argv[1:])
+        except SystemExit as done:
+            exit_now(done.code)
+        exit_now(0)
+    args = argv
     if args[:1] == ["explain"]:
         from istio_iptables.explain_cli import explain_command
 

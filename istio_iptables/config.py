@@ -11,12 +11,11 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from istio_iptables.errors import ConfigError
 from istio_iptables.model import IPNetwork
-from istio_iptables.records import record
+from istio_iptables.records import factory, record
 
 Mode = Literal["REDIRECT", "TPROXY"]
 UseSets = Literal["auto", "always", "never", "multiport"]  # see istio_iptables/sets.py
@@ -325,12 +324,12 @@ def _unique(items: Iterable) -> tuple:
 # --- the whole configuration -------------------------------------------------
 
 
-@dataclass
+@record(frozen=False)
 class RawSettings:
     """Every setting as text, labelled with its source; absent keys take Istio's defaults."""
 
-    values: Mapping[str, Setting] = field(default_factory=dict)
-    flags: Mapping[str, Setting] = field(default_factory=dict)
+    values: Mapping[str, Setting] = factory(dict)
+    flags: Mapping[str, Setting] = factory(dict)
     enable_ipv6: bool | None = None  # None: detect from the namespace's addresses
     resolv_conf: str = "/etc/resolv.conf"
 

@@ -49,12 +49,15 @@ class Ipset:
     def load(self, sets: Iterable[NamedSet]) -> None:
         """Create or refill each set so it holds exactly its members (atomically per set)."""
         sets = list(sets)
-        script = render_ipset_restore(sets)
+        before = set(self.own_sets())
+        script = render_ipset_restore(sets, existing=before)
         if not script:
             return
         loaded = self._run("restore", input=script)
         if loaded.returncode != 0:
-            self.destroy([temporary_name(named.name) for named in sets], quiet=True)
+            # Nothing matches the sets yet: whatever this run created goes again.
+            created = [named.name for named in sets if named.name not in before]
+            self.destroy([*created, *(temporary_name(named.name) for named in sets)], quiet=True)
             raise ApplyError(f"ipset restore failed: {loaded.stderr.strip()}; no rules were changed")
 
     def destroy(self, names: Iterable[str], *, quiet: bool = False) -> list[str]:

@@ -9,11 +9,10 @@ renderers turn them into text without ever splicing free-form strings.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal, TypeAlias
 
-from istio_iptables.records import record
+from istio_iptables.records import factory, record
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -211,13 +210,13 @@ class Rule:
     position: int | None = None
 
 
-@dataclass
+@record(frozen=False)
 class RuleSet:
     """The rules of one family, in generation order (the order the restore input lists them)."""
 
     family: Family
-    rules: list[Rule] = field(default_factory=list)
-    sets: dict[str, NamedSet] = field(default_factory=dict)  # the sets these rules match, by name
+    rules: list[Rule] = factory(list)
+    sets: dict[str, NamedSet] = factory(dict)  # the sets these rules match, by name
 
     def append(self, table: Table, chain: str, *matches: Match, target: Target) -> None:
         self.rules.append(Rule(table, chain, matches, target))

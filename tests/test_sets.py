@@ -14,6 +14,7 @@ from istio_iptables.render import render_documents
 from istio_iptables.sets import (
     SET_THRESHOLD,
     cidr_matches,
+    ipset_entries,
     is_own_set,
     port_matches,
     render_ipset_destroy,
@@ -87,11 +88,15 @@ def test_a_catch_all_cidr_becomes_its_two_halves() -> None:
     assert [str(net) for net in halves] == ["0.0.0.0/1", "128.0.0.0/1", "10.0.0.0/8"]
 
 
-def test_ipset_input_fills_a_temporary_set_and_swaps_it_in() -> None:
+def test_ipset_input_fills_new_sets_directly_and_swaps_existing_ones() -> None:
     named = NamedSet("istio-v4-out-excl-0000abcd", "net", V4, cidrs(2))
     assert render_ipset_restore([named]).splitlines() == [
-        "create istio-v4-out-excl-0000abcd hash:net family inet maxelem 65536 -exist",
-        "create istio-v4-out-excl-0000abcd-t hash:net family inet maxelem 65536 -exist",
+        "create istio-v4-out-excl-0000abcd hash:net family inet hashsize 1024 maxelem 65536",
+        "add istio-v4-out-excl-0000abcd 10.0.0.0/24",
+        "add istio-v4-out-excl-0000abcd 10.0.1.0/24",
+    ]
+    assert render_ipset_restore([named], existing=[named.name]).splitlines() == [
+        "create istio-v4-out-excl-0000abcd-t hash:net family inet hashsize 1024 maxelem 65536 -exist",
         "flush istio-v4-out-excl-0000abcd-t",
         "add istio-v4-out-excl-0000abcd-t 10.0.0.0/24",
         "add istio-v4-out-excl-0000abcd-t 10.0.1.0/24",
@@ -99,7 +104,12 @@ def test_ipset_input_fills_a_temporary_set_and_swaps_it_in() -> None:
         "destroy istio-v4-out-excl-0000abcd-t",
     ]
     big = NamedSet("istio-v6-out-incl-0000abcd", "net", Family.V6, tuple(range(70000)))  # type: ignore[arg-type]
-    assert "family inet6 maxelem 70000" in render_ipset_restore([big]).splitlines()[0]
+    assert "family inet6 hashsize 65536 maxelem 70000" in render_ipset_restore([big]).splitlines()[0]
+
+
+def test_port_sets_are_written_as_ranges() -> None:
+    ports = NamedSet("istio-port-in-0000abcd", "port", None, (80, 8080, *range(20000, 30000), 443, 8081))
+    assert ipset_entries(ports) == ["80", "443", "8080-8081", "20000-29999"]
 
 
 def test_every_list_of_the_policy_goes_through_the_set_step() -> None:
