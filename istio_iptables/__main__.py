@@ -1,3 +1,3 @@
-from istio_iptables.cli import main
+from istio_iptables.cli import program
 
-main()
+program()

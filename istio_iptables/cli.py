@@ -258,14 +258,17 @@ def exit_now(code: object) -> NoReturn:
     os._exit(code or 0)
 
 
+def program() -> NoReturn:
+    """The ``istio-iptables`` executable (and ``python -m istio_iptables``): :func:`main`, then exit now."""
+    try:
+        main()
+    except SystemExit as done:
+        exit_now(done.code)
+    exit_now(0)
+
+
 def main(argv: list[str] | None = None) -> None:
-    if argv is None:  # the program itself (tests pass argv and get SystemExit as usual)
-        try:
-            main(sys.argv[1:])
-        except SystemExit as done:
-            exit_now(done.code)
-        exit_now(0)
-    args = argv
+    args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["explain"]:
         from istio_iptables.explain_cli import explain_command
 
