@@ -35,7 +35,7 @@ def find_program(name: str) -> str:
     path = shutil.which(name)
     if path is None:
         raise EnvironmentProblem(
-            f"{name} not found in PATH: install iptables 1.8+ with both backends (Debian: apt install iptables)"
+            f"{name} not found in PATH: install iptables 1.8+ (Debian: apt install iptables)"
         )
     return path
 

@@ -66,7 +66,7 @@ def explain_failure(failure: RestoreFailed, rolled_back: bool) -> IstioIptablesE
     missing = _MISSING_EXTENSION.search(stderr)
     if missing:
         kind, name = missing.groups()
-        module = f"xt_{name}" if kind == "match" else f"xt_{name}"
+        module = f"xt_{name}"
         return EnvironmentProblem(
             f"the kernel lacks the iptables {kind} '{name}' ({label}): load the {module} module "
             f"(modprobe {module}) on the node; {state}"
@@ -76,7 +76,7 @@ def explain_failure(failure: RestoreFailed, rolled_back: bool) -> IstioIptablesE
         name = table.group(1) or "a table"
         prefix = "iptable" if failure.family is Family.V4 else "ip6table"
         return EnvironmentProblem(
-            f"the kernel lacks the {label} {name} table: load {prefix}_{name} (modprobe {prefix}_{name}); {state}"
+            f"the kernel lacks the {label} {name} table: load it (modprobe {prefix}_{name}); {state}"
         )
     detail = stderr.splitlines()[-1] if stderr else f"killed or exited {failure.returncode}"
     where = _FAILED_LINE.search(stderr)

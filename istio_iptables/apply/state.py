@@ -14,6 +14,7 @@ chains (interface RETURNs, TPROXY MARK/CONNMARK rules) when the family holds any
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from istio_iptables.model import (
     CtZone,
     Family,
     Interface,
+    IPNetwork,
     Jump,
     Mark,
     Match,
@@ -94,7 +96,7 @@ def parse_save(text: str) -> SaveDump:
         elif chains is None:
             continue
         elif line.startswith(":"):
-            name, policy = (line[1:].split() + ["-"])[:2]
+            name, policy = [*line[1:].split(), "-"][:2]
             chains.setdefault(name, [])
             dump.policies[table][name] = policy
         elif line.startswith("-A "):
@@ -113,6 +115,19 @@ def numeric_gid(name: str) -> str:
     import grp
 
     return str(grp.getgrnam(name).gr_gid)
+
+
+def kernel_network(network: IPNetwork) -> str:
+    """An address as iptables prints it: glibc's inet_ntop keeps embedded IPv4 dotted (``::127.0.0.53``)."""
+    address = network.network_address
+    if isinstance(address, ipaddress.IPv6Address):
+        words = [int.from_bytes(address.packed[i : i + 2], "big") for i in range(0, 16, 2)]
+        dotted = str(ipaddress.IPv4Address(address.packed[12:]))
+        if words[:6] == [0] * 6 and words[6] != 0:
+            return f"::{dotted}/{network.prefixlen}"
+        if words[:5] == [0] * 5 and words[5] == 0xFFFF:
+            return f"::ffff:{dotted}/{network.prefixlen}"
+    return network.compressed
 
 
 def _negated(negate: bool, *tokens: str) -> list[str]:
@@ -174,7 +189,7 @@ def canonical_spec(rule: Rule, family: Family, resolve_gid: GidResolver = numeri
     for match in rule.matches:
         if isinstance(match, Address):
             option = "-s" if match.direction == "src" else "-d"
-            head[option] = _negated(match.negate, option, match.network.compressed)
+            head[option] = _negated(match.negate, option, kernel_network(match.network))
         elif isinstance(match, Interface):
             option = "-i" if match.direction == "in" else "-o"
             head[option] = _negated(match.negate, option, match.name)
