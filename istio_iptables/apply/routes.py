@@ -21,6 +21,7 @@ PASSTHROUGH_V6 = "::6"
 _ADDRESS_FAMILY = {Family.V4: socket.AF_INET, Family.V6: socket.AF_INET6}
 _DEFAULT = {Family.V4: "0.0.0.0/0", Family.V6: "::/0"}
 _RTN_LOCAL = 2
+_RT_SCOPE_HOST = 254  # what `ip route add local` sets; the kernel refuses a v4 local route without it
 
 
 @contextmanager
@@ -86,6 +87,7 @@ def ensure(routes: TproxyRoutes | None, passthrough_v6: bool) -> None:
                 family=af,
                 dst=_DEFAULT[family],
                 type="local",
+                scope=_RT_SCOPE_HOST,
                 oif=lo,
                 table=routes.table,
             )
