@@ -18,7 +18,6 @@ from istio_iptables.capture import build_plan
 from istio_iptables.errors import ExitCode, IstioIptablesError
 from istio_iptables.model import Family
 from tests.apply_support import (
-    BACKENDS,
     case_args,
     cli_in,
     config_of,
@@ -111,18 +110,51 @@ def _same_rules(namespace: NetNS, backend: str, applied: dict[Family, str]) -> b
     }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_lifecycle_of_every_case(backend: str, netns_factory, tmp_path: Path) -> None:
+APPLIERS = [("legacy", "restore"), ("nft", "restore"), ("legacy", "libiptc")]
+
+
+@pytest.mark.parametrize(("backend", "applier"), APPLIERS)
+def test_lifecycle_of_every_case(backend: str, applier: str, netns_factory, tmp_path: Path) -> None:
     for case in CASES:
         namespace = netns_factory()
         if case.needs_groups:
             namespace.add_groups(EXTRA_GROUPS)
         args = case_args(case, tmp_path)
+        env = {**case.env, "ISTIO_IPTABLES_APPLIER": applier}
         if case.needs_groups:
-            lifecycle_with_groups(namespace, backend, args, case.env)
+            lifecycle_with_groups(namespace, backend, args, env)
         else:
             try:
-                lifecycle(namespace, backend, args, case.env)
+                lifecycle(namespace, backend, args, env)
             except AssertionError as error:
                 raise AssertionError(f"case {case.name}: {error}") from error
         namespace.delete()
+
+
+def test_both_appliers_leave_the_same_kernel_state(netns_factory, tmp_path: Path) -> None:
+    for case in CASES:
+        if case.needs_groups:
+            continue  # the lifecycle test covers them through both appliers
+        states = []
+        for applier in ("restore", "libiptc"):
+            namespace = netns_factory()
+            config = config_of(
+                [*case_args(case, tmp_path), "--force-iptables-binary=legacy"],
+                {**case.env, "ISTIO_IPTABLES_APPLIER": applier},
+            )
+            with inside(namespace):
+                apply(config, build_plan(config))
+            states.append(
+                {family: parse_save(text).tables for family, text in save_both(namespace, "legacy").items()}
+            )
+            namespace.delete()
+        assert states[0] == states[1], case.name
+
+
+def test_libiptc_refuses_an_nft_namespace(netns, tmp_path: Path) -> None:
+    config = config_of(["-u", "1337", "--disable-ipv6"], {"ISTIO_IPTABLES_APPLIER": "libiptc"})
+    with inside(netns), pytest.raises(IstioIptablesError) as refused:
+        apply(config, build_plan(config))
+    assert refused.value.exit_code == ExitCode.ENVIRONMENT
+    assert "legacy x_tables only" in str(refused.value)
+    assert netns.save("iptables-nft-save") == "" and netns.save("iptables-legacy-save") == ""
