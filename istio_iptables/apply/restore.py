@@ -20,7 +20,7 @@ from istio_iptables.model import Family
 LOCK_WAIT_SECONDS = 30  # how long a write waits for the xtables lock before giving up (Istio: 30)
 CONTEXT_LINES = 5
 
-_FAILED_LINE = re.compile(r"line (\d+) failed")
+_FAILED_LINE = re.compile(r"line (\d+)(?: failed|:)")  # legacy: "line 3 failed", nft: "line 3: ..."
 _MISSING_EXTENSION = re.compile(r"Couldn't load (match|target) `([^']+)'")
 _MISSING_TABLE = re.compile(r"(?:can't initialize \S+ table `([^']+)'|Table does not exist)")
 _LOCK_HELD = "holding the xtables lock"
