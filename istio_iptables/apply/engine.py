@@ -15,7 +15,6 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Protocol
 
 from istio_iptables.apply.backend import Backend, Detection, detect
@@ -46,13 +45,13 @@ class Applier(Protocol):
     def rollback(self, family: Family, snapshot: str, tables: list[str]) -> None: ...
 
 
-@dataclass(frozen=True)
 class Outcome:
     """What a run did, for logs and tests."""
 
-    action: str  # "applied", "unchanged", "reconciled", "cleaned", "nothing-to-clean"
-    backend: str
-    scripts: dict[Family, str]
+    def __init__(self, action: str, backend: str, scripts: dict[Family, str]) -> None:
+        self.action = action  # "applied", "unchanged", "reconciled", "cleaned", "nothing-to-clean"
+        self.backend = backend
+        self.scripts = scripts
 
 
 def check_privileges(status_path: str = "/proc/self/status") -> None:

@@ -84,7 +84,7 @@ class XtablesLock:
                 if time.monotonic() >= deadline:
                     os.close(self.fd)
                     raise EnvironmentProblem(
-                        f"another program held the xtables lock {self.path} for more than {self.wait_seconds}s"
+                        f"another program held the xtables lock {self.path} for over {self.wait_seconds}s"
                     ) from None
                 time.sleep(0.02)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import subprocess
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from istio_iptables.apply.backend import Backend, find_program
 from istio_iptables.apply.state import parse_save
@@ -26,15 +25,16 @@ _MISSING_TABLE = re.compile(r"(?:can't initialize \S+ table `([^']+)'|Table does
 _LOCK_HELD = "holding the xtables lock"
 
 
-@dataclass
 class RestoreFailed(Exception):
     """One restore run failed; ``text`` is what it was given."""
 
-    family: Family
-    program: str
-    text: str
-    returncode: int
-    stderr: str
+    def __init__(self, family: Family, program: str, text: str, returncode: int, stderr: str) -> None:
+        super().__init__(program)
+        self.family = family
+        self.program = program
+        self.text = text
+        self.returncode = returncode
+        self.stderr = stderr
 
     def __str__(self) -> str:
         return f"{self.program} exited {self.returncode}: {self.stderr.strip()[-500:]}"

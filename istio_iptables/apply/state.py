@@ -13,11 +13,10 @@ chains (interface RETURNs, TPROXY MARK/CONNMARK rules) when the family holds any
 
 from __future__ import annotations
 
-import difflib
+import functools
 import ipaddress
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
 from istio_iptables.model import (
     BUILTIN_CHAINS,
@@ -62,12 +61,12 @@ _CTSTATE_ORDER = ("INVALID", "NEW", "RELATED", "ESTABLISHED", "UNTRACKED", "SNAT
 # --- iptables-save parsing ----------------------------------------------------
 
 
-@dataclass
 class SaveDump:
     """One family's ``iptables-save`` output: tables -> chains (policy, ordered rule specs)."""
 
-    tables: dict[str, Chains] = field(default_factory=dict)
-    policies: dict[str, dict[str, str]] = field(default_factory=dict)
+    def __init__(self) -> None:
+        self.tables: dict[str, Chains] = {}
+        self.policies: dict[str, dict[str, str]] = {}
 
     def holds_rules(self) -> list[str]:
         """Evidence that someone uses this backend: tables with rules, user chains or a non-ACCEPT policy."""
@@ -217,29 +216,33 @@ def desired_state(ruleset: RuleSet, resolve_gid: GidResolver = numeric_gid) -> T
 
 _HEX = r"0x[0-9a-f]+"
 _MASKS = "--nfmask 0xffffffff --ctmask 0xffffffff"
-# (tables, chain, shape) of every non-jump rule our plans put into built-in chains (capture.py).
-_BUILTIN_SHAPES: tuple[tuple[frozenset[str], str, re.Pattern[str]], ...] = (
-    (frozenset({"nat", "mangle"}), "PREROUTING", re.compile(r"-i \S+ -j RETURN")),
-    (frozenset({"nat", "mangle"}), "OUTPUT", re.compile(r"-o \S+ -j RETURN")),
-    (
-        frozenset({"mangle"}),
-        "PREROUTING",
-        re.compile(rf"-p tcp -m mark --mark {_HEX} -j CONNMARK --save-mark {_MASKS}"),
-    ),
-    (frozenset({"mangle"}), "OUTPUT", re.compile(rf"-o lo -p tcp -m mark --mark {_HEX} -j RETURN")),
-    (
-        frozenset({"mangle"}),
-        "OUTPUT",
-        re.compile(
-            rf"! -d \S+ -o lo -p tcp -m owner --[ug]id-owner \d+ -j MARK --set-xmark {_HEX}/0xffffffff"
+
+
+@functools.cache
+def _builtin_shapes() -> tuple[tuple[frozenset[str], str, re.Pattern[str]], ...]:
+    """(tables, chain, shape) of every non-jump rule our plans put into built-in chains (capture.py).
+
+    Compiled on first use: a fresh namespace never needs them.
+    """
+    masks = "--nfmask 0xffffffff --ctmask 0xffffffff"
+    hexa = r"0x[0-9a-f]+"
+    owner = rf"! -d \S+ -o lo -p tcp -m owner --[ug]id-owner \d+ -j MARK --set-xmark {hexa}/0xffffffff"
+    return (
+        (frozenset({"nat", "mangle"}), "PREROUTING", re.compile(r"-i \S+ -j RETURN")),
+        (frozenset({"nat", "mangle"}), "OUTPUT", re.compile(r"-o \S+ -j RETURN")),
+        (
+            frozenset({"mangle"}),
+            "PREROUTING",
+            re.compile(rf"-p tcp -m mark --mark {hexa} -j CONNMARK --save-mark {masks}"),
         ),
-    ),
-    (
-        frozenset({"mangle"}),
-        "OUTPUT",
-        re.compile(rf"-p tcp -m connmark --mark {_HEX} -j CONNMARK --restore-mark {_MASKS}"),
-    ),
-)
+        (frozenset({"mangle"}), "OUTPUT", re.compile(rf"-o lo -p tcp -m mark --mark {hexa} -j RETURN")),
+        (frozenset({"mangle"}), "OUTPUT", re.compile(owner)),
+        (
+            frozenset({"mangle"}),
+            "OUTPUT",
+            re.compile(rf"-p tcp -m connmark --mark {hexa} -j CONNMARK --restore-mark {masks}"),
+        ),
+    )
 
 
 def jumps_to_own_chain(spec: str) -> bool:
@@ -250,7 +253,7 @@ def jumps_to_own_chain(spec: str) -> bool:
 def builtin_shape_is_ours(table: str, chain: str, spec: str) -> bool:
     return any(
         table in tables and chain == shape_chain and shape.fullmatch(spec)
-        for tables, shape_chain, shape in _BUILTIN_SHAPES
+        for tables, shape_chain, shape in _builtin_shapes()
     )
 
 
@@ -315,6 +318,8 @@ def diff_states(live: TableState, desired: TableState, family: Family) -> list[s
     desired_lines = state_lines(normalised(desired))
     if live_lines == desired_lines:
         return []
+    import difflib  # only when there is a difference to show
+
     label = "IPv4" if family is Family.V4 else "IPv6"
     return list(
         difflib.unified_diff(live_lines, desired_lines, f"{label} live", f"{label} wanted", n=2, lineterm="")
