@@ -17,6 +17,7 @@ import fcntl
 import glob
 import os
 import shlex
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -56,6 +57,12 @@ def library_environment() -> dict[str, str]:
 def import_iptc() -> Any:
     for name, value in library_environment().items():
         os.environ.setdefault(name, value)
+    # setuptools' distutils shim is installed at interpreter start unless the variable was already
+    # set then (set it in the image); the shim makes python-iptables' distutils import cost
+    # ~400 ms. _distutils_hack.remove_shim() is setuptools' own switch for it.
+    hack = sys.modules.get("_distutils_hack")
+    if hack is not None and os.environ["SETUPTOOLS_USE_DISTUTILS"] == "stdlib":
+        hack.remove_shim()
     try:
         import iptc
     except Exception as error:  # the library raises plain Exception/XTablesError when libs are missing
