@@ -173,8 +173,7 @@ def command(ctx: click.Context, **values: Any) -> None:
     )
     try:
         from istio_iptables.apply.netns import entered
-        from istio_iptables.config import parse_bool
-        from istio_iptables.host import RealHost
+        from istio_iptables.config import parse, parse_bool
         from istio_iptables.run import run
 
         # Enter the target namespace before parsing: IPv6 detection reads its addresses. A dry run
@@ -182,17 +181,20 @@ def command(ctx: click.Context, **values: Any) -> None:
         dry_run = "dry_run" in flags and parse_bool(flags["dry_run"])
         namespace = settings["network_namespace"] if "network_namespace" in settings and not dry_run else None
         with entered(namespace.value if namespace else "", namespace.source if namespace else "") as path:
-            config = _parse(raw, RealHost())
+            config = parse(raw, _host(ctx))
             run(config, sys.stdout, namespace_path=path)
     except IstioIptablesError as error:
         log.error("%s", error)
         ctx.exit(error.exit_code)
 
 
-def _parse(raw: Any, host: Any) -> Any:
-    from istio_iptables.config import parse
+def _host(ctx: click.Context) -> Any:
+    """The machine's facts; tests pass a fake one as ``obj={"host": ...}``."""
+    if isinstance(ctx.obj, dict) and "host" in ctx.obj:
+        return ctx.obj["host"]
+    from istio_iptables.host import RealHost
 
-    return parse(raw, host)
+    return RealHost()
 
 
 def main(argv: list[str] | None = None) -> None:
