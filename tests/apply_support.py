@@ -75,9 +75,7 @@ def config_of(
     try:
         for name, value in (env or {}).items():
             patcher.setenv(name, value)
-        patcher.setattr(
-            "istio_iptables.run.run", lambda config, out, namespace_path="": captured.append(config)
-        )
+        patcher.setattr("istio_iptables.run.run", lambda config, out, namespace_path="": captured.append(config))
         patcher.setattr(
             "istio_iptables.host.RealHost.group_exists",
             lambda self, name: name in EXTRA_GROUPS or numeric_gid_exists(name),

@@ -50,9 +50,7 @@ def shim(directory: Path, name: str, body: str) -> None:
     """A stand-in for ``name`` that misbehaves on writes (--noflush) and is the real one otherwise."""
     directory.mkdir(exist_ok=True)
     path = directory / name
-    path.write_text(
-        f'#!/bin/sh\ncase " $* " in *" --noflush "*) {body};; esac\nexec {REAL_SBIN}/{name} "$@"\n'
-    )
+    path.write_text(f'#!/bin/sh\ncase " $* " in *" --noflush "*) {body};; esac\nexec {REAL_SBIN}/{name} "$@"\n')
     path.chmod(0o755)
 
 
@@ -113,18 +111,14 @@ def test_killed_restore_rolls_back(backend: str, netns_factory, tmp_path: Path, 
     before = snapshot(namespace, backend)
     shim(tmp_path / "bin", program(backend, Family.V4, "restore"), "head -c 200 >/dev/null; kill -KILL $$")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
-    config = config_of(
-        ["-u", "1337", "-i", "*", "-b", "*", "--disable-ipv6", f"--force-iptables-binary={backend}"]
-    )
+    config = config_of(["-u", "1337", "-i", "*", "-b", "*", "--disable-ipv6", f"--force-iptables-binary={backend}"])
     error = failing_apply(namespace, config)
     assert error.exit_code == ExitCode.FAILURE and "killed" in str(error)
     after = snapshot(namespace, backend)
     if backend == "nft":
         assert after == before
     else:  # legacy tables, once instantiated, stay (empty): equal once empty tables are dropped
-        assert {f: canonical_save(t) for f, t in after.items()} == {
-            f: canonical_save(t) for f, t in before.items()
-        }
+        assert {f: canonical_save(t) for f, t in after.items()} == {f: canonical_save(t) for f, t in before.items()}
 
 
 @pytest.mark.parametrize("applier", ["restore", "libiptc"])
@@ -149,9 +143,7 @@ def test_a_held_xtables_lock_is_waited_for(applier: str, netns, tmp_path: Path, 
 
 def test_cni_mode_locks_per_namespace(netns, monkeypatch) -> None:
     monkeypatch.delenv("XTABLES_LOCKFILE", raising=False)
-    config = config_of(
-        ["-u", "1337", "-i", "*", "--disable-ipv6", "--force-iptables-binary=legacy", "--cni-mode"]
-    )
+    config = config_of(["-u", "1337", "-i", "*", "--disable-ipv6", "--force-iptables-binary=legacy", "--cni-mode"])
     with open(netns.path) as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         threading.Timer(1.0, lambda: fcntl.flock(held, fcntl.LOCK_UN)).start()
@@ -248,3 +240,55 @@ def test_failures_become_one_actionable_line(stderr: str, code: int, words: str)
     error = explain_failure(failure, rolled_back=True)
     assert error.exit_code == code and words in str(error)
     assert isinstance(error, ApplyError) == (code == 1)
+
+
+def test_tproxy_routes_are_idempotent_and_cleaned_up(netns) -> None:
+    args = ["-u", "1337", "-m", "TPROXY", "-b", "*", "--enable-ipv6", "-t", "4242", "-r", "142"]
+    config = config_of(args)
+    with inside(netns):
+        apply(config, build_plan(config))
+        assert apply(config, build_plan(config)).action == "unchanged"
+    for family in ("-4", "-6"):
+        rules = netns.run("ip", family, "rule").stdout
+        assert rules.count("fwmark 0x1092 lookup 142") == 1, rules
+        assert "local default dev lo" in netns.run("ip", family, "route", "show", "table", "142").stdout
+    assert "inet6 ::6/128" in netns.run("ip", "-6", "addr", "show", "dev", "lo").stdout
+    cleanup = config_of(["--cleanup-only", "--enable-ipv6"])
+    with inside(netns):
+        assert apply(cleanup, build_plan(cleanup)).action == "cleaned"
+    for family in ("-4", "-6"):
+        assert "fwmark" not in netns.run("ip", family, "rule").stdout
+        assert netns.run("ip", family, "route", "show", "table", "142").stdout == ""
+    assert "::6/128" not in netns.run("ip", "-6", "addr", "show", "dev", "lo").stdout
+
+
+@pytest.mark.parametrize("by_path", [False, True])
+def test_network_namespace_flag_enters_it_for_the_whole_run(by_path: bool, netns) -> None:
+    host_before = subprocess.run(["readlink", "/proc/self/ns/net"], capture_output=True, text=True).stdout
+    binary = str(Path(sys.executable).parent / "istio-iptables")
+    target = netns.path if by_path else netns.name
+    result = subprocess.run(
+        [binary, "--network-namespace", target, "-u", "1337", "-i", "*", "--log_output_level=default:none"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "-A OUTPUT -j ISTIO_OUTPUT" in netns.save("iptables-nft-save")
+    assert subprocess.run(["readlink", "/proc/self/ns/net"], capture_output=True, text=True).stdout == host_before
+
+
+def test_in_process_callers_come_back_to_their_namespace(netns) -> None:
+    before = os.readlink("/proc/thread-self/ns/net")
+    with inside(netns):
+        assert os.readlink("/proc/thread-self/ns/net") != before
+    assert os.readlink("/proc/thread-self/ns/net") == before
+
+
+def test_unknown_namespace_is_invalid_input() -> None:
+    binary = str(Path(sys.executable).parent / "istio-iptables")
+    result = subprocess.run(
+        [binary, "--network-namespace", "no-such-ns-9f8e7d", "-u", "1337"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == ExitCode.INVALID_INPUT and "no-such-ns-9f8e7d" in result.stderr

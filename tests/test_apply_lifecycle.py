@@ -62,12 +62,12 @@ def assert_holds(namespace: NetNS, backend: str, args: list[str], env: dict[str,
 def routes_of(namespace: NetNS) -> str:
     rules = namespace.run("ip", "rule").stdout + namespace.run("ip", "-6", "rule").stdout
     addresses = namespace.run("ip", "-6", "addr", "show", "dev", "lo").stdout
-    return rules + addresses
+    tables = namespace.run("ip", "route", "show", "table", "all").stdout
+    tables += namespace.run("ip", "-6", "route", "show", "table", "all").stdout
+    return rules + addresses + tables
 
 
-def lifecycle(
-    namespace: NetNS, backend: str, args: list[str], env: dict[str, str], via_cli: bool = False
-) -> None:
+def lifecycle(namespace: NetNS, backend: str, args: list[str], env: dict[str, str], via_cli: bool = False) -> None:
     seed_foreign(namespace, backend)
     before = {family: without_comments(text) for family, text in save_both(namespace, backend).items()}
     routes_before = routes_of(namespace)
@@ -144,9 +144,7 @@ def test_both_appliers_leave_the_same_kernel_state(netns_factory, tmp_path: Path
             )
             with inside(namespace):
                 apply(config, build_plan(config))
-            states.append(
-                {family: parse_save(text).tables for family, text in save_both(namespace, "legacy").items()}
-            )
+            states.append({family: parse_save(text).tables for family, text in save_both(namespace, "legacy").items()})
             namespace.delete()
         assert states[0] == states[1], case.name
 

@@ -53,9 +53,7 @@ def test_every_builtin_chain_rule_we_write_is_recognised_as_ours(case, tmp_path:
 
 def test_diff_is_order_aware() -> None:
     live = {"nat": {"ISTIO_OUTPUT": ["-d 1.1.1.1/32 -j RETURN", "-j ISTIO_REDIRECT"], "ISTIO_REDIRECT": []}}
-    swapped = {
-        "nat": {"ISTIO_OUTPUT": ["-j ISTIO_REDIRECT", "-d 1.1.1.1/32 -j RETURN"], "ISTIO_REDIRECT": []}
-    }
+    swapped = {"nat": {"ISTIO_OUTPUT": ["-j ISTIO_REDIRECT", "-d 1.1.1.1/32 -j RETURN"], "ISTIO_REDIRECT": []}}
     assert diff_states(live, live, Family.V4) == []
     diff = diff_states(live, swapped, Family.V4)
     assert any(line.startswith("-A ") or line.startswith("--A") for line in diff), diff
@@ -83,9 +81,7 @@ def test_nothing_to_do_renders_nothing() -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_kernel_spelling_matches_the_kernel_for_every_case(
-    backend: str, netns_factory, tmp_path: Path
-) -> None:
+def test_kernel_spelling_matches_the_kernel_for_every_case(backend: str, netns_factory, tmp_path: Path) -> None:
     """Load each case's restore input and check iptables-save prints exactly what desired_state predicts."""
     for case in CASES:
         namespace = netns_factory()

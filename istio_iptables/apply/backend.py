@@ -36,9 +36,7 @@ class Backend:
 def find_program(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        raise EnvironmentProblem(
-            f"{name} not found in PATH: install iptables 1.8+ (Debian: apt install iptables)"
-        )
+        raise EnvironmentProblem(f"{name} not found in PATH: install iptables 1.8+ (Debian: apt install iptables)")
     return path
 
 
@@ -97,9 +95,7 @@ def detect(forced: str, needed: Sequence[Family], env: Mapping[str, str] | None 
     """Pick the backend; ``forced`` is ``--force-iptables-binary`` ("" to detect)."""
     names: tuple[BackendName, ...] = (forced,) if forced in BACKENDS else BACKENDS  # type: ignore[assignment]
     programs = {
-        (name, family): Backend(name).program(family, "save")
-        for name in names
-        for family in (Family.V4, Family.V6)
+        (name, family): Backend(name).program(family, "save") for name in names for family in (Family.V4, Family.V6)
     }
     outputs = run_saves(programs, env, needed)
     if forced:

@@ -117,9 +117,7 @@ def apply(config: Config, plan: Plan, namespace_path: str = "") -> Outcome:
             "rerun with --reconcile to replace them, or --cleanup-only to remove them:\n" + "\n".join(drift)
         )
     scripts = {
-        family: script
-        for family in FAMILIES
-        if (script := transition_script(live[family], plan.ruleset(family)))
+        family: script for family in FAMILIES if (script := transition_script(live[family], plan.ruleset(family)))
     }
     touched = _write(scripts, detection, applier)
     _ensure_routes(plan, detection, applier, touched)
@@ -145,9 +143,7 @@ def _rollback(touched: dict[Family, list[str]], detection: Detection, applier: A
     return bool(touched)
 
 
-def _ensure_routes(
-    plan: Plan, detection: Detection, applier: Applier, touched: dict[Family, list[str]]
-) -> None:
+def _ensure_routes(plan: Plan, detection: Detection, applier: Applier, touched: dict[Family, list[str]]) -> None:
     if plan.routes is None and not plan.ipv6_passthrough_address:
         return
     from istio_iptables.apply import routes

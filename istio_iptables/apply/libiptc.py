@@ -19,6 +19,7 @@ import os
 import shlex
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -64,7 +65,9 @@ def import_iptc() -> Any:
     if hack is not None and os.environ["SETUPTOOLS_USE_DISTUTILS"] == "stdlib":
         hack.remove_shim()
     try:
-        import iptc
+        with warnings.catch_warnings():  # Python 3.11's distutils warns that it is deprecated
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import iptc
     except Exception as error:  # the library raises plain Exception/XTablesError when libs are missing
         raise EnvironmentProblem(
             f"--applier libiptc cannot load python-iptables ({error}); use the default --applier restore"

@@ -48,8 +48,7 @@ def with_context(text: str, line_number: int, around: int = CONTEXT_LINES) -> st
     lines = text.splitlines()
     start, end = max(1, line_number - around), min(len(lines), line_number + around)
     return "\n".join(
-        f"{'>' if number == line_number else ' '} {number:4d}  {lines[number - 1]}"
-        for number in range(start, end + 1)
+        f"{'>' if number == line_number else ' '} {number:4d}  {lines[number - 1]}" for number in range(start, end + 1)
     )
 
 

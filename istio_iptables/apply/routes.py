@@ -47,9 +47,7 @@ def _tolerate(code: int, action: str, call: Any, *args: Any, **kwargs: Any) -> N
     except NetlinkError as error:
         if error.code != code:
             hint = " (is lo up?)" if error.code == errno.EINVAL else ""
-            raise ApplyError(
-                f"{action} failed: {error.args[1] if len(error.args) > 1 else error}{hint}"
-            ) from None
+            raise ApplyError(f"{action} failed: {error.args[1] if len(error.args) > 1 else error}{hint}") from None
 
 
 def ensure(routes: TproxyRoutes | None, passthrough_v6: bool) -> None:
@@ -127,20 +125,12 @@ def remove(mark: int | None, passthrough_v6: bool) -> None:
             for rule in _rules(ipr, af, mark):
                 table = _table_of(rule)
                 try:
-                    ipr.rule(
-                        "del", family=af, fwmark=mark, table=table, priority=rule.get_attr("FRA_PRIORITY")
-                    )
+                    ipr.rule("del", family=af, fwmark=mark, table=table, priority=rule.get_attr("FRA_PRIORITY"))
                 except NetlinkError as error:
                     if error.code != errno.ENOENT:
-                        raise ApplyError(
-                            f"ip rule del fwmark {mark} lookup {table} failed: {error}"
-                        ) from None
+                        raise ApplyError(f"ip rule del fwmark {mark} lookup {table} failed: {error}") from None
                 for route in ipr.get_routes(family=af, table=table):
-                    if (
-                        route["type"] == _RTN_LOCAL
-                        and route["dst_len"] == 0
-                        and route.get_attr("RTA_OIF") == lo
-                    ):
+                    if route["type"] == _RTN_LOCAL and route["dst_len"] == 0 and route.get_attr("RTA_OIF") == lo:
                         _tolerate(
                             errno.ESRCH,
                             f"ip route del local {_DEFAULT[family]} table {table}",
@@ -149,6 +139,7 @@ def remove(mark: int | None, passthrough_v6: bool) -> None:
                             family=af,
                             dst=_DEFAULT[family],
                             type="local",
+                            scope=_RT_SCOPE_HOST,
                             oif=lo,
                             table=table,
                         )

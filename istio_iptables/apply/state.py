@@ -74,9 +74,7 @@ class SaveDump:
         for table, chains in self.tables.items():
             rules = sum(len(specs) for specs in chains.values())
             user_chains = [name for name in chains if name not in BUILTIN_CHAINS]
-            policies = [
-                name for name, policy in self.policies.get(table, {}).items() if policy not in ("ACCEPT", "-")
-            ]
+            policies = [name for name, policy in self.policies.get(table, {}).items() if policy not in ("ACCEPT", "-")]
             if rules or user_chains or policies:
                 evidence.append(f"{table} ({rules} rules, {len(user_chains)} user chains)")
         return evidence
@@ -278,9 +276,7 @@ def owned_state(dump: SaveDump) -> TableState:
         for name, specs in dump.tables.get(table, {}).items():
             if name not in BUILTIN_CHAINS:
                 continue
-            mine = [
-                spec for spec in specs if jumps_to_own_chain(spec) or builtin_shape_is_ours(table, name, spec)
-            ]
+            mine = [spec for spec in specs if jumps_to_own_chain(spec) or builtin_shape_is_ours(table, name, spec)]
             if mine:
                 ours.setdefault(table, {})[name] = mine
     return ours
@@ -321,9 +317,7 @@ def diff_states(live: TableState, desired: TableState, family: Family) -> list[s
     import difflib  # only when there is a difference to show
 
     label = "IPv4" if family is Family.V4 else "IPv6"
-    return list(
-        difflib.unified_diff(live_lines, desired_lines, f"{label} live", f"{label} wanted", n=2, lineterm="")
-    )
+    return list(difflib.unified_diff(live_lines, desired_lines, f"{label} live", f"{label} wanted", n=2, lineterm=""))
 
 
 # --- turning live into desired --------------------------------------------------------
@@ -342,9 +336,7 @@ def transition_script(live: TableState, ruleset: RuleSet | None) -> str:
         live_chains = live.get(table, {})
         if table not in wanted_tables and not live_chains:
             continue
-        wanted_chains = (
-            ruleset.declared_chains(table) if ruleset is not None and table in wanted_tables else []
-        )
+        wanted_chains = ruleset.declared_chains(table) if ruleset is not None and table in wanted_tables else []
         lines.append(f"*{table}")
         obsolete = [name for name in live_chains if name not in BUILTIN_CHAINS and name not in wanted_chains]
         lines += [f":{check_token(name)} - [0:0]" for name in [*wanted_chains, *obsolete]]
