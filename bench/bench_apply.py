@@ -8,7 +8,8 @@
                                                                                   goal <= 1.25x
 3. ``--applier libiptc`` vs the default restore applier (legacy backend).        goal <= 2x
 
-Every round uses fresh namespaces; the figures are medians. The bench process enters each
+Every round uses fresh namespaces and measures both sides back to back; the ratio is the
+median of the per-round ratios. The bench process enters each
 namespace itself, so no ``ip netns exec`` overhead lands on either side.
 """
 
@@ -64,9 +65,7 @@ class Namespace:
         subprocess.run(["ip", "netns", "del", self.name], check=False)
 
 
-def timed(
-    command: list[str], namespace: str, stdin: str | None = None, env: dict[str, str] | None = None
-) -> float:
+def timed(command: list[str], namespace: str, stdin: str | None = None, env: dict[str, str] | None = None) -> float:
     with entered(namespace):
         started = time.perf_counter()
         done = subprocess.run(command, input=stdin, capture_output=True, text=True, env=env, check=False)
@@ -108,23 +107,20 @@ def floor(argv: list[str], backend: str, extra_import: str | None = None) -> flo
     return total
 
 
-def measure(runs: Callable[[], float], rounds: int) -> tuple[float, float]:
-    """(median, minimum): the minimum is the figure least disturbed by other load on the machine."""
-    samples = [runs() for _ in range(rounds)]
-    return statistics.median(samples), min(samples)
+def paired(ours: Callable[[], float], floor_: Callable[[], float], rounds: int) -> list[tuple[float, float]]:
+    """Alternate the two measurements, so load from elsewhere on the machine hits both alike."""
+    return [(ours(), floor_()) for _ in range(rounds)]
 
 
-def report(label: str, ours: tuple[float, float], floor_: tuple[float, float], goal: float) -> None:
-    print(
-        f"{label:34s} median {ours[0] * 1e3:6.1f} vs {floor_[0] * 1e3:6.1f} ms -> {ours[0] / floor_[0]:.2f}x;"
-        f" min {ours[1] * 1e3:6.1f} vs {floor_[1] * 1e3:6.1f} ms -> {ours[1] / floor_[1]:.2f}x (goal {goal}x)"
-    )
+def report(label: str, samples: list[tuple[float, float]], goal: float) -> None:
+    ours = statistics.median(sample[0] for sample in samples)
+    base = statistics.median(sample[1] for sample in samples)
+    ratio = statistics.median(sample[0] / sample[1] for sample in samples)
+    print(f"{label:32s} {ours * 1e3:6.1f} ms vs {base * 1e3:6.1f} ms  -> {ratio:.2f}x  (goal <= {goal}x)")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=15)
     rounds = parser.parse_args().rounds
     if os.geteuid() != 0:
@@ -137,23 +133,20 @@ def main() -> None:
 
     report(
         "1. injector argv vs floor",
-        measure(lambda: one_run([*INJECTOR, *quiet]), rounds),
-        measure(lambda: floor(INJECTOR, "nft"), rounds),
+        paired(lambda: one_run([*INJECTOR, *quiet]), lambda: floor(INJECTOR, "nft"), rounds),
         1.25,
     )
     report(
-        "2. TPROXY vs floor+pyroute2",
-        measure(lambda: one_run([*TPROXY, *quiet]), rounds),
-        measure(lambda: floor(TPROXY, "nft", "pyroute2"), rounds),
+        "2. TPROXY vs floor + pyroute2",
+        paired(lambda: one_run([*TPROXY, *quiet]), lambda: floor(TPROXY, "nft", "pyroute2"), rounds),
         1.25,
     )
     report(
         "3. libiptc vs restore (legacy)",
-        measure(lambda: one_run([*INJECTOR, *quiet], libiptc), rounds),
-        measure(lambda: one_run([*INJECTOR, *quiet], legacy), rounds),
+        paired(lambda: one_run([*INJECTOR, *quiet], libiptc), lambda: one_run([*INJECTOR, *quiet], legacy), rounds),
         2.0,
     )
-    print(f"({rounds} rounds per figure, fresh namespaces, load average {os.getloadavg()[0]:.1f})")
+    print(f"(medians of {rounds} paired rounds, fresh namespaces, load average {os.getloadavg()[0]:.1f})")
 
 
 if __name__ == "__main__":
