@@ -233,6 +233,13 @@ def test_cli_without_net_admin_exits_4(netns) -> None:
         ("iptables-restore: can't initialize iptables table `nat': Table does not exist", 4, "iptable_nat"),
         ("Another app is currently holding the xtables lock. Stopped waiting after 30s.", 4, "xtables lock"),
         ("iptables-restore: line 2 failed", 1, "line"),
+        (
+            "Warning: Extension owner revision 0 not supported, missing kernel module?\n"
+            "iptables-nft-restore: line 2 failed",
+            4,
+            "xt_owner",
+        ),
+        ("iptables-restore: line 2 failed: No chain/target/match by that name", 4, "xt_"),
     ],
 )
 def test_failures_become_one_actionable_line(stderr: str, code: int, words: str) -> None:

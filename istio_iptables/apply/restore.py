@@ -22,6 +22,9 @@ CONTEXT_LINES = 5
 _FAILED_LINE = re.compile(r"line (\d+)(?: failed|:)")  # legacy: "line 3 failed", nft: "line 3: ..."
 _MISSING_EXTENSION = re.compile(r"Couldn't load (match|target) `([^']+)'")
 _MISSING_TABLE = re.compile(r"(?:can't initialize \S+ table `([^']+)'|Table does not exist)")
+# nft: "Extension owner revision 0 not supported, missing kernel module?"
+_UNSUPPORTED_EXTENSION = re.compile(r"(?:(match|target) )?[Ee]xtension (\S+) revision \d+ not supported")
+_NO_SUCH_EXTENSION = "No chain/target/match by that name"
 _LOCK_HELD = "holding the xtables lock"
 
 
@@ -57,18 +60,20 @@ def explain_failure(failure: RestoreFailed, rolled_back: bool) -> IstioIptablesE
     stderr = failure.stderr.strip()
     state = "the namespace was rolled back to its previous rules" if rolled_back else "nothing was changed"
     label = family_label(failure.family)
+    where = _FAILED_LINE.search(stderr)
+    context = f"\n{with_context(failure.text, int(where.group(1)))}" if where else ""
     if _LOCK_HELD in stderr:
         return EnvironmentProblem(
             f"another program held the xtables lock for more than {LOCK_WAIT_SECONDS}s ({label}); "
             f"retry, or in CNI mode pass --network-namespace so the lock is per pod; {state}"
         )
-    missing = _MISSING_EXTENSION.search(stderr)
+    missing = _MISSING_EXTENSION.search(stderr) or _UNSUPPORTED_EXTENSION.search(stderr)
     if missing:
         kind, name = missing.groups()
-        module = f"xt_{name}"
+        kind, module = kind or "extension", f"xt_{name}"
         return EnvironmentProblem(
-            f"the kernel lacks the iptables {kind} '{name}' ({label}): load the {module} module "
-            f"(modprobe {module}) on the node; {state}"
+            f"the iptables {kind} '{name}' is unavailable ({label}): load the {module} kernel module "
+            f"(modprobe {module}) on the node, and check iptables' extensions are installed; {state}{context}"
         )
     table = _MISSING_TABLE.search(stderr)
     if table:
@@ -77,9 +82,13 @@ def explain_failure(failure: RestoreFailed, rolled_back: bool) -> IstioIptablesE
         return EnvironmentProblem(
             f"the kernel lacks the {label} {name} table: load it (modprobe {prefix}_{name}); {state}"
         )
+    if _NO_SUCH_EXTENSION in stderr:
+        # Our scripts declare every chain they jump to, so this is a kernel match or target missing.
+        return EnvironmentProblem(
+            f"the kernel lacks a match or target of this rule ({label}): load its xt_* module "
+            f"(e.g. modprobe xt_owner xt_conntrack xt_REDIRECT xt_TPROXY xt_CT xt_mark xt_connmark); {state}{context}"
+        )
     detail = stderr.splitlines()[-1] if stderr else f"killed or exited {failure.returncode}"
-    where = _FAILED_LINE.search(stderr)
-    context = f"\n{with_context(failure.text, int(where.group(1)))}" if where else ""
     return ApplyError(f"{failure.program} failed ({detail}); {state}{context}")
 
 
