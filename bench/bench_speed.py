@@ -94,6 +94,7 @@ class Job:
     label: str
     steps: list[Step]
     fresh_namespace: bool = False
+    check: Step | None = None  # run once after the first run, in its namespace: did it do its job?
     walls: list[float] = field(default_factory=list)
     peak_rss_kb: int = 0
     failure: str | None = None
@@ -101,6 +102,10 @@ class Job:
     @property
     def median(self) -> float:
         return statistics.median(self.walls)
+
+    def ratio(self, reference: Job) -> float:
+        """The median of per-round ratios: both sides of a round met the same load on the machine."""
+        return statistics.median(mine / theirs for mine, theirs in zip(self.walls, reference.walls, strict=True))
 
 
 def make_pod_namespace(address: str = POD_ADDRESS) -> NetNS:
@@ -146,19 +151,20 @@ def spawn(step: Step, namespace: NetNS | None) -> tuple[float, int, int, str]:
     return wall, process.returncode, usage.ru_maxrss, message
 
 
-def run_job(job: Job) -> None:
+def run_job(job: Job, *, check: bool = False) -> None:
     if job.failure:
         return
     namespace = make_pod_namespace() if job.fresh_namespace else None
     try:
         total = 0.0
-        for step in job.steps:
+        for step in [*job.steps, *([job.check] if check and job.check else [])]:
             wall, code, rss, message = spawn(step, namespace)
             if code != 0:
                 job.failure = message.strip().splitlines()[-1] if message.strip() else f"exit {code}"
                 return
-            total += wall
-            job.peak_rss_kb = max(job.peak_rss_kb, rss)
+            if step is not job.check:
+                total += wall
+                job.peak_rss_kb = max(job.peak_rss_kb, rss)
         job.walls.append(total)
     finally:
         if namespace is not None:
@@ -166,12 +172,15 @@ def run_job(job: Job) -> None:
 
 
 def measure(jobs: list[Job], rounds: int) -> None:
-    for job in jobs:  # warm the page cache and find jobs that cannot run yet
-        run_job(job)
+    for job in jobs:  # warm the page cache, and find jobs that fail or do not do their job
+        run_job(job, check=True)
         job.walls.clear()
     for _ in range(rounds):
         for job in jobs:
             run_job(job)
+    for job in jobs:
+        if not job.failure and len(job.walls) != rounds:
+            raise RuntimeError(f"{job.label}: failed in a later round")
 
 
 # --- configurations ------------------------------------------------------------------------
@@ -238,25 +247,27 @@ def restore_steps(printed: str, backend: str | None) -> list[Step]:
 def ratio(job: Job, reference: Job) -> str:
     if job.failure or reference.failure:
         return "  pending" if job.failure else "      n/a"
-    return f"{job.median / reference.median:8.2f}x"
+    return f"{job.ratio(reference):8.2f}x"
 
 
 def report_process_jobs(title: str, subject: Job, references: list[Job], goal: str) -> None:
     print(f"\n{title}")
     for job in [subject, *references]:
         shown = f"{job.median:7.1f} ms" if not job.failure else f"pending ({job.failure[:70]})"
-        print(f"  {job.label:<58} {shown}")
+        print(f"  {job.label:<60} {shown}")
     for reference in references:
-        print(f"  {'ratio vs ' + reference.label:<58} {ratio(subject, reference)}")
+        print(f"  {'  ratio vs ' + reference.label.split(':')[0]:<60} {ratio(subject, reference)}")
     if not subject.failure and subject.peak_rss_kb:
-        print(f"  {'peak RSS of ' + subject.label.split(' (')[0]:<58} {subject.peak_rss_kb / 1024:7.1f} MiB")
+        print(f"  {'  peak RSS':<60} {subject.peak_rss_kb / 1024:7.1f} MiB")
     print(f"  goal: {goal}")
 
 
 def process_section(rounds: int) -> None:
-    restore_program = os.path.realpath(subprocess.run(
-        ["sh", "-c", "command -v iptables-restore"], capture_output=True, text=True, check=True
-    ).stdout.strip())
+    version = subprocess.run(["iptables-restore", "--version"], capture_output=True, text=True, check=True).stdout
+    restore = f"iptables-restore {version.split()[-1]}"  # e.g. "(nf_tables)": the system's default backend
+    has_rules = "for b in nft legacy; do iptables-$b-save | grep -q ISTIO_OUTPUT && exit 0; done; exit 1"
+    applied = Step(["sh", "-c", has_rules])
+    routed = Step(["sh", "-c", "ip rule | grep -q 'lookup 133'"])
     dns_env = {"ISTIO_META_DNS_CAPTURE": "true"}
     with tempfile.NamedTemporaryFile("w", suffix=".resolv.conf", delete=False) as resolv:
         resolv.write(RESOLV_CONF)
@@ -266,13 +277,15 @@ def process_section(rounds: int) -> None:
 
     python_pass = Job("python -I -c pass", [Step([PYTHON, "-I", "-c", "pass"])])
     click = Job("python -I -c 'import click'", [Step([PYTHON, "-I", "-c", "import click"])])
-    init = Job("istio-iptables <injector argv> (apply, fresh ns)", [Step([*CLI, *INJECTOR_ARGV])], True)
+    init = Job("istio-iptables <injector argv> (apply, fresh ns)", [Step([*CLI, *INJECTOR_ARGV])], True, applied)
     init_floor = Job(
-        f"floor: import click + {os.path.basename(restore_program)} of that text",
+        f"floor: import click + {restore} of that text",
         [Step([PYTHON, "-I", "-c", "import click"]), *restore_steps(injector_text, None)],
         True,
     )
-    tproxy = Job("istio-iptables <TPROXY+DNS argv> (apply, fresh ns)", [Step([*CLI, *tproxy_argv], env=dns_env)], True)
+    tproxy = Job(
+        "istio-iptables <TPROXY+DNS argv> (apply, fresh ns)", [Step([*CLI, *tproxy_argv], env=dns_env)], True, routed
+    )
     tproxy_floor = Job(
         "floor: import click, pyroute2 + restore of that text",
         [Step([PYTHON, "-I", "-c", "import click, pyroute2"]), *restore_steps(tproxy_text, None)],

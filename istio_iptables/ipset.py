@@ -11,10 +11,18 @@ import shutil
 import subprocess
 from collections.abc import Iterable, Mapping
 
+from istio_iptables.config import Config
 from istio_iptables.errors import ApplyError, EnvironmentProblem
 from istio_iptables.logging_setup import log
-from istio_iptables.model import NamedSet
-from istio_iptables.sets import is_own_set, render_ipset_destroy, render_ipset_restore, temporary_name
+from istio_iptables.model import NamedSet, Plan
+from istio_iptables.sets import (
+    SET_THRESHOLD,
+    is_own_set,
+    render_ipset_destroy,
+    render_ipset_restore,
+    sets_of,
+    temporary_name,
+)
 
 
 def ipset_program() -> str:
@@ -25,6 +33,24 @@ def ipset_program() -> str:
             "(Debian: apt install ipset), or pass --use-sets=never or --use-sets=multiport"
         )
     return path
+
+
+def plan_for_this_host(config: Config, plan: Plan) -> Plan:
+    """``--use-sets=auto`` without the ipset command: the same policy without sets, and a warning."""
+    if not sets_of(plan.rulesets) or shutil.which("ipset"):
+        return plan
+    if config.use_sets != "auto":
+        ipset_program()  # raises, saying what to install or pass
+    log.warning(
+        "lists longer than %d entries would be ipsets, but the ipset command is missing: writing rules "
+        "instead (one per CIDR, multiport for ports); install ipset for sets",
+        SET_THRESHOLD,
+    )
+    from dataclasses import replace
+
+    from istio_iptables.capture import build_plan
+
+    return build_plan(replace(config, use_sets="multiport"))
 
 
 class Ipset:
@@ -75,7 +101,14 @@ class Ipset:
                     log.warning("could not remove ipset %s: %s", name, done.stderr.strip())
         return kept
 
-    def remove_stale(self, wanted: Iterable[str]) -> list[str]:
-        """After our rules changed: destroy our sets that no rule of ours matches any more."""
+    def remove_stale(self, wanted: Iterable[str], *, quiet: bool = False) -> list[str]:
+        """After our rules changed: destroy our sets other than ``wanted`` (the kernel keeps those in use)."""
         keep = set(wanted)
-        return self.destroy([name for name in self.own_sets() if name not in keep])
+        return self.destroy([name for name in self.own_sets() if name not in keep], quiet=quiet)
+
+
+def uses_sets(state: Mapping[str, Mapping[str, list[str]]]) -> bool:
+    """Whether live rules of ours (table -> chain -> rule specs) match any set of ours."""
+    return any(
+        "--match-set istio-" in spec for chains in state.values() for specs in chains.values() for spec in specs
+    )

@@ -20,8 +20,9 @@ def run(config: Config, out: TextIO, namespace_path: str = "") -> None:
         out.write(render_ipset_document(plan.rulesets) + render_documents(plan.rulesets))
     elif not config.skip_rule_apply:
         from istio_iptables.apply.engine import apply
+        from istio_iptables.ipset import plan_for_this_host
 
-        outcome = apply(config, plan, namespace_path)
+        outcome = apply(config, plan_for_this_host(config, plan), namespace_path)
         log.info("%s (%s backend)", outcome.action, outcome.backend)
     if config.run_validation:
         raise EnvironmentProblem("--run-validation is not implemented yet")

@@ -7,8 +7,10 @@ import re
 
 import pytest
 
+from istio_iptables import ipset
 from istio_iptables.capture import build_plan
 from istio_iptables.config import CidrSelection, Config, PortSelection
+from istio_iptables.errors import EnvironmentProblem
 from istio_iptables.model import Family, NamedSet, Ports, RuleSet, SetMatch
 from istio_iptables.render import render_documents
 from istio_iptables.sets import (
@@ -158,3 +160,20 @@ def test_the_dry_run_prints_the_sets_before_the_rules() -> None:
     out = invoke(args).stdout
     assert out.startswith("# ipset restore\ncreate istio-v4-out-excl-")
     assert out.index("# ipset restore") < out.index("# iptables-restore")
+
+
+def test_without_the_ipset_command_auto_falls_back_to_rules_and_always_refuses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ipset.shutil, "which", lambda name: None)
+    many_ports = tuple(range(3000, 3100))
+    auto = config(outbound_exclude=cidrs(100), outbound_ports_include=many_ports)
+    plan = ipset.plan_for_this_host(auto, build_plan(auto))
+    text = render_documents(plan.rulesets)
+    assert not plan.rulesets[0].sets and "match-set" not in text
+    assert text.count("-d 10.") == 100 and text.count("-m multiport --dports") == 7
+    with pytest.raises(EnvironmentProblem, match="apt install ipset"):
+        always = config(outbound_exclude=cidrs(1), use_sets="always")
+        ipset.plan_for_this_host(always, build_plan(always))
+    small = config(outbound_exclude=cidrs(3))
+    assert ipset.plan_for_this_host(small, build_plan(small)) == build_plan(small)

@@ -2,7 +2,7 @@
 
 Two namespaces joined by a veth: ``client`` holds the rules and a stand-in proxy on 15001 that
 answers "proxy"; ``server`` owns the destination addresses and answers "direct" on 80 and 8080.
-The rules are loaded as the dry run prints them (ipset first, then iptables-restore).
+The rules are applied by the CLI, as the injector runs it.
 """
 
 from __future__ import annotations
@@ -10,9 +10,15 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import pytest
 
+from istio_iptables.apply.engine import apply
+from istio_iptables.capture import build_plan
+from istio_iptables.errors import IstioIptablesError
+from istio_iptables.model import ISTIO_OUTPUT, CtZone, Family, Rule, RuleSet
+from tests.apply_support import config_of, inside
 from tests.netns import NetNS
 
 EXCLUDED, INCLUDED = "198.51.100.1", "203.0.113.1"
@@ -71,16 +77,11 @@ class Pair:
     def ask(self, address: str, port: int) -> str:
         return self.client.run(sys.executable, "-c", ASK, address, str(port), timeout=10).stdout.strip()
 
-    def load(self, backend: str, args: list[str]) -> str:
-        """Load the dry run's documents as printed: the ipset section first, then the rules."""
-        cli = [sys.executable, "-m", "istio_iptables", "--dry-run", "--disable-ipv6", *args]
-        printed = self.client.run(*cli, "--log_output_level=default:none").stdout
-        sections = printed.split("# ")[1:]
-        for section in sections:
-            program, _, text = section.partition("\n")
-            command = ["ipset", "restore"] if program == "ipset restore" else [f"iptables-{backend}-restore"]
-            self.client.run(*command, input=text)
-        return printed
+    def apply(self, backend: str, args: list[str]) -> str:
+        """Apply as the injector would (in the client namespace); returns the dry run's text of it."""
+        cli = [sys.executable, "-m", "istio_iptables", "--disable-ipv6", "--force-iptables-binary", backend, *args]
+        self.client.run(*cli)
+        return self.client.run(*cli, "--dry-run", "--log_output_level=default:none").stdout
 
     def close(self) -> None:
         for server in self.servers:
@@ -98,7 +99,7 @@ def pair(netns_factory: Callable[[str], NetNS]) -> Iterator[Pair]:
 @pytest.mark.parametrize("backend", ["legacy", "nft"])
 def test_excluded_cidrs_in_a_set_bypass_and_the_rest_is_redirected(pair: Pair, backend: str) -> None:
     excluded = [*filler_cidrs(200), "198.51.100.0/24"]
-    printed = pair.load(backend, ["-i", "*", "-b", "*", "-x", ",".join(excluded)])
+    printed = pair.apply(backend, ["-i", "*", "-b", "*", "-x", ",".join(excluded)])
     assert "--match-set istio-v4-out-excl-" in printed
     assert pair.ask(EXCLUDED, 80) == "direct"
     assert pair.ask(INCLUDED, 80) == "proxy"
@@ -108,11 +109,52 @@ def test_excluded_cidrs_in_a_set_bypass_and_the_rest_is_redirected(pair: Pair, b
 def test_included_cidrs_and_ports_in_sets_are_redirected_and_nothing_else(pair: Pair, backend: str) -> None:
     included = [*filler_cidrs(200), "203.0.113.0/24"]
     ports = [*filler_ports(100), "8080"]
-    printed = pair.load(backend, ["-i", ",".join(included), "-q", ",".join(ports), "-b", ""])
+    printed = pair.apply(backend, ["-i", ",".join(included), "-q", ",".join(ports), "-b", ""])
     assert "istio-v4-out-incl-" in printed and "istio-port-out-" in printed
     assert pair.ask(INCLUDED, 80) == "proxy"
     assert pair.ask(EXCLUDED, 8080) == "proxy"
     assert pair.ask(EXCLUDED, 80) == "direct"
+
+
+@pytest.mark.parametrize("backend", ["legacy", "nft"])
+def test_sets_live_and_die_with_the_rules(netns: NetNS, backend: str) -> None:
+    def run(*args: str) -> int:
+        cli = [sys.executable, "-m", "istio_iptables", "-i", "*", "-b", "*", "--disable-ipv6"]
+        return netns.run(*cli, "--force-iptables-binary", backend, *args, check=False).returncode
+
+    def sets() -> list[str]:
+        return netns.run("ipset", "list", "-n").stdout.split()
+
+    first, second = ",".join(filler_cidrs(100)), ",".join(filler_cidrs(101))
+    assert run("-x", first) == 0
+    [name] = sets()
+    assert f"--match-set {name} dst -j RETURN" in netns.run(f"iptables-{backend}-save").stdout
+    assert run("-x", first) == 0 and sets() == [name]  # unchanged
+    assert run("-x", second) == 3 and sets() == [name]  # another list: drift, nothing touched
+    assert run("-x", second, "--reconcile") == 0
+    [replaced] = sets()
+    assert replaced != name
+    assert run("-x", "10.0.0.0/8", "--reconcile") == 0 and sets() == []  # short list: no set left
+    assert run("-x", first, "--reconcile") == 0 and sets() == [name]
+    assert run("--cleanup-only") == 0 and sets() == []
+    assert "ISTIO" not in netns.run(f"iptables-{backend}-save").stdout
+
+
+@pytest.mark.parametrize("backend", ["legacy", "nft"])
+def test_a_failed_apply_leaves_no_new_set_behind(netns: NetNS, backend: str) -> None:
+    config = config_of(["-i", "*", "-b", "*", "--disable-ipv6", f"--force-iptables-binary={backend}"])
+    with inside(netns):
+        apply(config, build_plan(config))  # rules of ours without sets: they stay after the failure
+    excluded = ",".join(filler_cidrs(100))
+    config = config_of(["-i", "*", "-b", "*", "-x", excluded, "--disable-ipv6", f"--force-iptables-binary={backend}"])
+    plan = build_plan(config)
+    v4 = plan.rulesets[0]
+    # CT is only valid in the raw table: the kernel refuses it in nat, after the set was loaded.
+    broken = RuleSet(Family.V4, [*v4.rules, Rule("nat", ISTIO_OUTPUT, (), CtZone(1))], v4.sets)
+    with inside(netns), pytest.raises(IstioIptablesError):
+        apply(replace(config, reconcile=True), replace(plan, rulesets=(broken,)))
+    assert netns.run("ipset", "list", "-n").stdout.split() == []
+    assert "match-set" not in netns.run(f"iptables-{backend}-save").stdout
 
 
 def test_ipsets_are_filled_atomically_replaced_and_removed(netns: NetNS) -> None:

@@ -27,8 +27,10 @@ from istio_iptables.apply.restore import (
 from istio_iptables.apply.state import TableState, desired_state, diff_states, owned_state, transition_script
 from istio_iptables.config import Config
 from istio_iptables.errors import DriftError, EnvironmentProblem, IstioIptablesError
+from istio_iptables.ipset import Ipset, uses_sets
 from istio_iptables.logging_setup import log
 from istio_iptables.model import ISTIO_DIVERT, ISTIO_TPROXY, Family, Plan
+from istio_iptables.sets import sets_of
 
 CAP_NET_ADMIN = 12
 FAMILIES = (Family.V4, Family.V6)
@@ -98,15 +100,21 @@ def apply(config: Config, plan: Plan, namespace_path: str = "") -> Outcome:
     log.info("iptables backend: %s (%s)", detection.backend.name, detection.reason)
     applier = make_applier(config, detection.backend, env)
     live = {family: owned_state(detection.dump(family)) for family in FAMILIES}
+    # ipsets of long lists (istio_iptables/sets.py): only runs that have or had some touch ipset.
+    wanted_sets = sets_of(plan.rulesets)
+    ipset = Ipset(env) if wanted_sets or any(map(uses_sets, live.values())) else None
     if config.cleanup_only:
-        return _cleanup(detection, applier, live)
+        return _cleanup(detection, applier, live, ipset)
 
     desired = {ruleset.family: desired_state(ruleset) for ruleset in plan.rulesets}
-    diffs = {family: diff_states(live[family], desired.get(family, {}), family) for family in FAMILIES}
     has_ours = any(live.values())
-    drift = [line for family in FAMILIES for line in diffs[family]]
+    # Nothing of ours yet (every first run): no drift to describe, and no difflib to import.
+    diffs = {family: diff_states(live[family], desired.get(family, {}), family) for family in FAMILIES if has_ours}
+    drift = [line for lines in diffs.values() for line in lines]
     if has_ours and not drift and not config.force_apply:
         log.info("the namespace already holds exactly these rules: nothing to write")
+        if ipset:  # same names, so the same members were loaded; refill in case someone edited them
+            ipset.load(wanted_sets)
         _ensure_routes(plan, detection, applier, {})
         return Outcome("unchanged", detection.backend.name, {})
     if has_ours and drift and not (config.reconcile or config.force_apply):
@@ -117,8 +125,17 @@ def apply(config: Config, plan: Plan, namespace_path: str = "") -> Outcome:
     scripts = {
         family: script for family in FAMILIES if (script := transition_script(live[family], plan.ruleset(family)))
     }
-    touched = _write(scripts, detection, applier)
-    _ensure_routes(plan, detection, applier, touched)
+    if ipset:  # before the rules that match them
+        ipset.load(wanted_sets)
+    try:
+        touched = _write(scripts, detection, applier)
+        _ensure_routes(plan, detection, applier, touched)
+    except IstioIptablesError:
+        if ipset:  # the old rules are back: the kernel keeps the sets they match, the rest go
+            ipset.remove_stale([], quiet=True)
+        raise
+    if ipset:
+        ipset.remove_stale([named.name for named in wanted_sets])
     return Outcome("reconciled" if has_ours else "applied", detection.backend.name, scripts)
 
 
@@ -155,9 +172,13 @@ def _ensure_routes(plan: Plan, detection: Detection, applier: Applier, touched: 
         raise
 
 
-def _cleanup(detection: Detection, applier: Applier, live: dict[Family, TableState]) -> Outcome:
+def _cleanup(
+    detection: Detection, applier: Applier, live: dict[Family, TableState], ipset: Ipset | None
+) -> Outcome:
     scripts = {family: script for family in FAMILIES if (script := transition_script(live[family], None))}
     _write(scripts, detection, applier)
+    if ipset:  # no rule of ours matches them any more
+        ipset.remove_stale([])
     mark = live_mark(live[Family.V4]) if live[Family.V4] else live_mark(live[Family.V6])
     if mark is not None or live[Family.V6]:
         from istio_iptables.apply import routes
