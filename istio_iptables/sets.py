@@ -21,6 +21,7 @@ as changed rules (drift) and a new set never replaces an old one in place.
 from __future__ import annotations
 
 import re
+from _socket import AF_INET6, inet_ntop  # the C module: socket.py costs 2 ms to import
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
@@ -80,12 +81,25 @@ def set_members(cidrs: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
     return tuple(dict.fromkeys(members))
 
 
+def member_text(member: IPNetwork | int) -> str:
+    """``str(member)``, faster: 10 000 CIDRs are formatted twice per run (digest, ipset input).
+
+    Safe to splice into ipset input by construction: digits, hex digits, '.', ':' and '/' only.
+    """
+    if isinstance(member, int):
+        return str(member)
+    if member.version == 4:
+        ip = int(member.network_address)
+        return f"{ip >> 24}.{ip >> 16 & 255}.{ip >> 8 & 255}.{ip & 255}/{member.prefixlen}"
+    return f"{inet_ntop(AF_INET6, member.network_address.packed)}/{member.prefixlen}"
+
+
 def set_name(purpose: str, members: Sequence[object], family: Family | None) -> str:
     """``istio-[v4-|v6-]PURPOSE-DIGEST``: at most 27 characters, so ``NAME-t`` fits ipset's 31."""
     import zlib  # only runs with sets pay for it
 
     # CRC-32 is enough: the digest only has to change when the members do, nobody forges it.
-    digest = zlib.crc32(",".join(map(str, members)).encode()) & 0xFFFFFFFF
+    digest = zlib.crc32(",".join(map(member_text, members)).encode()) & 0xFFFFFFFF
     tag = f"{_FAMILY_TAG[family]}-" if family is not None else ""
     return f"istio-{tag}{purpose}-{digest:08x}"
 
@@ -122,7 +136,7 @@ def ipset_create_options(named: NamedSet) -> str:
 def ipset_entries(named: NamedSet) -> list[str]:
     """The members as ``add`` arguments: runs of consecutive ports as one ``FIRST-LAST`` range."""
     if named.kind == "net":
-        return [check_token(str(member)) for member in named.members]
+        return [member_text(member) for member in named.members]  # type: ignore[arg-type]
     entries: list[str] = []
     ports = sorted(set(named.members))  # type: ignore[type-var]
     start = 0

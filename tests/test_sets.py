@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import random
 import re
 
 import pytest
@@ -18,6 +19,7 @@ from istio_iptables.sets import (
     cidr_matches,
     ipset_entries,
     is_own_set,
+    member_text,
     port_matches,
     render_ipset_destroy,
     render_ipset_restore,
@@ -177,3 +179,12 @@ def test_without_the_ipset_command_auto_falls_back_to_rules_and_always_refuses(
         ipset.plan_for_this_host(always, build_plan(always))
     small = config(outbound_exclude=cidrs(3))
     assert ipset.plan_for_this_host(small, build_plan(small)) == build_plan(small)
+
+
+def test_member_text_is_str_of_the_network() -> None:
+    generator = random.Random(3)
+    for _ in range(2000):
+        v4 = ipaddress.ip_network((generator.getrandbits(32), generator.randrange(0, 33)), strict=False)
+        v6 = ipaddress.ip_network((generator.getrandbits(128), generator.randrange(0, 129)), strict=False)
+        assert member_text(v4) == str(v4) and ipaddress.ip_network(member_text(v6)) == v6
+    assert member_text(8080) == "8080"
