@@ -7,8 +7,6 @@ after the rules that match them are gone (the kernel refuses to destroy a set in
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Iterable, Mapping
 
 from istio_iptables.config import Config
@@ -23,10 +21,11 @@ from istio_iptables.sets import (
     sets_of,
     temporary_name,
 )
+from istio_iptables.spawn import Finished, run, which
 
 
 def ipset_program() -> str:
-    path = shutil.which("ipset")
+    path = which("ipset")
     if path is None:
         raise EnvironmentProblem(
             "long lists are written as ipsets, but the ipset command is missing: install it "
@@ -37,7 +36,7 @@ def ipset_program() -> str:
 
 def plan_for_this_host(config: Config, plan: Plan) -> Plan:
     """``--use-sets=auto`` without the ipset command: the same policy without sets, and a warning."""
-    if not sets_of(plan.rulesets) or shutil.which("ipset"):
+    if not sets_of(plan.rulesets) or which("ipset"):
         return plan
     if config.use_sets != "auto":
         ipset_program()  # raises, saying what to install or pass
@@ -60,10 +59,8 @@ class Ipset:
         self.program = ipset_program()
         self.env = dict(env) if env is not None else None
 
-    def _run(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [self.program, *args], input=input, capture_output=True, text=True, env=self.env, check=False
-        )
+    def _run(self, *args: str, input: str | None = None) -> Finished:
+        return run([self.program, *args], input=input, env=self.env)
 
     def own_sets(self) -> list[str]:
         """Every set whose name is one of ours (temporary ones included)."""

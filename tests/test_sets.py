@@ -167,7 +167,7 @@ def test_the_dry_run_prints_the_sets_before_the_rules() -> None:
 def test_without_the_ipset_command_auto_falls_back_to_rules_and_always_refuses(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(ipset.shutil, "which", lambda name: None)
+    monkeypatch.setattr(ipset, "which", lambda name: None)
     many_ports = tuple(range(3000, 3100))
     auto = config(outbound_exclude=cidrs(100), outbound_ports_include=many_ports)
     plan = ipset.plan_for_this_host(auto, build_plan(auto))

@@ -8,14 +8,13 @@ is an error naming the evidence, resolved with ``--force-iptables-binary``.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from istio_iptables.apply.state import SaveDump, parse_save
 from istio_iptables.errors import EnvironmentProblem
 from istio_iptables.model import Family
+from istio_iptables.spawn import Running, which
 
 BackendName = Literal["legacy", "nft"]
 BACKENDS: tuple[BackendName, ...] = ("legacy", "nft")
@@ -34,7 +33,7 @@ class Backend:
 
 
 def find_program(name: str) -> str:
-    path = shutil.which(name)
+    path = which(name)
     if path is None:
         raise EnvironmentProblem(f"{name} not found in PATH: install iptables 1.8+ (Debian: apt install iptables)")
     return path
@@ -75,17 +74,16 @@ def run_saves(
         if backend == "legacy" and not legacy_tables_exist(family):
             outputs[(backend, family)] = ""  # what the save would print, without starting it
             continue
-        running[(backend, family)] = subprocess.Popen(
-            [find_program(program)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-        )
+        running[(backend, family)] = Running([find_program(program)], env=env)
     for (backend, family), process in running.items():
-        stdout, stderr = process.communicate(timeout=60)
-        if process.returncode != 0:
+        finished = process.wait(timeout=60)
+        stdout, stderr = finished.stdout, finished.stderr
+        if finished.returncode != 0:
             if family not in needed:
                 outputs[(backend, family)] = ""  # e.g. ip6tables on a host booted with ipv6.disable=1
                 continue
             raise EnvironmentProblem(
-                f"{programs[(backend, family)]} failed (exit {process.returncode}): {stderr.strip()[-300:]}"
+                f"{programs[(backend, family)]} failed (exit {finished.returncode}): {stderr.strip()[-300:]}"
             )
         outputs[(backend, family)] = stdout
     return outputs

@@ -8,13 +8,13 @@ with five lines of context either side. Rolling back replays the snapshot taken 
 from __future__ import annotations
 
 import re
-import subprocess
 from collections.abc import Mapping
 
 from istio_iptables.apply.backend import Backend, find_program
 from istio_iptables.apply.state import parse_save
 from istio_iptables.errors import ApplyError, EnvironmentProblem, IstioIptablesError
 from istio_iptables.model import Family
+from istio_iptables.spawn import run, which
 
 LOCK_WAIT_SECONDS = 30  # how long a write waits for the xtables lock before giving up (Istio: 30)
 CONTEXT_LINES = 5
@@ -130,15 +130,7 @@ class RestoreApplier:
 
     def _restore(self, family: Family, text: str, *options: str) -> None:
         program = self.backend.program(family, "restore")
-        process = subprocess.run(
-            [find_program(program), *options],
-            input=text,
-            capture_output=True,
-            text=True,
-            env=self.env,
-            check=False,
-            timeout=LOCK_WAIT_SECONDS + 30,
-        )
+        process = run([find_program(program), *options], input=text, env=self.env, timeout=LOCK_WAIT_SECONDS + 30)
         if process.returncode != 0:
             raise RestoreFailed(family, program, text, process.returncode, process.stderr)
 
@@ -149,11 +141,9 @@ def drop_new_nft_tables(family: Family, tables: list[str], env: Mapping[str, str
     Only tables the snapshot did not list (so nobody else had rules there) and which the rollback
     just emptied; without the nft binary they stay, empty.
     """
-    from shutil import which
-
     nft = which("nft")
     if nft is None:
         return
     nft_family = "ip" if family is Family.V4 else "ip6"
     script = "".join(f"delete table {nft_family} {table}\n" for table in tables)
-    subprocess.run([nft, "-f", "-"], input=script, capture_output=True, text=True, env=env, check=False)
+    run([nft, "-f", "-"], input=script, env=env)
