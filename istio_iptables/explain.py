@@ -123,14 +123,22 @@ class Tables:
         return cls(ruleset.family, chains, source=source)
 
     @classmethod
-    def from_saved(cls, saved: Any, source: str, sets: Mapping[str, tuple[IPNetwork, ...]] | None = None) -> Tables:
+    def from_saved(
+        cls, saved: Any, source: str, sets: Mapping[str, tuple[IPNetwork, ...]] | None = None
+    ) -> Tables:
         """From :class:`istio_iptables.parse.SavedRules`."""
         chains = {
             key: [ChainRule(item.rule, "-A " + item.text.removeprefix("-A ")) for item in rules]
             for key, rules in saved.chains.items()
         }
-        return cls(saved.family, chains, dict(saved.policies), sets=sets, source=source,
-                   problems=list(saved.problems))
+        return cls(
+            saved.family,
+            chains,
+            dict(saved.policies),
+            sets=sets,
+            source=source,
+            problems=list(saved.problems),
+        )
 
 
 def rule_text(rule: Rule) -> str:
@@ -282,10 +290,8 @@ class _Walker:
             return (port in match.ports) != match.negate
         if isinstance(match, Interface):
             name = packet.iif if match.direction == "in" else packet.oif
-            if match.name.endswith("+"):
-                hit = name.startswith(match.name[:-1])
-            else:
-                hit = name == match.name
+            wildcard = match.name.endswith("+")  # iptables: "eth+" is any name starting with "eth"
+            hit = name.startswith(match.name[:-1]) if wildcard else name == match.name
             return hit != match.negate
         if isinstance(match, Owner):
             if not (packet.has_socket and self.hook in ("OUTPUT", "POSTROUTING")):
@@ -306,8 +312,11 @@ class _Walker:
             if self.tables.sets is None or match.name not in self.tables.sets:
                 return None
             address = packet.src if match.direction == "src" else packet.dst
-            member = any(address in network for network in self.tables.sets[match.name]
-                         if network.version == address.version)
+            member = any(
+                address in network
+                for network in self.tables.sets[match.name]
+                if network.version == address.version
+            )
             return member != match.negate
         return None  # Unsupported
 
@@ -332,7 +341,10 @@ class _Walker:
         """Run every table at ``hook``; returns "accept" or "drop"."""
         self.hook = hook
         for base in self.tables.hooks.get(hook, ()):
-            if (base.table, base.chain) not in self.tables.chains and (base.table, base.chain) not in self.tables.policies:
+            if (base.table, base.chain) not in self.tables.chains and (
+                base.table,
+                base.chain,
+            ) not in self.tables.policies:
                 continue
             if base.kind == "nat" and (packet.loopback_pass or self.flow.ct_state != "NEW"):
                 continue  # NAT was decided when the connection's first packet left
@@ -390,8 +402,18 @@ class _Walker:
     def _policy(self, table: str, chain: str, packet: _Packet) -> str:
         policy = self.tables.policies.get((table, chain), "ACCEPT")
         if policy == "DROP":
-            self.steps.append(Step(self.hook, table, chain, None, f":{chain} DROP", "DROP", "chain policy",
-                                   packet.loopback_pass))
+            self.steps.append(
+                Step(
+                    self.hook,
+                    table,
+                    chain,
+                    None,
+                    f":{chain} DROP",
+                    "DROP",
+                    "chain policy",
+                    packet.loopback_pass,
+                )
+            )
             return "drop"
         return "accept"
 
@@ -411,7 +433,9 @@ class _Walker:
             packet.mark = (packet.mark & ~target.mask) ^ target.mark
             packet.tproxy = target.port
             self.effects.append(f"packet mark {packet.mark:#x} (TPROXY)")
-            self.steps.append(replace(step, action="TPROXY", note=f"port {target.port}, mark {target.mark:#x}"))
+            self.steps.append(
+                replace(step, action="TPROXY", note=f"port {target.port}, mark {target.mark:#x}")
+            )
             return "accept"
         if isinstance(target, SetMark):
             packet.mark = (packet.mark & ~target.mask) ^ target.value
@@ -519,7 +543,9 @@ def _route_input(walker: _Walker, flow: Flow, packet: _Packet, original: str) ->
     else:
         if walker.run_hook("FORWARD", packet) == "drop":
             return Landing("drop", original_destination=original)
-        return Landing("forward", str(packet.dst), packet.dport, original, reason="not addressed to this namespace")
+        return Landing(
+            "forward", str(packet.dst), packet.dport, original, reason="not addressed to this namespace"
+        )
     if walker.run_hook("INPUT", packet) == "drop":
         return Landing("drop", original_destination=original)
     return landing
@@ -534,8 +560,13 @@ def _endpoint(address: IPAddress, port: int) -> str:
 ORIGIN_LABELS = {"remote": "Remote host", "local": "Local process", "proxy": "Proxy"}
 
 
-def chain_path(explanation: Explanation, tables_rule_counts: Mapping[tuple[str, str], int] | None = None) -> str:
-    """One line in the style of Istio's docs: ``Local process → OUTPUT → ISTIO_OUTPUT rule 9 → ... → 15001``."""
+def chain_path(
+    explanation: Explanation, tables_rule_counts: Mapping[tuple[str, str], int] | None = None
+) -> str:
+    """One line in the style of Istio's docs.
+
+    For example ``Local process → OUTPUT → ISTIO_OUTPUT rule 9 → ISTIO_REDIRECT → 15001``.
+    """
     counts = tables_rule_counts or {}
     parts = [ORIGIN_LABELS[explanation.flow.origin]]
     current: tuple[bool, str, str] | None = None
@@ -594,11 +625,15 @@ def verdict_text(explanation: Explanation) -> str:
     decision = explanation.decision
     where = f" by {_rule_ref(decision)}" if decision is not None else ""
     if landing.kind == "redirect":
-        return (f"redirected to port {landing.port} ({landing.address}){where}; the proxy reads the original "
-                f"destination {landing.original_destination} with SO_ORIGINAL_DST")
+        return (
+            f"redirected to port {landing.port} ({landing.address}){where}; the proxy reads the original "
+            f"destination {landing.original_destination} with SO_ORIGINAL_DST"
+        )
     if landing.kind == "tproxy":
-        return (f"handed to the transparent listener on port {landing.port}{where} (TPROXY keeps the original "
-                f"destination {landing.original_destination}; dropped if nothing listens there)")
+        return (
+            f"handed to the transparent listener on port {landing.port}{where} (TPROXY keeps the original "
+            f"destination {landing.original_destination}; dropped if nothing listens there)"
+        )
     if landing.kind == "drop":
         return f"dropped{where}"
     if landing.kind == "undetermined":
@@ -607,7 +642,7 @@ def verdict_text(explanation: Explanation) -> str:
         "local": f"delivered to {landing.original_destination} in this namespace",
         "network": f"sent to {landing.original_destination} via {landing.interface}",
         "forward": f"not addressed to this namespace: forwarded to {landing.original_destination} "
-                   "if forwarding is on, else dropped",
+        "if forwarding is on, else dropped",
     }[landing.kind]
     if explanation.exclusions:
         excluded = "; ".join(_rule_ref(step) for step in explanation.exclusions)
@@ -627,8 +662,10 @@ def flow_text(flow: Flow) -> str:
         "local": f"from a local process (uid {flow.uid}, gid {flow.gid})",
         "proxy": f"from the proxy (uid {flow.uid}, gid {flow.gid})",
     }[flow.origin]
-    return (f"{flow.protocol.upper()} {_endpoint(flow.src, flow.sport)} → {_endpoint(flow.dst, flow.dport)} "
-            f"{who} [IPv{flow.family.value}, conntrack {flow.ct_state}]")
+    return (
+        f"{flow.protocol.upper()} {_endpoint(flow.src, flow.sport)} → {_endpoint(flow.dst, flow.dport)} "
+        f"{who} [IPv{flow.family.value}, conntrack {flow.ct_state}]"
+    )
 
 
 def render_text(explanation: Explanation, tables: Tables | None = None) -> str:
@@ -661,25 +698,43 @@ def to_data(explanation: Explanation, tables: Tables | None = None) -> dict[str,
 
     def step_data(step: Step) -> dict[str, Any]:
         return {
-            "hook": step.hook, "table": step.table, "chain": step.chain, "rule": step.number,
-            "text": step.text, "action": step.action, "note": step.note, "loopback_pass": step.loopback_pass,
+            "hook": step.hook,
+            "table": step.table,
+            "chain": step.chain,
+            "rule": step.number,
+            "text": step.text,
+            "action": step.action,
+            "note": step.note,
+            "loopback_pass": step.loopback_pass,
         }
 
     landing = explanation.landing
     return {
         "flow": {
-            "origin": flow.origin, "family": f"ipv{flow.family.value}", "protocol": flow.protocol,
-            "src": str(flow.src), "sport": flow.sport, "dst": str(flow.dst), "dport": flow.dport,
-            "uid": flow.uid, "gid": flow.gid, "in_interface": flow.in_interface if flow.origin == "remote" else None,
-            "out_interface": None if flow.origin == "remote" else flow.out_interface, "ct_state": flow.ct_state,
+            "origin": flow.origin,
+            "family": f"ipv{flow.family.value}",
+            "protocol": flow.protocol,
+            "src": str(flow.src),
+            "sport": flow.sport,
+            "dst": str(flow.dst),
+            "dport": flow.dport,
+            "uid": flow.uid,
+            "gid": flow.gid,
+            "in_interface": flow.in_interface if flow.origin == "remote" else None,
+            "out_interface": None if flow.origin == "remote" else flow.out_interface,
+            "ct_state": flow.ct_state,
         },
         "rules": explanation.source,
         "path": chain_path(explanation, counts),
         "steps": [step_data(step) for step in explanation.steps],
         "verdict": {
-            "landing": landing.kind, "address": landing.address, "port": landing.port,
-            "original_destination": landing.original_destination, "interface": landing.interface,
-            "reason": landing.reason, "text": verdict_text(explanation),
+            "landing": landing.kind,
+            "address": landing.address,
+            "port": landing.port,
+            "original_destination": landing.original_destination,
+            "interface": landing.interface,
+            "reason": landing.reason,
+            "text": verdict_text(explanation),
         },
         "decision": step_data(explanation.decision) if explanation.decision else None,
         "exclusions": [step_data(step) for step in explanation.exclusions],

@@ -46,26 +46,57 @@ ID = click.IntRange(0, 2**32 - 2)
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @config_options
-@click.option("--live", is_flag=True,
-              help="Explain with the rules installed in --network-namespace (or this namespace), not a config.")
-@click.option("--origin", type=click.Choice(["remote", "local", "proxy"]), default="local", show_default=True,
-              help="Who sends the packet: a remote host, a local process (--uid/--gid), or the proxy itself.")
+@click.option(
+    "--live",
+    is_flag=True,
+    help="Explain with the rules installed in --network-namespace (or this namespace), not a config.",
+)
+@click.option(
+    "--origin",
+    type=click.Choice(["remote", "local", "proxy"]),
+    default="local",
+    show_default=True,
+    help="Who sends the packet: a remote host, a local process (--uid/--gid), or the proxy itself.",
+)
 @click.option("--protocol", type=click.Choice(["tcp", "udp"]), default="tcp", show_default=True)
 @click.option("--dst", "dst", type=ADDRESS, required=True, help="Destination address.")
 @click.option("--dport", type=PORT, required=True, help="Destination port.")
-@click.option("--src", "src", type=ADDRESS, default=None,
-              help="Source address (default: loopback for loopback destinations, else a pod address, "
-                   "or 203.0.113.10 / 2001:db8:ffff::10 for remote hosts).")
+@click.option(
+    "--src",
+    "src",
+    type=ADDRESS,
+    default=None,
+    help="Source address (default: loopback for loopback destinations, else a pod address, "
+    "or 203.0.113.10 / 2001:db8:ffff::10 for remote hosts).",
+)
 @click.option("--sport", type=PORT, default=DEFAULT_SPORT, show_default=True, help="Source port.")
-@click.option("--uid", type=ID, default=None, help="Owner of the local socket (default 1000; proxy: its uid).")
-@click.option("--gid", type=ID, default=None, help="Group of the local socket (default 1000; proxy: its gid).")
+@click.option(
+    "--uid", type=ID, default=None, help="Owner of the local socket (default 1000; proxy: its uid)."
+)
+@click.option(
+    "--gid", type=ID, default=None, help="Group of the local socket (default 1000; proxy: its gid)."
+)
 @click.option("--in-interface", default="eth0", show_default=True, help="Where a remote packet comes in.")
-@click.option("--out-interface", default="eth0", show_default=True,
-              help="Where a local packet to a non-local address leaves (lo is chosen for local addresses).")
-@click.option("--pod-ip", "pod_ips", type=ADDRESS, multiple=True,
-              help="An address of the pod (repeatable); --live reads them from the namespace.")
-@click.option("--ct-state", type=click.Choice(["NEW", "ESTABLISHED", "RELATED", "INVALID"]), default="NEW",
-              show_default=True, help="Conntrack state of the packet (NEW: the first packet of a connection).")
+@click.option(
+    "--out-interface",
+    default="eth0",
+    show_default=True,
+    help="Where a local packet to a non-local address leaves (lo is chosen for local addresses).",
+)
+@click.option(
+    "--pod-ip",
+    "pod_ips",
+    type=ADDRESS,
+    multiple=True,
+    help="An address of the pod (repeatable); --live reads them from the namespace.",
+)
+@click.option(
+    "--ct-state",
+    type=click.Choice(["NEW", "ESTABLISHED", "RELATED", "INVALID"]),
+    default="NEW",
+    show_default=True,
+    help="Conntrack state of the packet (NEW: the first packet of a connection).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the explanation as JSON.")
 @click.pass_context
 def explain_command(ctx: click.Context, **values: Any) -> None:
@@ -124,16 +155,28 @@ def build_flow(values: dict[str, Any], config: Any, pod_ips: tuple[IPAddress, ..
         if origin == "remote":
             src = ipaddress.ip_address(DEFAULT_REMOTE[dst.version])
         elif dst.is_loopback or dst in same_family:
-            src = dst if dst in same_family else ipaddress.ip_address("127.0.0.1" if dst.version == 4 else "::1")
+            src = (
+                dst
+                if dst in same_family
+                else ipaddress.ip_address("127.0.0.1" if dst.version == 4 else "::1")
+            )
         else:
             src = same_family[0] if same_family else ipaddress.ip_address(DEFAULT_POD[dst.version])
     if src.version != dst.version:
         raise click.BadParameter("source and destination must be of one family", param_hint="--src")
     return Flow(
-        origin=origin, protocol=values["protocol"], src=src, dst=dst, sport=values["sport"], dport=values["dport"],
-        uid=None if origin == "remote" else uid, gid=None if origin == "remote" else gid,
-        in_interface=values["in_interface"], out_interface=values["out_interface"],
-        local_addresses=tuple(pod_ips) or None, ct_state=values["ct_state"],
+        origin=origin,
+        protocol=values["protocol"],
+        src=src,
+        dst=dst,
+        sport=values["sport"],
+        dport=values["dport"],
+        uid=None if origin == "remote" else uid,
+        gid=None if origin == "remote" else gid,
+        in_interface=values["in_interface"],
+        out_interface=values["out_interface"],
+        local_addresses=tuple(pod_ips) or None,
+        ct_state=values["ct_state"],
     )
 
 
@@ -164,13 +207,14 @@ class LiveReader:
         if shutil.which(command[0]) is None:
             return None
         try:
-            return subprocess.run([*self._prefix(), *command], capture_output=True, text=True, timeout=30,
-                                  check=False)
+            return subprocess.run(
+                [*self._prefix(), *command], capture_output=True, text=True, timeout=30, check=False
+            )
         except (OSError, subprocess.TimeoutExpired) as error:
             raise EnvironmentProblem(f"cannot run {command[0]}: {error}") from None
 
     def save_text(self, family: Family) -> tuple[str, str]:
-        """(backend, iptables-save output) of the backend holding rules; nft wins a tie, as Istio's detection."""
+        """(backend, iptables-save output) of the backend holding rules; nft wins a tie (Istio's order)."""
         stem = "iptables" if family is Family.V4 else "ip6tables"
         backends = [self.force_binary] if self.force_binary else ["nft", "legacy"]
         dumps: list[tuple[str, str]] = []
@@ -201,8 +245,9 @@ class LiveReader:
         if not any(saved.chains.values()):
             self._refuse_native_nftables()
         uses_sets = any("--match-set" in item.text for rules in saved.chains.values() for item in rules)
-        return Tables.from_saved(saved, f"installed rules ({stem}-{backend}-save in {where})",
-                                 self.ipsets() if uses_sets else None)
+        return Tables.from_saved(
+            saved, f"installed rules ({stem}-{backend}-save in {where})", self.ipsets() if uses_sets else None
+        )
 
     def _refuse_native_nftables(self) -> None:
         done = self._run("nft", "-j", "list", "tables")

@@ -96,7 +96,7 @@ def parse_save(text: str, family: Family) -> SavedRules:
         counters = _COUNTERS.match(line)
         if counters:
             packets = int(counters.group(1))
-            line = line[counters.end():]
+            line = line[counters.end() :]
         try:
             tokens = shlex.split(line)
         except ValueError as error:
@@ -140,7 +140,7 @@ def _segments(tokens: list[str]) -> Iterator[tuple[str, list[str]]]:
         head = tokens[index + 1] if negate else tokens[index]
         start = index + (2 if negate else 1)
         if head in _TOP_LEVEL:
-            yield head, (["!"] if negate else []) + tokens[start:start + 1]
+            yield head, (["!"] if negate else []) + tokens[start : start + 1]
             index = start + 1
         elif head in ("-m", "-j", "-g") and not negate:
             end = start + 1
@@ -329,9 +329,35 @@ def _target(head: str, body: list[str]) -> Target:
 # Upper-case names are extension targets, never chains we could follow.
 _TARGET_NAMES = frozenset(
     {
-        "REDIRECT", "TPROXY", "MARK", "CONNMARK", "CT", "DNAT", "SNAT", "MASQUERADE", "REJECT", "LOG",
-        "NOTRACK", "TRACE", "NFQUEUE", "CLASSIFY", "TCPMSS", "DSCP", "TOS", "TTL", "HL", "ACCEPT", "DROP",
-        "RETURN", "QUEUE", "NFLOG", "SET", "AUDIT", "CHECKSUM", "CONNSECMARK", "SECMARK",
+        "REDIRECT",
+        "TPROXY",
+        "MARK",
+        "CONNMARK",
+        "CT",
+        "DNAT",
+        "SNAT",
+        "MASQUERADE",
+        "REJECT",
+        "LOG",
+        "NOTRACK",
+        "TRACE",
+        "NFQUEUE",
+        "CLASSIFY",
+        "TCPMSS",
+        "DSCP",
+        "TOS",
+        "TTL",
+        "HL",
+        "ACCEPT",
+        "DROP",
+        "RETURN",
+        "QUEUE",
+        "NFLOG",
+        "SET",
+        "AUDIT",
+        "CHECKSUM",
+        "CONNSECMARK",
+        "SECMARK",
     }
 )
 

@@ -33,8 +33,25 @@ REMOTE_V4 = ("9.9.1.1", "1.1.1.1", "10.1.2.3", "192.0.2.10")
 REMOTE_V6 = ("2001:db8::5", "2001:db9::1", "::7f00:35")
 FORWARDED_V4 = ("10.50.0.1", "172.16.50.1")
 FORWARDED_V6 = ("2001:db8:50::1", "fd00:50::1")
-TCP_PORTS = (80, 8080, 53, 22, 4000, 5000, 6000, 7000, 31000, 32000,
-             15001, 15006, 15008, 15020, 15021, 15053, 15090)
+TCP_PORTS = (
+    80,
+    8080,
+    53,
+    22,
+    4000,
+    5000,
+    6000,
+    7000,
+    31000,
+    32000,
+    15001,
+    15006,
+    15008,
+    15020,
+    15021,
+    15053,
+    15090,
+)
 UDP_PORTS = (53, 5000, 15053)
 
 
@@ -58,7 +75,10 @@ class AgentProcess:
     def __init__(self, namespace: NetNS) -> None:
         self.process = subprocess.Popen(
             ["ip", "netns", "exec", namespace.name, sys.executable, str(AGENT)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
         )
 
     def call(self, **request: Any) -> dict[str, Any]:
@@ -93,10 +113,28 @@ class FlowBed:
         if groups:
             pod.add_groups(groups)
         for namespace in (pod, peer):
-            namespace.run("sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
+            namespace.run(
+                "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"
+            )
         for pod_name, peer_name, link in LINKS:
-            subprocess.run(["ip", "link", "add", pod_name, "netns", pod.name, "type", "veth", "peer", "name",
-                            peer_name, "netns", peer.name], check=True)
+            subprocess.run(
+                [
+                    "ip",
+                    "link",
+                    "add",
+                    pod_name,
+                    "netns",
+                    pod.name,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    peer_name,
+                    "netns",
+                    peer.name,
+                ],
+                check=True,
+            )
             for namespace, name, host in ((pod, pod_name, 2), (peer, peer_name, 1)):
                 namespace.run("ip", "addr", "add", f"10.{link}.0.{host}/24", "dev", name)
                 namespace.run("ip", "addr", "add", f"fd00:{link}::{host}/64", "dev", name, "nodad")
@@ -148,12 +186,31 @@ class FlowBed:
     def save(self, version: int) -> str:
         return self.pod.run("iptables-save" if version == 4 else "ip6tables-save", "-c")["stdout"]
 
-    def send(self, *, origin: str, proto: str, dst: str, dport: int, src: str | None = None,
-             uid: int = 0, gid: int = 0, timeout: float = 0.3) -> Landing:
+    def send(
+        self,
+        *,
+        origin: str,
+        proto: str,
+        dst: str,
+        dport: int,
+        src: str | None = None,
+        uid: int = 0,
+        gid: int = 0,
+        timeout: float = 0.3,
+    ) -> Landing:
         token = uuid.uuid4().hex[:12]
         sender = self.peer if origin == "remote" else self.pod
-        result = sender.call(op="send", token=token, proto=proto, dst=dst, dport=dport, src=src,
-                             uid=uid, gid=gid, timeout=timeout)["result"]
+        result = sender.call(
+            op="send",
+            token=token,
+            proto=proto,
+            dst=dst,
+            dport=dport,
+            src=src,
+            uid=uid,
+            gid=gid,
+            timeout=timeout,
+        )["result"]
         deadline = time.monotonic() + (0.2 if proto == "udp" else 0.0)
         while True:
             for where, agent in (("pod", self.pod), ("peer", self.peer)):

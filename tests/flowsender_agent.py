@@ -115,7 +115,7 @@ class Agent:
             self.pending[conn] = (port, family)
             return
         try:
-            data, peer = sock.recvfrom(256)
+            data = sock.recv(256)
         except BlockingIOError:
             return
         self.landings.append({"token": data.decode().strip(), "proto": "udp", "port": port, "orig": None})
@@ -164,8 +164,14 @@ class Agent:
             self.reply({"landings": self.landings})
             self.landings = []
         elif op == "exec":
-            done = subprocess.run(request["argv"], input=request.get("input"), capture_output=True, text=True,
-                                  check=False, timeout=60)
+            done = subprocess.run(
+                request["argv"],
+                input=request.get("input"),
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=60,
+            )
             self.reply({"rc": done.returncode, "stdout": done.stdout, "stderr": done.stderr})
         else:
             self.reply({"error": f"unknown op {op!r}"})

@@ -97,44 +97,91 @@ class Probe:
         return f"{who} {self.proto} {self.dst} {self.dport}{src}"
 
 
-LOCAL_V4 = [("tcp", d, p) for d, p in [
-    ("9.9.1.1", 80), ("1.1.1.1", 80), ("10.1.2.3", 80), ("192.0.2.10", 80), ("192.0.2.10", 32000),
-    ("192.0.2.10", 22), ("10.11.0.1", 80), ("10.12.0.1", 80), ("10.10.0.2", 8080), ("10.10.0.2", 15008),
-    ("127.0.0.1", 8080), ("127.1.2.3", 8080), ("127.0.0.53", 53)]] + [
-    ("udp", "127.0.0.53", 53), ("udp", "192.0.2.10", 53), ("udp", "9.9.1.1", 5000)]
-LOCAL_V6 = [("tcp", d, p) for d, p in [
-    ("2001:db8::5", 80), ("2001:db9::1", 80), ("2001:db9::1", 32000), ("fd00:11::1", 80), ("fd00:12::1", 80),
-    ("fd00:10::2", 8080), ("::1", 8080), ("::7f00:35", 53)]] + [("udp", "::7f00:35", 53), ("udp", "2001:db8::5", 5000)]
-FEW_V4 = [("tcp", "192.0.2.10", 80), ("tcp", "10.10.0.2", 8080), ("tcp", "127.0.0.1", 8080), ("udp", "127.0.0.53", 53)]
-FEW_V6 = [("tcp", "2001:db9::1", 80), ("tcp", "fd00:10::2", 8080), ("tcp", "::1", 8080), ("udp", "::7f00:35", 53)]
+LOCAL_V4 = [
+    ("tcp", d, p)
+    for d, p in [
+        ("9.9.1.1", 80),
+        ("1.1.1.1", 80),
+        ("10.1.2.3", 80),
+        ("192.0.2.10", 80),
+        ("192.0.2.10", 32000),
+        ("192.0.2.10", 22),
+        ("10.11.0.1", 80),
+        ("10.12.0.1", 80),
+        ("10.10.0.2", 8080),
+        ("10.10.0.2", 15008),
+        ("127.0.0.1", 8080),
+        ("127.1.2.3", 8080),
+        ("127.0.0.53", 53),
+    ]
+] + [("udp", "127.0.0.53", 53), ("udp", "192.0.2.10", 53), ("udp", "9.9.1.1", 5000)]
+LOCAL_V6 = [
+    ("tcp", d, p)
+    for d, p in [
+        ("2001:db8::5", 80),
+        ("2001:db9::1", 80),
+        ("2001:db9::1", 32000),
+        ("fd00:11::1", 80),
+        ("fd00:12::1", 80),
+        ("fd00:10::2", 8080),
+        ("::1", 8080),
+        ("::7f00:35", 53),
+    ]
+] + [("udp", "::7f00:35", 53), ("udp", "2001:db8::5", 5000)]
+FEW_V4 = [
+    ("tcp", "192.0.2.10", 80),
+    ("tcp", "10.10.0.2", 8080),
+    ("tcp", "127.0.0.1", 8080),
+    ("udp", "127.0.0.53", 53),
+]
+FEW_V6 = [
+    ("tcp", "2001:db9::1", 80),
+    ("tcp", "fd00:10::2", 8080),
+    ("tcp", "::1", 8080),
+    ("udp", "::7f00:35", 53),
+]
 REMOTE_PORTS = (8080, 15008, 15090, 15021, 15020, 4000, 5000, 6000, 32000, 22, 15006, 15001)
 
 
 def probes(config: Config, version: int) -> list[Probe]:
     v4 = version == 4
     proxy = (int(config.proxy_uids[0]), int(config.proxy_gids[0]))
-    others = [(int(uid), APP) for uid in config.proxy_uids[1:]] + [(APP, int(gid)) for gid in config.proxy_gids]
+    others = [(int(uid), APP) for uid in config.proxy_uids[1:]] + [
+        (APP, int(gid)) for gid in config.proxy_gids
+    ]
     groups = (config.owner_groups_include or ()) + config.owner_groups_exclude
     others += [(APP, EXTRA_GROUPS.get(group) or int(group)) for group in groups]
     found: list[Probe] = []
     for uid, gid in [(APP, APP), proxy]:
-        found += [Probe("local", proto, dst, port, uid, gid) for proto, dst, port in (LOCAL_V4 if v4 else LOCAL_V6)]
+        found += [
+            Probe("local", proto, dst, port, uid, gid) for proto, dst, port in (LOCAL_V4 if v4 else LOCAL_V6)
+        ]
     for uid, gid in dict.fromkeys(others):
-        found += [Probe("local", proto, dst, port, uid, gid) for proto, dst, port in (FEW_V4 if v4 else FEW_V6)]
+        found += [
+            Probe("local", proto, dst, port, uid, gid) for proto, dst, port in (FEW_V4 if v4 else FEW_V6)
+        ]
     pod, lo6 = ("10.10.0.2", "127.0.0.6") if v4 else ("fd00:10::2", "::6")
     found += [Probe("local", "tcp", pod, 8080, uid, gid, src=lo6) for uid, gid in [(APP, APP), proxy]]
     found += [Probe("remote", "tcp", pod, port) for port in REMOTE_PORTS[: 12 if v4 else 7]]
-    found += [Probe("remote", "tcp", "10.11.0.2" if v4 else "fd00:11::2", 8080),
-              Probe("remote", "tcp", "10.12.0.2" if v4 else "fd00:12::2", 8080),
-              Probe("remote", "udp", pod, 5000)]
+    found += [
+        Probe("remote", "tcp", "10.11.0.2" if v4 else "fd00:11::2", 8080),
+        Probe("remote", "tcp", "10.12.0.2" if v4 else "fd00:12::2", 8080),
+        Probe("remote", "udp", pod, 5000),
+    ]
     forwarded = FORWARDED_V4 if v4 else FORWARDED_V6
-    found += [Probe("remote", "tcp", dst, 80) for dst in (forwarded if config.virt_interfaces else forwarded[:1])]
+    found += [
+        Probe("remote", "tcp", dst, 80) for dst in (forwarded if config.virt_interfaces else forwarded[:1])
+    ]
     return found
 
 
 def link_of(address: str) -> str:
-    for prefix, name in (("10.11.", "eth1"), ("fd00:11:", "eth1"), ("10.12.", "not-istio-nic"),
-                         ("fd00:12:", "not-istio-nic")):
+    for prefix, name in (
+        ("10.11.", "eth1"),
+        ("fd00:11:", "eth1"),
+        ("10.12.", "not-istio-nic"),
+        ("fd00:12:", "not-istio-nic"),
+    ):
         if address.startswith(prefix):
             return name
     return "eth0"
@@ -156,10 +203,17 @@ def flow_of(probe: Probe, bed: FlowBed) -> Flow:
         number = _link_number(probe.dst)
         src = ipaddress.ip_address(f"10.{number}.0.2" if dst.version == 4 else f"fd00:{number}::2")
     return Flow(
-        origin="local" if probe.origin != "remote" else "remote", protocol=probe.proto, src=src, dst=dst,
-        sport=40000, dport=probe.dport, uid=None if probe.origin == "remote" else probe.uid,
-        gid=None if probe.origin == "remote" else probe.gid, in_interface=link_of(probe.dst),
-        out_interface=link_of(probe.dst), local_addresses=local,
+        origin="local" if probe.origin != "remote" else "remote",
+        protocol=probe.proto,
+        src=src,
+        dst=dst,
+        sport=40000,
+        dport=probe.dport,
+        uid=None if probe.origin == "remote" else probe.uid,
+        gid=None if probe.origin == "remote" else probe.gid,
+        in_interface=link_of(probe.dst),
+        out_interface=link_of(probe.dst),
+        local_addresses=local,
     )
 
 
@@ -186,8 +240,11 @@ def observed_landing(landing: Landing, proto: str) -> tuple[str | None, int | No
 
 def counters(text: str, family: Family) -> dict[tuple[str, str, int], int]:
     saved = parse_save(text, family)
-    return {(table, chain, item.number): item.packets or 0
-            for (table, chain), rules in saved.chains.items() for item in rules}
+    return {
+        (table, chain, item.number): item.packets or 0
+        for (table, chain), rules in saved.chains.items()
+        for item in rules
+    }
 
 
 def group_id(name: str) -> int | None:
@@ -229,22 +286,36 @@ def test_explain_matches_the_kernel(case: Case, bed: FlowBed, tmp_path: Path) ->
             flow = flow_of(probe, bed)
             from_model = explain(model_tables, flow, group_id)
             from_live = explain(live_tables, flow)
-            landing = bed.send(origin=probe.origin, proto=probe.proto, dst=probe.dst, dport=probe.dport,
-                               src=probe.src, uid=probe.uid, gid=probe.gid)
+            landing = bed.send(
+                origin=probe.origin,
+                proto=probe.proto,
+                dst=probe.dst,
+                dport=probe.dport,
+                src=probe.src,
+                uid=probe.uid,
+                gid=probe.gid,
+            )
             after_text = bed.save(family.value)
             after = counters(after_text, family)
             hit = {key for key, packets in after.items() if packets > before.get(key, 0)}
             before = after
             sent += 1
-            problems = compare(probe, from_model, from_live, landing, hit, exact=probe.proto == "udp" and
-                               family is Family.V4)
+            problems = compare(
+                probe, from_model, from_live, landing, hit, exact=probe.proto == "udp" and family is Family.V4
+            )
             disagreements += [f"{case.name} {probe}: {problem}" for problem in problems]
     assert sent > 0
     assert not disagreements, "\n".join(disagreements)
 
 
-def compare(probe: Probe, from_model: Explanation, from_live: Explanation, landing: Landing,
-            hit: set[tuple[str, str, int]], exact: bool) -> list[str]:
+def compare(
+    probe: Probe,
+    from_model: Explanation,
+    from_live: Explanation,
+    landing: Landing,
+    hit: set[tuple[str, str, int]],
+    exact: bool,
+) -> list[str]:
     problems = []
     observed = observed_landing(landing, probe.proto)
     for label, explanation in (("model", from_model), ("live", from_live)):
@@ -252,8 +323,10 @@ def compare(probe: Probe, from_model: Explanation, from_live: Explanation, landi
         if probe.proto == "udp":
             expected = (*expected[:2], None)
         if expected != observed:
-            problems.append(f"{label} predicted landing {expected}, kernel {observed} ({landing.result}); "
-                            f"explain: {explanation.landing.kind} {[s.text for s in explanation.steps]}")
+            problems.append(
+                f"{label} predicted landing {expected}, kernel {observed} ({landing.result}); "
+                f"explain: {explanation.landing.kind} {[s.text for s in explanation.steps]}"
+            )
     if from_model.matched != from_live.matched:
         problems.append(f"model path {from_model.matched} != live path {from_live.matched}")
     predicted = set(from_live.matched)
@@ -263,7 +336,9 @@ def compare(probe: Probe, from_model: Explanation, from_live: Explanation, landi
         problems.append(f"nat rules: explain {sorted(nat_predicted)}, kernel counters {sorted(nat_hit)}")
     missing = predicted - hit
     if missing:
-        problems.append(f"explain says the packet matched {sorted(missing)}, the kernel counted nothing there")
+        problems.append(
+            f"explain says the packet matched {sorted(missing)}, the kernel counted nothing there"
+        )
     if exact and hit - predicted:
         problems.append(f"kernel counted {sorted(hit - predicted)}, which explain did not predict")
     return problems
