@@ -183,20 +183,23 @@ def command(ctx: click.Context, **values: Any) -> None:
 
     raw = raw_settings(ctx, values)
     try:
-        from istio_iptables.host import RealHost
+        from istio_iptables.config import parse
         from istio_iptables.run import run
 
-        config = _parse(raw, RealHost())
+        config = parse(raw, _host(ctx))
         run(config, sys.stdout)
     except IstioIptablesError as error:
         log.error("%s", error)
         ctx.exit(error.exit_code)
 
 
-def _parse(raw: Any, host: Any) -> Any:
-    from istio_iptables.config import parse
+def _host(ctx: click.Context) -> Any:
+    """The machine's facts; tests pass a fake one as ``obj={"host": ...}``."""
+    if isinstance(ctx.obj, dict) and "host" in ctx.obj:
+        return ctx.obj["host"]
+    from istio_iptables.host import RealHost
 
-    return parse(raw, host)
+    return RealHost()
 
 
 def main(argv: list[str] | None = None) -> None:

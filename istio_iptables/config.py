@@ -25,6 +25,7 @@ OUTBOUND_MARK = 1338  # Envoy -> own pod IP in TPROXY mode (Istio's constants.Ou
 # Route tables the kernel reserves: unspec, default, main, local.
 RESERVED_ROUTE_TABLES = frozenset({0, 253, 254, 255})
 MAX_U32 = 2**32 - 1
+DEFAULT_IPV4_LOOPBACK = ipaddress.IPv4Network("127.0.0.1/32")
 
 _INTERFACE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@+-]{0,14}")
 _GROUP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?")
@@ -99,7 +100,7 @@ class Config:
     applier: Literal["restore", "libiptc"] = "restore"
     owner_groups_include: tuple[str, ...] | None = None  # None means "*": every group is captured
     owner_groups_exclude: tuple[str, ...] = ()
-    loopback_cidr: ipaddress.IPv4Network = ipaddress.IPv4Network("127.0.0.1/32")
+    loopback_cidr: ipaddress.IPv4Network = DEFAULT_IPV4_LOOPBACK
     enable_ipv6: bool = False
     dns_servers_v4: tuple[ipaddress.IPv4Address, ...] = ()
     dns_servers_v6: tuple[ipaddress.IPv6Address, ...] = ()
