@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from istio_iptables.cli import config_options, raw_settings
+from istio_iptables.cli import _host, config_options, raw_settings
 from istio_iptables.errors import EnvironmentProblem, IstioIptablesError
 from istio_iptables.explain import Flow, IPAddress, Tables, explain, render_text, to_data
 from istio_iptables.model import Family, IPNetwork
@@ -70,12 +70,8 @@ ID = click.IntRange(0, 2**32 - 2)
     "or 203.0.113.10 / 2001:db8:ffff::10 for remote hosts).",
 )
 @click.option("--sport", type=PORT, default=DEFAULT_SPORT, show_default=True, help="Source port.")
-@click.option(
-    "--uid", type=ID, default=None, help="Owner of the local socket (default 1000; proxy: its uid)."
-)
-@click.option(
-    "--gid", type=ID, default=None, help="Group of the local socket (default 1000; proxy: its gid)."
-)
+@click.option("--uid", type=ID, default=None, help="Owner of the local socket (default 1000; proxy: its uid).")
+@click.option("--gid", type=ID, default=None, help="Group of the local socket (default 1000; proxy: its gid).")
 @click.option("--in-interface", default="eth0", show_default=True, help="Where a remote packet comes in.")
 @click.option(
     "--out-interface",
@@ -108,9 +104,8 @@ def explain_command(ctx: click.Context, **values: Any) -> None:
     raw = raw_settings(ctx, values)
     try:
         from istio_iptables.config import parse
-        from istio_iptables.host import RealHost
 
-        config = parse(raw, RealHost())
+        config = parse(raw, _host(ctx))
         family = Family.V4 if dst.version == 4 else Family.V6
         if values["live"]:
             reader = LiveReader(config.network_namespace, config.force_iptables_binary)
@@ -155,11 +150,7 @@ def build_flow(values: dict[str, Any], config: Any, pod_ips: tuple[IPAddress, ..
         if origin == "remote":
             src = ipaddress.ip_address(DEFAULT_REMOTE[dst.version])
         elif dst.is_loopback or dst in same_family:
-            src = (
-                dst
-                if dst in same_family
-                else ipaddress.ip_address("127.0.0.1" if dst.version == 4 else "::1")
-            )
+            src = dst if dst in same_family else ipaddress.ip_address("127.0.0.1" if dst.version == 4 else "::1")
         else:
             src = same_family[0] if same_family else ipaddress.ip_address(DEFAULT_POD[dst.version])
     if src.version != dst.version:
@@ -207,9 +198,7 @@ class LiveReader:
         if shutil.which(command[0]) is None:
             return None
         try:
-            return subprocess.run(
-                [*self._prefix(), *command], capture_output=True, text=True, timeout=30, check=False
-            )
+            return subprocess.run([*self._prefix(), *command], capture_output=True, text=True, timeout=30, check=False)
         except (OSError, subprocess.TimeoutExpired) as error:
             raise EnvironmentProblem(f"cannot run {command[0]}: {error}") from None
 

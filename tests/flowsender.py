@@ -196,7 +196,7 @@ class FlowBed:
         src: str | None = None,
         uid: int = 0,
         gid: int = 0,
-        timeout: float = 0.3,
+        timeout: float = 1.0,
     ) -> Landing:
         token = uuid.uuid4().hex[:12]
         sender = self.peer if origin == "remote" else self.pod

@@ -15,24 +15,11 @@ from istio_iptables.explain import Flow, Tables, chain_path, explain, render_tex
 from istio_iptables.explain_cli import explain_command
 from istio_iptables.model import Family, SetMatch, Unsupported
 from istio_iptables.parse import parse_rule_spec, parse_save
+from tests.fakes import FakeHost
 
 DATA = Path(__file__).with_name("data")
 POD = ipaddress.ip_address("10.0.0.2")
 POD_IPS = (POD,)
-
-
-class FakeHost:
-    def user_uid(self, name: str) -> int | None:
-        return None
-
-    def group_exists(self, name: str) -> bool:
-        return name == "java"
-
-    def addresses(self) -> list:
-        return []
-
-    def read_text(self, path: str) -> str:
-        return "nameserver 127.0.0.53\n"
 
 
 def config(*args: str, **env: str) -> Config:
@@ -53,7 +40,8 @@ def config(*args: str, **env: str) -> Config:
     values = {names[flag]: Setting(value, flag) for flag, value in zip(args[::2], args[1::2], strict=True)}
     values.update({name: Setting(value, name) for name, value in env.items()})
     flags = {"redirect_dns": Setting("true", "--redirect-dns")} if "dns" in env.values() else {}
-    return parse(RawSettings(values=values, flags=flags, enable_ipv6=True), FakeHost())
+    host = FakeHost(files={"/etc/resolv.conf": "nameserver 127.0.0.53\n"})
+    return parse(RawSettings(values=values, flags=flags, enable_ipv6=True), host)
 
 
 DEFAULT = config("-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020")
@@ -78,9 +66,7 @@ def local(
     address = ipaddress.ip_address(dst)
     source = ipaddress.ip_address(src) if src else (address if address.is_loopback or address == POD else POD)
     origin = "proxy" if uid == 1337 else "local"
-    return Flow(
-        origin, proto, source, address, 40000, dport, uid, gid, out_interface=out, local_addresses=POD_IPS
-    )
+    return Flow(origin, proto, source, address, 40000, dport, uid, gid, out_interface=out, local_addresses=POD_IPS)
 
 
 def remote(dport: int, dst: str = "10.0.0.2", proto: str = "tcp", iif: str = "eth0") -> Flow:
@@ -206,9 +192,7 @@ def test_ipv6_uses_its_own_loopback() -> None:
 
 
 def test_established_packets_skip_nat() -> None:
-    flow = Flow(
-        "remote", "tcp", ipaddress.ip_address("203.0.113.10"), POD, 40000, 8080, ct_state="ESTABLISHED"
-    )
+    flow = Flow("remote", "tcp", ipaddress.ip_address("203.0.113.10"), POD, 40000, 8080, ct_state="ESTABLISHED")
     assert explain(tables_of(DEFAULT), flow).landing.kind == "local"
     tproxy = explain(tables_of(TPROXY), flow)
     assert [s.chain for s in tproxy.steps][-1] == "ISTIO_DIVERT"
