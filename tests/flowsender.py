@@ -71,6 +71,10 @@ class Landing:
     result: str = ""  # the client's view: ok, timeout, refused, unreachable
 
 
+def _mac(namespace: NetNS, name: str) -> str:
+    return json.loads(namespace.run("ip", "-j", "link", "show", name).stdout)[0]["address"]
+
+
 class AgentProcess:
     def __init__(self, namespace: NetNS) -> None:
         self.process = subprocess.Popen(
@@ -113,9 +117,7 @@ class FlowBed:
         if groups:
             pod.add_groups(groups)
         for namespace in (pod, peer):
-            namespace.run(
-                "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"
-            )
+            namespace.run("sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
         for pod_name, peer_name, link in LINKS:
             subprocess.run(
                 [
@@ -138,7 +140,38 @@ class FlowBed:
             for namespace, name, host in ((pod, pod_name, 2), (peer, peer_name, 1)):
                 namespace.run("ip", "addr", "add", f"10.{link}.0.{host}/24", "dev", name)
                 namespace.run("ip", "addr", "add", f"fd00:{link}::{host}/64", "dev", name, "nodad")
+                # The device was born in the host namespace: turn DAD off for its link-local address too.
+                namespace.run("sysctl", "-qw", f"net.ipv6.conf.{name}.accept_dad=0")
                 namespace.run("ip", "link", "set", name, "up")
+            # Static IPv6 neighbours: the first neighbour solicitation on a fresh link is often lost,
+            # and the retry comes a second later.
+            pod_mac, peer_mac = (_mac(namespace, name) for namespace, name in ((pod, pod_name), (peer, peer_name)))
+            pod.run(
+                "ip",
+                "-6",
+                "neigh",
+                "replace",
+                f"fd00:{link}::1",
+                "lladdr",
+                peer_mac,
+                "dev",
+                pod_name,
+                "nud",
+                "permanent",
+            )
+            peer.run(
+                "ip",
+                "-6",
+                "neigh",
+                "replace",
+                f"fd00:{link}::2",
+                "lladdr",
+                pod_mac,
+                "dev",
+                peer_name,
+                "nud",
+                "permanent",
+            )
         pod.run("ip", "route", "add", "default", "via", "10.10.0.1")
         pod.run("ip", "-6", "route", "add", "default", "via", "fd00:10::1")
         pod.run("ip", "addr", "add", "::6/128", "dev", "lo", "nodad")
@@ -150,10 +183,6 @@ class FlowBed:
             peer.run("ip", "route", "add", address, "via", "10.10.0.2")
         for address in FORWARDED_V6:
             peer.run("ip", "-6", "route", "add", address, "via", "fd00:10::2")
-        # Resolve the neighbours now, so the first flows of a test do not wait for them.
-        for _, _, link in LINKS:
-            for version in (4, 6):
-                pod.run("ping", f"-{version}", "-c1", "-W2", peer_address(link, version), check=False)
         self.pod = AgentProcess(pod)
         self.peer = AgentProcess(peer)
         for agent in (self.pod, self.peer):
