@@ -188,18 +188,24 @@ class FlowBed:
         for agent in (self.pod, self.peer):
             agent.call(op="listen", tcp=list(TCP_PORTS), udp=list(UDP_PORTS))
         self.routes: list[list[str]] = []
+        self.backend = "nft"
 
     @property
     def pod_addresses(self) -> list[str]:
         return [pod_address(link, version) for _, _, link in LINKS for version in (4, 6)] + ["::6"]
 
-    def install(self, documents: dict[int, str], tproxy: tuple[int, int] | None = None) -> None:
-        """Replace every table with ``documents`` (version -> restore text) and set TPROXY routes."""
+    def install(self, documents: dict[int, str], tproxy: tuple[int, int] | None = None, backend: str = "nft") -> None:
+        """Replace every table with ``documents`` (version -> restore text) and set TPROXY routes.
+
+        ``backend`` is ``nft`` or ``legacy``; the other backend's tables are emptied, so only one acts.
+        """
+        self.backend = backend
+        empty = "".join(f"*{table}\nCOMMIT\n" for table in ("raw", "mangle", "nat", "filter"))
         for version, stem in ((4, "iptables"), (6, "ip6tables")):
-            empty = "".join(f"*{table}\nCOMMIT\n" for table in ("raw", "mangle", "nat", "filter"))
-            self.pod.run(f"{stem}-restore", input=empty)
+            for each in ("nft", "legacy"):
+                self.pod.run(f"{stem}-{each}-restore", input=empty)
             if version in documents:
-                self.pod.run(f"{stem}-restore", "--noflush", input=documents[version])
+                self.pod.run(f"{stem}-{backend}-restore", "--noflush", input=documents[version])
         for route in self.routes:
             self.pod.run(*route, check=False)
         self.routes = []
@@ -213,7 +219,8 @@ class FlowBed:
         self.pod.run("conntrack", "-F", check=False)
 
     def save(self, version: int) -> str:
-        return self.pod.run("iptables-save" if version == 4 else "ip6tables-save", "-c")["stdout"]
+        stem = "iptables" if version == 4 else "ip6tables"
+        return self.pod.run(f"{stem}-{self.backend}-save", "-c")["stdout"]
 
     def send(
         self,

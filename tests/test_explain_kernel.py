@@ -239,13 +239,19 @@ def bed() -> Iterator[FlowBed]:
 CASES = load_cases()
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
-def test_explain_matches_the_kernel(case: Case, bed: FlowBed) -> None:
+# Both iptables backends, alternating over the cases (one pass each would double the run time).
+CASES_AND_BACKENDS = [(case, ("nft", "legacy")[index % 2]) for index, case in enumerate(CASES)]
+
+
+@pytest.mark.parametrize(
+    "case, backend", CASES_AND_BACKENDS, ids=[f"{case.name}-{backend}" for case, backend in CASES_AND_BACKENDS]
+)
+def test_explain_matches_the_kernel(case: Case, backend: str, bed: FlowBed) -> None:
     config = case_config(case)
     plan = build_plan(config)
     documents = {ruleset.family.value: render_restore(ruleset, comment=False) for ruleset in plan.rulesets}
     routes = (plan.routes.mark, plan.routes.table) if plan.routes else None
-    bed.install(documents, routes)
+    bed.install(documents, routes, backend)
 
     disagreements: list[str] = []
     sent = 0
