@@ -123,9 +123,7 @@ class Tables:
         return cls(ruleset.family, chains, source=source)
 
     @classmethod
-    def from_saved(
-        cls, saved: Any, source: str, sets: Mapping[str, tuple[IPNetwork, ...]] | None = None
-    ) -> Tables:
+    def from_saved(cls, saved: Any, source: str, sets: Mapping[str, tuple[IPNetwork, ...]] | None = None) -> Tables:
         """From :class:`istio_iptables.parse.SavedRules`."""
         chains = {
             key: [ChainRule(item.rule, "-A " + item.text.removeprefix("-A ")) for item in rules]
@@ -313,9 +311,7 @@ class _Walker:
                 return None
             address = packet.src if match.direction == "src" else packet.dst
             member = any(
-                address in network
-                for network in self.tables.sets[match.name]
-                if network.version == address.version
+                address in network for network in self.tables.sets[match.name] if network.version == address.version
             )
             return member != match.negate
         return None  # Unsupported
@@ -424,18 +420,21 @@ class _Walker:
             if self.hook == "OUTPUT":
                 address = str(self.tables.family.loopback.network_address)
             else:
-                address = f"primary address of {packet.iif}"
+                address = f"the first address of {packet.iif}"
             packet.redirect = (address, target.port)
             packet.dport = target.port  # the new address only matters to INPUT rules, which we rarely see
-            self.steps.append(replace(step, action="REDIRECT", note=f"{address}:{target.port}"))
+            where = (
+                f"{address}:{target.port}"
+                if address[0].isalnum() and " " not in address
+                else (f"port {target.port} on {address}")
+            )
+            self.steps.append(replace(step, action="REDIRECT", note=f"to {where}"))
             return "accept"
         if isinstance(target, Tproxy):
             packet.mark = (packet.mark & ~target.mask) ^ target.mark
             packet.tproxy = target.port
             self.effects.append(f"packet mark {packet.mark:#x} (TPROXY)")
-            self.steps.append(
-                replace(step, action="TPROXY", note=f"port {target.port}, mark {target.mark:#x}")
-            )
+            self.steps.append(replace(step, action="TPROXY", note=f"port {target.port}, mark {target.mark:#x}"))
             return "accept"
         if isinstance(target, SetMark):
             packet.mark = (packet.mark & ~target.mask) ^ target.value
@@ -543,9 +542,7 @@ def _route_input(walker: _Walker, flow: Flow, packet: _Packet, original: str) ->
     else:
         if walker.run_hook("FORWARD", packet) == "drop":
             return Landing("drop", original_destination=original)
-        return Landing(
-            "forward", str(packet.dst), packet.dport, original, reason="not addressed to this namespace"
-        )
+        return Landing("forward", str(packet.dst), packet.dport, original, reason="not addressed to this namespace")
     if walker.run_hook("INPUT", packet) == "drop":
         return Landing("drop", original_destination=original)
     return landing
@@ -560,45 +557,51 @@ def _endpoint(address: IPAddress, port: int) -> str:
 ORIGIN_LABELS = {"remote": "Remote host", "local": "Local process", "proxy": "Proxy"}
 
 
-def chain_path(
-    explanation: Explanation, tables_rule_counts: Mapping[tuple[str, str], int] | None = None
-) -> str:
+def chain_path(explanation: Explanation, tables_rule_counts: Mapping[tuple[str, str], int] | None = None) -> str:
     """One line in the style of Istio's docs.
 
     For example ``Local process → OUTPUT → ISTIO_OUTPUT rule 9 → ISTIO_REDIRECT → 15001``.
     """
     counts = tables_rule_counts or {}
     parts = [ORIGIN_LABELS[explanation.flow.origin]]
-    current: tuple[bool, str, str] | None = None
+    groups: dict[tuple[bool, str, str], list[Step]] = {}
     for step in explanation.steps:
-        where = (step.loopback_pass, step.hook, step.table)
-        if where != current:
-            if step.loopback_pass and (current is None or not current[0]):
-                parts.append("lo")
-            parts.append(step.hook if step.table == "nat" else f"{step.table} {step.hook}")
-            current = where
-        if step.number is None:
-            parts.append(f"policy {step.action}")
+        groups.setdefault((step.loopback_pass, step.hook, step.table), []).append(step)
+    shown_loopback = False
+    for (loopback_pass, hook, table), steps in groups.items():
+        # A pass that only jumped into chains where nothing matched decided nothing: the listing has it.
+        if all(step.action == "jump" for step in steps):
             continue
-        builtin = step.chain in BUILTIN_CHAINS
-        label = f"rule {step.number}" if builtin else step.chain
-        if not builtin and counts.get((step.table, step.chain), 2) > 1:
-            label += f" rule {step.number}"
-        if step.action == "jump":
-            if not builtin:
+        if loopback_pass and not shown_loopback:
+            parts.append("lo")
+            shown_loopback = True
+        parts.append(hook if table == "nat" else f"{table} {hook}")
+        for step in steps:
+            if step.number is None:
+                parts.append(f"policy {step.action}")
+                continue
+            builtin = step.chain in BUILTIN_CHAINS
+            label = f"rule {step.number}" if builtin else step.chain
+            if not builtin and counts.get((step.table, step.chain), 2) > 1:
+                label += f" rule {step.number}"
+            if step.action == "jump":
+                if not builtin:
+                    parts.append(label)
+            elif step.action in ("REDIRECT", "TPROXY"):
                 parts.append(label)
-            continue
-        if step.action in ("REDIRECT", "TPROXY"):
-            parts.append(label)
-            continue
-        parts.append(f"{label} ({_action_label(step)})")
+            else:
+                parts.append(f"{label} ({_action_label(step)})")
     parts.append(_landing_label(explanation.landing))
     return " → ".join(parts)
 
 
 def _action_label(step: Step) -> str:
-    if step.action in ("MARK", "CT", "CONNMARK"):
-        return f"{step.action} {step.note}" if step.action != "CT" else step.note
+    if step.action == "MARK":
+        return f"MARK {step.note.split()[-1]}"
+    if step.action == "CONNMARK":
+        return f"CONNMARK: {step.note}"
+    if step.action == "CT":
+        return step.note
     if step.action == "unknown":
         return "cannot evaluate"
     return step.action
@@ -625,9 +628,10 @@ def verdict_text(explanation: Explanation) -> str:
     decision = explanation.decision
     where = f" by {_rule_ref(decision)}" if decision is not None else ""
     if landing.kind == "redirect":
+        how = " with SO_ORIGINAL_DST" if explanation.flow.protocol == "tcp" else ""
         return (
             f"redirected to port {landing.port} ({landing.address}){where}; the proxy reads the original "
-            f"destination {landing.original_destination} with SO_ORIGINAL_DST"
+            f"destination {landing.original_destination}{how}"
         )
     if landing.kind == "tproxy":
         return (
