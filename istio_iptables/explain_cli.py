@@ -120,7 +120,7 @@ def explain_command(ctx: click.Context, **values: Any) -> None:
         click.echo(f"error: {error}", err=True)
         ctx.exit(error.exit_code)
     if values["as_json"]:
-        click.echo(json.dumps(to_data(explanation, tables), indent=2))
+        click.echo(json.dumps(to_data(explanation, tables), indent=2, ensure_ascii=False))
     else:
         click.echo(render_text(explanation, tables), nl=False)
 
