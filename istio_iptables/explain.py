@@ -451,8 +451,12 @@ class _Walker:
             self.steps.append(replace(step, action="CONNMARK", note=f"mark becomes {packet.mark:#x}"))
             return "continue"
         if isinstance(target, CtZone):
+            # xt_CT leaves a packet that already carries conntrack state alone: the looped-back packet
+            # keeps its entry, and a second CT rule cannot override the first one's template.
             if packet.has_conntrack:
                 note = "no effect: the packet already has its conntrack entry"
+            elif packet.zone is not None:
+                note = f"no effect: an earlier CT rule already set zone {packet.zone}"
             else:
                 packet.zone = target.zone
                 note = f"conntrack zone {target.zone}"

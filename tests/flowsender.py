@@ -16,6 +16,7 @@ landing is (which namespace, listening port, original destination).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 import sys
@@ -221,6 +222,22 @@ class FlowBed:
     def save(self, version: int) -> str:
         stem = "iptables" if version == 4 else "ip6tables"
         return self.pod.run(f"{stem}-{self.backend}-save", "-c")["stdout"]
+
+    def conntrack_zones(self, version: int) -> dict[tuple[str, int], int]:
+        """(original destination, port) -> conntrack zone of the UDP entries in the pod namespace."""
+        listing = self.pod.run("conntrack", "-L", "-f", f"ipv{version}", "-p", "udp", check=False)["stdout"]
+        zones = {}
+        for line in listing.splitlines():
+            fields = dict(word.split("=", 1) for word in line.split() if "=" in word and "[" not in word)
+            # dict() keeps the last src=/dst=: read the original direction's from the start of the line.
+            words = [word for word in line.split() if "=" in word]
+            dst = next(word[4:] for word in words if word.startswith("dst="))
+            dport = next(int(word[6:]) for word in words if word.startswith("dport="))
+            zones[(str(ipaddress.ip_address(dst)), dport)] = int(fields.get("zone", 0))
+        return zones
+
+    def forget_connections(self) -> None:
+        self.pod.run("conntrack", "-F", check=False)
 
     def send(
         self,

@@ -159,6 +159,10 @@ def test_dns_capture_sets_zone_and_redirects_to_15053() -> None:
     assert "conntrack zone 2" in explanation.effects
     ct_on_lo = [s for s in explanation.steps if s.action == "CT" and s.loopback_pass]
     assert all("no effect" in s.note for s in ct_on_lo)
+    # The agent's own query matches the uid rule (zone 1) first; the later zone 2 rule cannot override it.
+    agent = explain(tables_of(cfg), local("127.0.0.53", 53, 1337, 1337, proto="udp"))
+    assert agent.effects == ("conntrack zone 1",)
+    assert any("earlier CT rule" in s.note for s in agent.steps)
 
 
 def test_owner_group_names_are_resolved() -> None:
