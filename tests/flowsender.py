@@ -223,21 +223,17 @@ class FlowBed:
         stem = "iptables" if version == 4 else "ip6tables"
         return self.pod.run(f"{stem}-{self.backend}-save", "-c")["stdout"]
 
-    def conntrack_zones(self, version: int) -> dict[tuple[str, int], int]:
-        """(original destination, port) -> conntrack zone of the UDP entries in the pod namespace."""
+    def conntrack_zones(self, version: int) -> dict[tuple[str, int, int], int]:
+        """(original destination, port, source port) -> conntrack zone of the pod's UDP entries."""
         listing = self.pod.run("conntrack", "-L", "-f", f"ipv{version}", "-p", "udp", check=False)["stdout"]
         zones = {}
         for line in listing.splitlines():
-            fields = dict(word.split("=", 1) for word in line.split() if "=" in word and "[" not in word)
-            # dict() keeps the last src=/dst=: read the original direction's from the start of the line.
-            words = [word for word in line.split() if "=" in word]
-            dst = next(word[4:] for word in words if word.startswith("dst="))
-            dport = next(int(word[6:]) for word in words if word.startswith("dport="))
-            zones[(str(ipaddress.ip_address(dst)), dport)] = int(fields.get("zone", 0))
+            words = [word.split("=", 1) for word in line.split() if "=" in word]
+            # The original direction's src/dst/sport/dport come first, the reply direction's after them.
+            first = {key: value for key, value in reversed(words)}
+            zone = int(first.get("zone", 0))
+            zones[(str(ipaddress.ip_address(first["dst"])), int(first["dport"]), int(first["sport"]))] = zone
         return zones
-
-    def forget_connections(self) -> None:
-        self.pod.run("conntrack", "-F", check=False)
 
     def send(
         self,
@@ -247,6 +243,7 @@ class FlowBed:
         dst: str,
         dport: int,
         src: str | None = None,
+        sport: int | None = None,
         uid: int = 0,
         gid: int = 0,
         timeout: float = 1.0,
@@ -260,6 +257,7 @@ class FlowBed:
             dst=dst,
             dport=dport,
             src=src,
+            sport=sport,
             uid=uid,
             gid=gid,
             timeout=timeout,

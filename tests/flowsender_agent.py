@@ -6,7 +6,7 @@ connect to a listener of the same agent. Commands:
 
 - ``{"op": "listen", "tcp": [ports], "udp": [ports]}``: listen on 0.0.0.0 and :: (transparent sockets,
   so TPROXY can hand them packets);
-- ``{"op": "send", "token", "proto", "dst", "dport", "src"?, "uid", "gid", "timeout"}``: fork a client
+- ``{"op": "send", "token", "proto", "dst", "dport", "src"?, "sport"?, "uid", "gid", "timeout"}``: fork a client
   that drops to uid/gid and sends the token (TCP: connect, send, wait for the listener to close);
 - ``{"op": "landings"}``: the tokens the listeners received since the last call, with the listening
   port and the original destination (SO_ORIGINAL_DST, or the local address for TPROXY'd sockets);
@@ -55,8 +55,9 @@ def client(request: dict[str, Any]) -> int:
     sock = socket.socket(family, kind)
     sock.settimeout(request["timeout"])
     try:
-        if request.get("src"):
-            sock.bind((request["src"], 0))
+        if request.get("src") or request.get("sport"):
+            wildcard = "::" if family == socket.AF_INET6 else "0.0.0.0"
+            sock.bind((request.get("src") or wildcard, request.get("sport") or 0))
         sock.connect((request["dst"], request["dport"]))
         sock.send((request["token"] + "\n").encode())
         if kind == socket.SOCK_STREAM:

@@ -6,7 +6,8 @@ flow is sent for real (tests/flowsender.py). It must land where explain said (re
 peer / nowhere, with the original destination), and the per-rule packet counters must agree: nat
 rules see only a connection's first packet, so the nat rules with packets must be exactly the nat
 rules explain says the packet matches; in raw and mangle later packets of a TCP connection count too,
-so every rule explain names must have counted packets there (a single UDP datagram is exact everywhere).
+so every rule explain names must have counted packets there, and no REDIRECT/TPROXY/DROP rule it did
+not name may have (a single UDP datagram is exact everywhere, and its conntrack zone is checked).
 Explain runs twice per flow, on the configuration's model and on the rules read back with
 iptables-save (istio_iptables.parse), and both must agree with the kernel.
 """
@@ -14,6 +15,7 @@ iptables-save (istio_iptables.parse), and both must agree with the kernel.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +27,7 @@ from istio_iptables.capture import build_plan
 from istio_iptables.cli import command, raw_settings
 from istio_iptables.config import Config, parse
 from istio_iptables.explain import Explanation, Flow, Tables, explain
-from istio_iptables.model import Family
+from istio_iptables.model import Family, Redirect, Tproxy, Verdict
 from istio_iptables.parse import parse_save
 from istio_iptables.render import render_restore
 from tests.conformance import EXTRA_GROUPS, Case, load_cases
@@ -161,6 +163,9 @@ def link_of(address: str) -> str:
     return "eth0"
 
 
+SOURCE_PORTS = itertools.count(61000)  # one per flow, outside the ephemeral range: entries never collide
+
+
 def flow_of(probe: Probe, bed: FlowBed) -> Flow:
     dst = ipaddress.ip_address(probe.dst)
     local = tuple(ipaddress.ip_address(address) for address in bed.pod_addresses)
@@ -181,7 +186,7 @@ def flow_of(probe: Probe, bed: FlowBed) -> Flow:
         protocol=probe.proto,
         src=src,
         dst=dst,
-        sport=40000,
+        sport=next(SOURCE_PORTS),
         dport=probe.dport,
         uid=None if probe.origin == "remote" else probe.uid,
         gid=None if probe.origin == "remote" else probe.gid,
@@ -268,9 +273,7 @@ def test_explain_matches_the_kernel(case: Case, backend: str, bed: FlowBed) -> N
             from_live = explain(live_tables, flow)
             exact = probe.proto == "udp"
             if exact:
-                # A lone datagram: count from a fresh baseline and with no older conntrack entries around.
-                bed.forget_connections()
-                before = counters(bed.save(family.value), family)
+                before = counters(bed.save(family.value), family)  # a lone datagram: count from just before
             # Forwarded destinations never answer when nothing captures them: do not wait long for them.
             forwarded = probe.dst in FORWARDED_V4 + FORWARDED_V6
             landing = bed.send(
@@ -279,6 +282,7 @@ def test_explain_matches_the_kernel(case: Case, backend: str, bed: FlowBed) -> N
                 dst=probe.dst,
                 dport=probe.dport,
                 src=probe.src,
+                sport=flow.sport,
                 uid=probe.uid,
                 gid=probe.gid,
                 timeout=0.1 if forwarded else 1.0,
@@ -288,9 +292,10 @@ def test_explain_matches_the_kernel(case: Case, backend: str, bed: FlowBed) -> N
             hit = {key for key, packets in after.items() if packets > before.get(key, 0)}
             before = after
             sent += 1
-            problems = compare(probe, from_model, from_live, landing, hit, exact=exact and family is Family.V4)
+            problems = compare(probe, from_model, from_live, landing, hit, exact=exact)
+            problems += unpredicted_decisions(live_tables, from_live, hit)
             if exact:
-                problems += compare_zone(probe, from_live, bed.conntrack_zones(family.value))
+                problems += compare_zone(flow, from_live, bed.conntrack_zones(family.value))
             disagreements += [f"{case.name} {probe}: {problem}" for problem in problems]
     assert sent > 0
     assert not disagreements, "\n".join(disagreements)
@@ -330,15 +335,27 @@ def compare(
     return problems
 
 
-def compare_zone(probe: Probe, explanation: Explanation, zones: dict[tuple[str, int], int]) -> list[str]:
+def compare_zone(flow: Flow, explanation: Explanation, zones: dict[tuple[str, int, int], int]) -> list[str]:
     """The conntrack zone explain says the raw table gives the flow is the zone its entry is in."""
     zones_set = [int(effect.split()[-1]) for effect in explanation.effects if "zone" in effect]
     if len(zones_set) > 1:
         return [f"explain sets several conntrack zones {zones_set}; the kernel keeps only the first"]
     predicted = zones_set[0] if zones_set else 0
-    observed = zones.get((str(ipaddress.ip_address(probe.dst)), probe.dport))
+    observed = zones.get((str(flow.dst), flow.dport, flow.sport))
     if observed is None:
-        return [f"no conntrack entry for the flow (entries: {zones})"]
+        return [f"no conntrack entry for the flow (entries: {sorted(zones)})"]
     if observed != predicted:
         return [f"explain predicted conntrack zone {predicted}, the kernel put the flow in zone {observed}"]
     return []
+
+
+def unpredicted_decisions(tables: Tables, explanation: Explanation, hit: set[tuple[str, str, int]]) -> list[str]:
+    """Later packets of a TCP connection never reach a REDIRECT, TPROXY or DROP rule: any that counted
+    packets was the first packet's decision, so explain must have named it."""
+    deciding = {
+        key
+        for key in hit - set(explanation.matched)
+        if isinstance(tables.chains[key[:2]][key[2] - 1].rule.target, Redirect | Tproxy)
+        or tables.chains[key[:2]][key[2] - 1].rule.target == Verdict("DROP")
+    }
+    return [f"the kernel decided with {sorted(deciding)}, which explain did not predict"] if deciding else []
