@@ -50,6 +50,7 @@ from istio_iptables.model import (
     Unsupported,
     Verdict,
 )
+from istio_iptables.parse import SavedRules
 from istio_iptables.render import match_tokens, target_tokens
 
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -123,12 +124,11 @@ class Tables:
         return cls(ruleset.family, chains, source=source)
 
     @classmethod
-    def from_saved(cls, saved: Any, source: str, sets: Mapping[str, tuple[IPNetwork, ...]] | None = None) -> Tables:
-        """From :class:`istio_iptables.parse.SavedRules`."""
-        chains = {
-            key: [ChainRule(item.rule, "-A " + item.text.removeprefix("-A ")) for item in rules]
-            for key, rules in saved.chains.items()
-        }
+    def from_saved(
+        cls, saved: SavedRules, source: str, sets: Mapping[str, tuple[IPNetwork, ...]] | None = None
+    ) -> Tables:
+        """Rules read back with ``iptables-save``: each keeps the text the user sees there."""
+        chains = {key: [ChainRule(item.rule, item.text) for item in rules] for key, rules in saved.chains.items()}
         return cls(
             saved.family,
             chains,
