@@ -189,8 +189,8 @@ def command(ctx: click.Context, **values: Any) -> None:
 
         # Enter the target namespace before parsing: IPv6 detection reads its addresses. A dry run
         # writes nothing, so it stays where it is (and needs no privilege).
-        dry_run = "dry_run" in flags and parse_bool(flags["dry_run"])
-        namespace = settings["network_namespace"] if "network_namespace" in settings and not dry_run else None
+        dry_run = "dry_run" in raw.flags and parse_bool(raw.flags["dry_run"])
+        namespace = raw.values.get("network_namespace") if not dry_run else None
         with entered(namespace.value if namespace else "", namespace.source if namespace else "") as path:
             config = parse(raw, _host(ctx))
             run(config, sys.stdout, namespace_path=path)

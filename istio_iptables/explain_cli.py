@@ -108,9 +108,8 @@ def explain_command(ctx: click.Context, **values: Any) -> None:
         config = parse(raw, _host(ctx))
         family = Family.V4 if dst.version == 4 else Family.V6
         if values["live"]:
-            reader = LiveReader(config.network_namespace, config.force_iptables_binary)
-            tables = reader.tables(family)
-            pod_ips = tuple(values["pod_ips"]) or reader.addresses()
+            tables, addresses = read_live(config.network_namespace, config.force_iptables_binary, family)
+            pod_ips = tuple(values["pod_ips"]) or addresses
         else:
             tables = config_tables(config, family)
             pod_ips = tuple(values["pod_ips"])
@@ -180,95 +179,63 @@ def group_id(name: str) -> int | None:
         return None
 
 
-class LiveReader:
-    """Reads the rules, sets and addresses installed in a network namespace (needs root for another one)."""
+def read_live(namespace: str, force_binary: str, family: Family) -> tuple[Tables, tuple[IPAddress, ...]]:
+    """The rules, ipsets and addresses installed in ``namespace`` ("" for this one); root for another one.
 
-    def __init__(self, namespace: str = "", force_binary: str = "") -> None:
-        self.namespace = namespace
-        self.force_binary = force_binary
+    The backend is chosen as the apply engine chooses it (rules in exactly one of legacy and nft).
+    """
+    from istio_iptables.apply.backend import detect
+    from istio_iptables.apply.netns import entered
+    from istio_iptables.host import RealHost
+    from istio_iptables.parse import SaveFormatError, parse_save
 
-    def _prefix(self) -> list[str]:
-        if not self.namespace:
-            return []
-        if "/" in self.namespace:
-            return ["nsenter", f"--net={self.namespace}", "--"]
-        return ["ip", "netns", "exec", self.namespace]
-
-    def _run(self, *command: str) -> subprocess.CompletedProcess[str] | None:
-        if shutil.which(command[0]) is None:
-            return None
+    with entered(namespace):
+        detection = detect(force_binary, [family])
         try:
-            return subprocess.run([*self._prefix(), *command], capture_output=True, text=True, timeout=30, check=False)
-        except (OSError, subprocess.TimeoutExpired) as error:
-            raise EnvironmentProblem(f"cannot run {command[0]}: {error}") from None
-
-    def save_text(self, family: Family) -> tuple[str, str]:
-        """(backend, iptables-save output) of the backend holding rules; nft wins a tie (Istio's order)."""
-        stem = "iptables" if family is Family.V4 else "ip6tables"
-        backends = [self.force_binary] if self.force_binary else ["nft", "legacy"]
-        dumps: list[tuple[str, str]] = []
-        errors = []
-        for backend in backends:
-            done = self._run(f"{stem}-{backend}-save")
-            if done is None:
-                continue
-            if done.returncode != 0:
-                errors.append(done.stderr.strip())
-                continue
-            dumps.append((backend, done.stdout))
-        if not dumps:
-            raise EnvironmentProblem(f"cannot read the {stem} rules: {'; '.join(errors) or 'no save binary'}")
-        with_rules = [dump for dump in dumps if "\n-A " in dump[1]]
-        return (with_rules or dumps)[0]
-
-    def tables(self, family: Family) -> Tables:
-        from istio_iptables.parse import SaveFormatError, parse_save
-
-        backend, text = self.save_text(family)
-        try:
-            saved = parse_save(text, family)
+            saved = parse_save(detection.saves[family], family)
         except SaveFormatError as error:
             raise EnvironmentProblem(f"cannot read iptables-save output: {error}") from None
-        where = f"namespace {self.namespace}" if self.namespace else "this namespace"
-        stem = "iptables" if family is Family.V4 else "ip6tables"
         if not any(saved.chains.values()):
-            self._refuse_native_nftables()
+            _refuse_native_nftables()
         uses_sets = any("--match-set" in item.text for rules in saved.chains.values() for item in rules)
-        return Tables.from_saved(
-            saved, f"installed rules ({stem}-{backend}-save in {where})", self.ipsets() if uses_sets else None
-        )
+        sets = _ipsets() if uses_sets else None
+        addresses = tuple(RealHost().addresses())
+    where = f"namespace {namespace}" if namespace else "this namespace"
+    program = detection.backend.program(family, "save")
+    return Tables.from_saved(saved, f"installed rules ({program} in {where})", sets), addresses
 
-    def _refuse_native_nftables(self) -> None:
-        done = self._run("nft", "-j", "list", "tables")
-        if done is not None and done.returncode == 0 and "istio" in done.stdout:
-            raise EnvironmentProblem("the namespace uses native nftables rules; explain cannot read them yet")
 
-    def ipsets(self) -> dict[str, tuple[IPNetwork, ...]] | None:
-        done = self._run("ipset", "save")
-        if done is None or done.returncode != 0:
-            return None
-        members: dict[str, list[IPNetwork]] = {}
-        for line in done.stdout.splitlines():
-            words = line.split()
-            if len(words) >= 2 and words[0] == "create":
-                members.setdefault(words[1], [])
-            elif len(words) >= 3 and words[0] == "add":
-                try:
-                    members.setdefault(words[1], []).append(ipaddress.ip_network(words[2], strict=False))
-                except ValueError:
-                    continue  # not an address set: its members stay unknown to the evaluator
-        return {name: tuple(networks) for name, networks in members.items()}
+def _run(*command: str) -> subprocess.CompletedProcess[str] | None:
+    if shutil.which(command[0]) is None:
+        return None
+    try:
+        return subprocess.run(list(command), capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise EnvironmentProblem(f"cannot run {command[0]}: {error}") from None
 
-    def addresses(self) -> tuple[IPAddress, ...]:
-        done = self._run("ip", "-j", "addr", "show")
-        if done is None or done.returncode != 0:
-            return ()
-        found = []
-        for link in json.loads(done.stdout or "[]"):
-            for info in link.get("addr_info", []):
-                if "local" in info:
-                    found.append(ipaddress.ip_address(info["local"].split("%")[0]))
-        return tuple(found)
+
+def _refuse_native_nftables() -> None:
+    done = _run("nft", "-j", "list", "tables")
+    if done is not None and done.returncode == 0 and "istio" in done.stdout:
+        raise EnvironmentProblem("the namespace uses native nftables rules; explain cannot read them yet")
+
+
+def _ipsets() -> dict[str, tuple[IPNetwork, ...]] | None:
+    """Members of every ipset (``ipset save``); None when ipset cannot tell."""
+    done = _run("ipset", "save")
+    if done is None or done.returncode != 0:
+        return None
+    members: dict[str, list[IPNetwork]] = {}
+    for line in done.stdout.splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0] == "create":
+            members.setdefault(words[1], [])
+        elif len(words) >= 3 and words[0] == "add":
+            try:
+                members.setdefault(words[1], []).append(ipaddress.ip_network(words[2], strict=False))
+            except ValueError:
+                continue  # not an address set: its members stay unknown to the evaluator
+    return {name: tuple(networks) for name, networks in members.items()}
 
 
 def main() -> None:  # pragma: no cover - the console entry is cli.main
