@@ -72,6 +72,11 @@ class Landing:
     result: str = ""  # the client's view: ok, timeout, refused, unreachable
 
 
+def _sysctl(namespace: NetNS, key: str, value: str) -> None:
+    """Set a per-namespace sysctl (/proc/sys/net follows the writer's namespace; no procps needed)."""
+    namespace.run("sh", "-c", f'echo {value} > "/proc/sys/{key}"')
+
+
 def _mac(namespace: NetNS, name: str) -> str:
     return json.loads(namespace.run("ip", "-j", "link", "show", name).stdout)[0]["address"]
 
@@ -118,7 +123,8 @@ class FlowBed:
         if groups:
             pod.add_groups(groups)
         for namespace in (pod, peer):
-            namespace.run("sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
+            for conf in ("all", "default"):
+                _sysctl(namespace, f"net/ipv6/conf/{conf}/accept_dad", "0")
         for pod_name, peer_name, link in LINKS:
             subprocess.run(
                 [
@@ -142,7 +148,7 @@ class FlowBed:
                 namespace.run("ip", "addr", "add", f"10.{link}.0.{host}/24", "dev", name)
                 namespace.run("ip", "addr", "add", f"fd00:{link}::{host}/64", "dev", name, "nodad")
                 # The device was born in the host namespace: turn DAD off for its link-local address too.
-                namespace.run("sysctl", "-qw", f"net.ipv6.conf.{name}.accept_dad=0")
+                _sysctl(namespace, f"net/ipv6/conf/{name}/accept_dad", "0")
                 namespace.run("ip", "link", "set", name, "up")
             # Static IPv6 neighbours: the first neighbour solicitation on a fresh link is often lost,
             # and the retry comes a second later.
