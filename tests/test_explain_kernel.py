@@ -241,7 +241,41 @@ def bed() -> Iterator[FlowBed]:
             flow_bed.close()
 
 
-CASES = load_cases()
+SIDECAR = ("-p", "15001", "-z", "15006", "-u", "1337", "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020")
+# The conformance cases capture little (most leave -i empty); add what pods actually run: the injector's
+# defaults in both modes, and one configuration using every exclusion knob with DNS capture.
+EXTRA_CASES = [
+    Case("sidecar-redirect", (*SIDECAR, "-m", "REDIRECT"), {}, True, None, None, None),
+    Case("sidecar-tproxy", (*SIDECAR, "-m", "TPROXY"), {}, True, None, None, None),
+    Case(
+        "sidecar-knobs-dns",
+        (
+            "-u",
+            "1337",
+            "-i",
+            "*",
+            "-x",
+            "1.1.0.0/16,2001:db9::/32",
+            "-b",
+            "4000,6000",
+            "-q",
+            "32000",
+            "-o",
+            "22",
+            "-c",
+            "not-istio-nic",
+            "-k",
+            "eth1",
+            "--redirect-dns",
+        ),
+        {"ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE": "ftp"},
+        True,
+        "nameserver 127.0.0.53\nnameserver ::7f00:35\n",
+        None,
+        None,
+    ),
+]
+CASES = load_cases() + EXTRA_CASES
 
 
 # Both iptables backends, alternating over the cases (one pass each would double the run time).
