@@ -337,11 +337,9 @@ class _Walker:
         """Run every table at ``hook``; returns "accept" or "drop"."""
         self.hook = hook
         for base in self.tables.hooks.get(hook, ()):
-            if (base.table, base.chain) not in self.tables.chains and (
-                base.table,
-                base.chain,
-            ) not in self.tables.policies:
-                continue
+            key = (base.table, base.chain)
+            if key not in self.tables.chains and key not in self.tables.policies:
+                continue  # the table is not in use
             if base.kind == "nat" and (packet.loopback_pass or self.flow.ct_state != "NEW"):
                 continue  # NAT was decided when the connection's first packet left
             if base.priority > CONNTRACK_PRIORITY:
@@ -398,18 +396,8 @@ class _Walker:
     def _policy(self, table: str, chain: str, packet: _Packet) -> str:
         policy = self.tables.policies.get((table, chain), "ACCEPT")
         if policy == "DROP":
-            self.steps.append(
-                Step(
-                    self.hook,
-                    table,
-                    chain,
-                    None,
-                    f":{chain} DROP",
-                    "DROP",
-                    "chain policy",
-                    packet.loopback_pass,
-                )
-            )
+            policy_step = Step(self.hook, table, chain, None, f":{chain} DROP", "DROP", "chain policy")
+            self.steps.append(replace(policy_step, loopback_pass=packet.loopback_pass))
             return "drop"
         return "accept"
 
