@@ -106,16 +106,23 @@ class Owner:
     negate: bool = False
 
 
+FULL_MASK = 0xFFFFFFFF
+
+
 @record
 class Mark:
+    """``-m mark --mark value[/mask]``: matches when ``packet mark & mask == value``."""
+
     value: int
     negate: bool = False
+    mask: int = FULL_MASK
 
 
 @record
 class ConnMark:
     value: int
     negate: bool = False
+    mask: int = FULL_MASK
 
 
 @record
@@ -146,7 +153,19 @@ class NamedSet:
     members: tuple[IPNetwork, ...] | tuple[int, ...]
 
 
-Match: TypeAlias = Protocol | Address | Ports | Interface | Owner | Mark | ConnMark | ConnState | SetMatch
+@record
+class Unsupported:
+    """A match or target read from live rules that this tool does not model (the text as it was read).
+
+    Only parsers of installed rules produce it, so nothing is ever silently dropped; renderers refuse it.
+    """
+
+    text: str
+
+
+Match: TypeAlias = (
+    Protocol | Address | Ports | Interface | Owner | Mark | ConnMark | ConnState | SetMatch | Unsupported
+)
 
 
 # --- targets -----------------------------------------------------------------
@@ -176,7 +195,10 @@ class Tproxy:
 
 @record
 class SetMark:
+    """``-j MARK``: the packet mark becomes ``(mark & ~mask) ^ value`` (``--set-mark`` is a full mask)."""
+
     value: int
+    mask: int = FULL_MASK
 
 
 @record
@@ -194,7 +216,9 @@ class CtZone:
     zone: int
 
 
-Target: TypeAlias = Jump | Verdict | Redirect | Tproxy | SetMark | ConnMarkSave | ConnMarkRestore | CtZone
+Target: TypeAlias = (
+    Jump | Verdict | Redirect | Tproxy | SetMark | ConnMarkSave | ConnMarkRestore | CtZone | Unsupported
+)
 
 RETURN = Verdict("RETURN")
 

@@ -188,3 +188,19 @@ def test_member_text_is_str_of_the_network() -> None:
         v6 = ipaddress.ip_network((generator.getrandbits(128), generator.randrange(0, 129)), strict=False)
         assert member_text(v4) == str(v4) and ipaddress.ip_network(member_text(v6)) == v6
     assert member_text(8080) == "8080"
+
+
+def test_explain_walks_set_matches_of_cidrs_and_ports() -> None:
+    import subprocess
+    import sys
+
+    args = ["-i", "", "-b", "*", "-x", ",".join(map(str, cidrs(100))), "-q", ",".join(map(str, range(20000, 20100)))]
+
+    def verdict(dst: str, port: int) -> str:
+        command = [sys.executable, "-m", "istio_iptables", "explain", *args, "--disable-ipv6"]
+        out = subprocess.run([*command, "--dst", dst, "--dport", str(port)], capture_output=True, text=True).stdout
+        return next(line for line in out.splitlines() if line.startswith("Verdict:"))
+
+    assert "passed through" in verdict("10.0.5.1", 20050)  # excluded CIDR (set) wins over the port
+    assert "redirected to port 15001" in verdict("192.0.2.9", 20050)  # included port (set)
+    assert "passed through" in verdict("192.0.2.9", 80)

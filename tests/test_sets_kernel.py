@@ -187,3 +187,15 @@ def test_ipsets_are_filled_atomically_replaced_and_removed(netns: NetNS) -> None
     # In use: the kernel keeps it, and we say so instead of failing.
     kept = netns.run(sys.executable, "-c", "from istio_iptables.ipset import Ipset; print(Ipset().remove_stale([]))")
     assert kept.stdout.strip() == "['istio-port-in-00000002']"
+
+
+def test_explain_live_reads_our_ipsets(netns: NetNS) -> None:
+    ports, cidrs = ",".join(filler_ports(100)), ",".join(filler_cidrs(100))
+    netns.run(sys.executable, "-m", "istio_iptables", "-i", "", "-b", "*", "-q", ports, "-x", cidrs)
+
+    def verdict(dst: str, port: int) -> str:
+        explain = [sys.executable, "-m", "istio_iptables", "explain", "--live", "--dst", dst, "--dport", str(port)]
+        return next(line for line in netns.run(*explain).stdout.splitlines() if line.startswith("Verdict:"))
+
+    assert "redirected" in verdict("192.0.2.9", 20050)
+    assert "passed through" in verdict("10.0.3.1", 20050) and "passed through" in verdict("192.0.2.9", 80)
