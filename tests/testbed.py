@@ -378,7 +378,9 @@ class Testbed:
             raise RuntimeError(f"istio-iptables {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
         return result
 
-    def run_in_pod(self, *command: str, uid: int | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    def run_in_pod(
+        self, *command: str, uid: int | None = None, timeout: float = 30
+    ) -> subprocess.CompletedProcess[str]:
         """A command in the pod namespace, optionally as ``uid`` (same gid)."""
         prefix = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"] if uid is not None else []
         return self.pod.run(*prefix, *command, check=False, timeout=timeout)
@@ -394,7 +396,8 @@ class Testbed:
             if probe.bind:
                 request["bind"] = probe.bind
             futures.append(self.nodes[probe.from_].send(request))
-        return [_landing(future.result(timeout=probe.timeout + 10)) for future, probe in zip(futures, probes)]
+        pairs = zip(futures, probes, strict=True)
+        return [_landing(future.result(timeout=probe.timeout + 10)) for future, probe in pairs]
 
     def connect(self, from_: NodeName, host: str, port: int, bind: str | None = None) -> Landing:
         return self.send([Probe(from_, host, port, bind=bind)])[0]

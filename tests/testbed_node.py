@@ -198,7 +198,8 @@ def dns_answer(query: bytes, hops: list[dict[str, Any]]) -> bytes:
     """A TXT answer to ``query`` carrying the path it took (its hops, as JSON)."""
     end = query.index(b"\0", 12) + 5
     encoded = json.dumps(hops).encode()
-    strings = b"".join(bytes([len(chunk)]) + chunk for chunk in (encoded[i : i + 255] for i in range(0, len(encoded), 255)))
+    chunks = [encoded[start : start + 255] for start in range(0, len(encoded), 255)]
+    strings = b"".join(bytes([len(chunk)]) + chunk for chunk in chunks)
     header = struct.pack("!HHHHHH", struct.unpack("!H", query[:2])[0], 0x8180, 1, 1, 0, 0)
     record = struct.pack("!HHHIH", 0xC00C, DNS_TXT, 1, 0, len(strings)) + strings
     return header + query[12:end] + record
