@@ -21,4 +21,6 @@ def run(config: Config, out: TextIO) -> None:
     elif not config.skip_rule_apply:
         raise EnvironmentProblem("applying rules is not implemented yet; use --dry-run")
     if config.run_validation:
-        raise EnvironmentProblem("--run-validation is not implemented yet")
+        from istio_iptables.validation import run_validation
+
+        run_validation(config)
