@@ -34,7 +34,7 @@ import re
 import subprocess
 import sys
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,14 +56,25 @@ BYPASS_PORTS = (15090, 15021, 15020)  # metrics and health: reached directly, ne
 TUNNEL_PORT = 15008
 REMOTE_PORTS = (80, 443, 15012)
 ISTIOD_PORT = 15012
-TPROXY_MARK = 1337
 TPROXY_TABLE = 133
 CONNECT_TIMEOUT = 2.0
 NODE_SOURCE = (Path(__file__).parent / "testbed_node.py").read_text()
 CLI = [sys.executable, "-m", "istio_iptables"]
-# Istio's injector arguments (the default sidecar rules); --dual-stack because the bed's pod has IPv6 too.
-DEFAULT_ARGS = ("-p", "15001", "-z", "15006", "-u", "1337", "-i", "*", "-x", "", "-b", "*",
-                "-d", "15090,15021,15020")
+# Istio's injector arguments: the default sidecar rules.
+INJECTOR_ARGS = {"-p": "15001", "-z": "15006", "-u": "1337", "-m": "REDIRECT", "-i": "*", "-x": "", "-b": "*",
+                 "-d": "15090,15021,15020"}
+
+
+def injector_args(mode: Mode = "REDIRECT", extra: Mapping[str, str | None] | None = None,
+                  dual_stack: bool = True) -> list[str]:
+    """The injector's argv in ``mode``; ``extra`` replaces or adds flags (None: a flag without value).
+
+    ``--dual-stack`` makes Istio write IPv6 rules for a pod whose first address is IPv4, as the bed's is.
+    """
+    flags: dict[str, str | None] = {**INJECTOR_ARGS, "-m": mode, **(extra or {})}
+    if dual_stack:
+        flags["--dual-stack"] = None
+    return [token for flag, value in flags.items() for token in ((flag,) if value is None else (flag, value))]
 
 
 @dataclass(frozen=True)
@@ -293,11 +304,13 @@ def _flag_value(args: Sequence[str], names: Iterable[str]) -> str | None:
 class Testbed:
     """A pod (app + stand-in proxy) and a remote side; ``apply`` rules, then ``connect`` and look."""
 
+    __test__ = False  # not a pytest test class
+
     backend: Backend = "nft"
     mode: Mode = "REDIRECT"
-    # Envoy's original_src (TPROXY only): the app sees the remote's address instead of 127.0.0.6.
-    original_src: bool = False
     resolv_conf: str = f"nameserver {V4.dns}\nnameserver {V6.dns}\n"
+    # How namespaces are made: tests pass the ``netns_factory`` fixture (so CI never skips them).
+    make_namespace: Callable[[str], NetNS] = NetNS
     pod: NetNS = field(init=False)
     remote: NetNS = field(init=False)
     nodes: dict[str, Node] = field(init=False, default_factory=dict)
@@ -305,9 +318,9 @@ class Testbed:
     v6: Addresses = V6
 
     def __post_init__(self) -> None:
-        self.pod = NetNS("iit-pod")
+        self.pod = self.make_namespace("iit-pod")
         try:
-            self.remote = NetNS("iit-rem")
+            self.remote = self.make_namespace("iit-rem")
             self._wire()
             self._start_nodes()
         except BaseException:
@@ -349,8 +362,6 @@ class Testbed:
             ],
             # The service VIP is served by this very pod: Envoy picks the pod's own IP as the endpoint.
             "upstreams": {endpoint(f.vip, APP_PORT): endpoint(f.pod, APP_PORT) for f in FAMILIES},
-            "original_src": self.original_src,
-            "original_src_mark": TPROXY_MARK,
         }
         remote_addresses = [address for family in FAMILIES for address in family.remote_addresses()]
         remote = {

@@ -1,4 +1,4 @@
-"""One process of the test bed: stand-in servers plus a command loop (stdlib only, run with ``python -c``).
+"""One process of the test bed: stand-in servers plus a command loop (run with ``python -c``).
 
 A node is started by :mod:`tests.testbed` inside a namespace, already running as its uid/gid.
 It takes a JSON configuration as its only argument, opens its listeners, prints ``{"ready": true}``
@@ -20,11 +20,11 @@ import sys
 import threading
 from typing import Any
 
-SO_ORIGINAL_DST = 80  # also IP6T_SO_ORIGINAL_DST at SOL_IPV6
+from istio_iptables.validation import original_destination
+
 SOL_IPV6 = 41
 IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
-SO_MARK = 36
 TIMEOUT = 3.0
 DNS_TXT = 16
 
@@ -55,13 +55,7 @@ def family_of(host: str) -> socket.AddressFamily:
 def original_dst(conn: socket.socket) -> tuple[str, str]:
     """What a transparent proxy recovers: the NAT original destination, else the local address (TPROXY)."""
     try:
-        if conn.family == socket.AF_INET:
-            raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-            address = (socket.inet_ntop(socket.AF_INET, raw[4:8]), struct.unpack("!H", raw[2:4])[0])
-        else:
-            raw = conn.getsockopt(SOL_IPV6, SO_ORIGINAL_DST, 28)
-            address = (socket.inet_ntop(socket.AF_INET6, raw[8:24]), struct.unpack("!H", raw[2:4])[0])
-        return endpoint(address), "SO_ORIGINAL_DST"
+        return endpoint(original_destination(conn)), "SO_ORIGINAL_DST"
     except OSError:
         return endpoint(conn.getsockname()), "local address"
 
@@ -136,16 +130,8 @@ def forward(spec: dict[str, Any], hop: dict[str, Any], payload: bytes, read_repl
     try:
         upstream.settimeout(TIMEOUT)
         if spec["kind"] == "inbound":
-            if CONFIG.get("original_src"):
-                # Envoy's original_src filter: the app sees the remote's address; the mark routes replies back.
-                level, option = (socket.SOL_IP, IP_TRANSPARENT) if family == socket.AF_INET else (
-                    SOL_IPV6, IPV6_TRANSPARENT)
-                upstream.setsockopt(level, option, 1)
-                upstream.setsockopt(socket.SOL_SOCKET, SO_MARK, CONFIG["original_src_mark"])
-                upstream.bind((parse_endpoint(hop["peer"])[0], 0))
-            else:
-                # Envoy's inbound passthrough binds 127.0.0.6 / ::6 so its own rules let it through.
-                upstream.bind(("127.0.0.6" if family == socket.AF_INET else "::6", 0))
+            # Envoy's inbound passthrough binds 127.0.0.6 / ::6, so its own rules let it through.
+            upstream.bind(("127.0.0.6" if family == socket.AF_INET else "::6", 0))
         upstream.connect((host, port))
         upstream.sendall(payload)
         reply = read_reply(upstream)
