@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
+from tests.conftest import require_kernel
 from tests.testbed import FAMILIES, Backend, Mode, Testbed, injector_args
 from tests.traffic_paths import SCENARIOS, Scenario
 
 BACKENDS: tuple[Backend, ...] = ("legacy", "nft")
 MODES: tuple[Mode, ...] = ("REDIRECT", "TPROXY")
+DEMO = Path(__file__).resolve().parents[1] / "scripts" / "demo.py"
 
 
 @pytest.fixture
@@ -61,3 +67,13 @@ def test_traffic_lands_where_istio_sends_it(
         failures += [f"IPv{family.version} {path.name}: {problem}" for problem in problems]
     record(rows)
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.netns
+def test_demo_passes_and_leaves_nothing_behind() -> None:
+    require_kernel()
+    result = subprocess.run([sys.executable, str(DEMO)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "24/24 connections landed where Istio sends them" in result.stdout
+    pod = re.search(r"pod namespace (\S+):", result.stdout)
+    assert pod and not os.path.exists(f"/run/netns/{pod.group(1)}")
