@@ -40,6 +40,7 @@ class Expect:
     peer_host: str | None = None  # the first listener's view of the client
     app_peer_host: str | None = None  # the last listener's view of its client
     reply_from: str | None = None  # the address the client's answer comes from
+    local: str | None = None  # the first listener's socket address (TPROXY: the original destination)
 
     def mismatches(self, landing: Landing) -> list[str]:
         found = []
@@ -52,6 +53,8 @@ class Expect:
             found.append(f"{landing.listener} saw peer {landing.hops[0].peer}, want host {self.peer_host}")
         if self.app_peer_host is not None and landing.last.peer_host != self.app_peer_host:
             found.append(f"{landing.last.listener} saw peer {landing.last.peer}, want host {self.app_peer_host}")
+        if self.local is not None and landing.hops[0].local != self.local:
+            found.append(f"{landing.listener} accepted on {landing.hops[0].local}, want {self.local}")
         if self.reply_from is not None and landing.reply_from != self.reply_from:
             found.append(f"answer came from {landing.reply_from}, want {self.reply_from}")
         return found
@@ -71,10 +74,16 @@ class Scenario:
     paths: tuple[Path, ...]
 
 
-def inbound_to_app(f: Addresses, port: int = APP_PORT) -> Expect:
-    """T1: to 15006 with the original destination and the remote's own address, then on to the app."""
-    return Expect((INBOUND, APP), (endpoint(f.pod, port), endpoint(f.pod, port)), peer_host=f.remote,
-                  app_peer_host=f.passthrough)
+def inbound_to_app(f: Addresses, mode: Mode, port: int = APP_PORT) -> Expect:
+    """T1: to 15006 with the original destination and the remote's own address, then on to the app.
+
+    REDIRECT rewrites the destination (the socket is on :15006, the original one comes from conntrack);
+    TPROXY hands over the packet unchanged (the socket's own address is the original destination).
+    """
+    original = endpoint(f.pod, port)
+    local = endpoint(f.pod, INBOUND_PORT) if mode == "REDIRECT" else original
+    return Expect((INBOUND, APP), (original, original), peer_host=f.remote, app_peer_host=f.passthrough,
+                  local=local)
 
 
 def outbound_to_remote(f: Addresses, host: str, port: int) -> Expect:
@@ -86,7 +95,7 @@ def direct(listener: str, peer_host: str | None = None) -> Expect:
 
 
 SIDECAR_PATHS = (
-    Path("T1 remote -> pod service", lambda f: Probe("remote", f.pod, APP_PORT), lambda f, m: inbound_to_app(f)),
+    Path("T1 remote -> pod service", lambda f: Probe("remote", f.pod, APP_PORT), lambda f, m: inbound_to_app(f, m)),
     Path("T2 app -> remote service", lambda f: Probe("app", f.service, 80),
          lambda f, m: outbound_to_remote(f, f.service, 80)),
     *(
@@ -114,7 +123,7 @@ SIDECAR_PATHS = (
 CAPTURED_SERVICE = Path("app -> remote service (captured)", lambda f: Probe("app", f.service, 80),
                         lambda f, m: outbound_to_remote(f, f.service, 80))
 CAPTURED_INBOUND = Path("remote -> pod service (captured)", lambda f: Probe("remote", f.pod, APP_PORT),
-                        lambda f, m: inbound_to_app(f))
+                        lambda f, m: inbound_to_app(f, m))
 
 
 def dns_probe(from_: str, server: str, proto: str) -> Callable[[Addresses], Probe]:
@@ -155,7 +164,7 @@ SCENARIOS = (
             Path("-q app -> other CIDR, included port", lambda f: Probe("app", f.excluded, ISTIOD_PORT),
                  lambda f, m: outbound_to_remote(f, f.excluded, ISTIOD_PORT)),
             Path("-b remote -> included port", lambda f: Probe("remote", f.pod, APP_PORT),
-                 lambda f, m: inbound_to_app(f)),
+                 lambda f, m: inbound_to_app(f, m)),
             Path("-b remote -> other port", lambda f: Probe("remote", f.pod, TUNNEL_PORT),
                  lambda f, m: direct(f"proxy:{TUNNEL_PORT}", f.remote)),
         ),
