@@ -13,6 +13,7 @@ import argparse
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -97,4 +98,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        print(f"demo: could not set up the throwaway pod: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -34,6 +34,7 @@ import re
 import subprocess
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -216,7 +217,16 @@ class Node:
         self._next_id = 0
         self.ready: Future[bool] = Future()
         self.log: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self._stderr: deque[str] = deque(maxlen=50)  # drained all the time, so a chatty node never blocks
+        self._readers = [threading.Thread(target=self._drain_stderr, daemon=True),
+                         threading.Thread(target=self._read, daemon=True)]
+        for reader in self._readers:
+            reader.start()
+
+    def _drain_stderr(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self._stderr.append(line)
 
     def _read(self) -> None:
         assert self.process.stdout is not None
@@ -231,7 +241,8 @@ class Node:
                     future = self._pending.pop(message["id"], None)
                 if future is not None:
                     future.set_result(message)
-        error = self.process.stderr.read() if self.process.stderr else ""
+        self.process.wait()
+        error = "".join(self._stderr)
         if not self.ready.done():
             self.ready.set_exception(RuntimeError(f"node {self.name} died: {error.strip()}"))
         with self._lock:
@@ -254,6 +265,8 @@ class Node:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait(timeout=5)
+        for reader in self._readers:
+            reader.join(timeout=5)  # they end at EOF; closing the pipes under them would raise there
         for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
             if stream is not None:
                 stream.close()
