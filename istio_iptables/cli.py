@@ -199,9 +199,9 @@ def main(argv: list[str] | None = None) -> None:
         explain_command.main(args=args[1:], prog_name="istio-iptables explain")
         return
     try:
-        # Without standalone mode click returns (not raises) the code given to ctx.exit().
+        # Without standalone mode click returns ctx.exit()'s code instead of raising it.
         code = command.main(args=args, prog_name="istio-iptables", standalone_mode=False)
-        if isinstance(code, int) and code != ExitCode.OK:
+        if isinstance(code, int) and code != 0:
             sys.exit(code)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
