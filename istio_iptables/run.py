@@ -7,7 +7,6 @@ from typing import TextIO
 
 from istio_iptables.capture import build_plan
 from istio_iptables.config import Config
-from istio_iptables.errors import EnvironmentProblem
 from istio_iptables.render import render_documents
 
 log = logging.getLogger("istio_iptables")

@@ -81,3 +81,13 @@ def test_validation_fails_with_126_when_no_port_can_listen(netns_factory: Callab
             held.kill()
     assert result.returncode == ExitCode.VALIDATION_FAILED, result.stderr
     assert "no listener available" in result.stderr
+
+
+def test_validation_runs_after_applying_in_the_same_run(netns: NetNS) -> None:
+    # One run that writes the rules and then proves them: as the proxy uid, with Envoy's CAP_NET_ADMIN.
+    caps = ["--inh-caps=+net_admin,+net_raw", "--ambient-caps=+net_admin,+net_raw"]
+    result = netns.run(*as_uid(PROXY_UID), *caps, *CLI, "--force-iptables-binary", "nft",
+                       *injector_args("REDIRECT", dual_stack=False), "--run-validation", "--probe-timeout", "2s",
+                       check=False)
+    assert result.returncode == ExitCode.OK, result.stderr
+    assert result.stderr.index("applied") < result.stderr.index("validation passed")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tests import testbed_node
-from tests.testbed import Hop, Landing, injector_args, split_documents
+from tests.testbed import Hop, Landing, injector_args
 from tests.traffic_paths import Expect
 
 HOP = Hop(node="proxy", port=15001, original_dst="10.88.1.1:80", peer="10.88.0.2:40000",
@@ -24,11 +24,6 @@ def test_injector_args_replace_and_add_flags() -> None:
     assert args[args.index("-x") + 1] == "10.0.0.0/8"
     assert args[-2:] == ["--redirect-dns", "--dual-stack"]
     assert "--dual-stack" not in injector_args(dual_stack=False)
-
-
-def test_split_documents_keeps_each_family_loadable() -> None:
-    text = "# iptables-restore\n* nat\nCOMMIT\n# ip6tables-restore\n* nat\nCOMMIT\n"
-    assert split_documents(text) == ["# iptables-restore\n* nat\nCOMMIT\n", "# ip6tables-restore\n* nat\nCOMMIT\n"]
 
 
 def test_expect_reports_each_mismatch() -> None:

@@ -30,12 +30,11 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import re
 import subprocess
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +56,6 @@ BYPASS_PORTS = (15090, 15021, 15020)  # metrics and health: reached directly, ne
 TUNNEL_PORT = 15008
 REMOTE_PORTS = (80, 443, 15012)
 ISTIOD_PORT = 15012
-TPROXY_TABLE = 133
 CONNECT_TIMEOUT = 2.0
 NODE_SOURCE = (Path(__file__).parent / "testbed_node.py").read_text()
 CLI = [sys.executable, "-m", "istio_iptables"]
@@ -272,45 +270,13 @@ class Node:
                 stream.close()
 
 
-def split_documents(dry_run_output: str) -> list[str]:
-    """The dry run's per-family restore documents, [IPv4] or [IPv4, IPv6] (each loads as printed)."""
-    return re.split(r"(?m)^(?=# ip6?tables-restore$)", dry_run_output)[1:]
-
-
 def install_rules(pod: NetNS, args: Sequence[str], backend: Backend) -> subprocess.CompletedProcess[str]:
-    """Write the rules ``args`` ask for into ``pod``, as istio-init would. The one place that applies.
+    """Write the rules ``args`` ask for into ``pod``, as istio-init does: the one place that applies.
 
-    Until the applier (issue 3) is on main this loads our dry run with ``*-restore --noflush`` and adds
-    the TPROXY policy routes and ``::6`` by hand; then it becomes: run ``istio-iptables`` in ``pod``.
+    Our CLI runs inside the namespace (so resolv.conf and address detection are the pod's) and writes
+    the rules, the TPROXY policy routes and ``::6`` on lo itself, on the backend asked for.
     """
-    result = pod.run(*CLI, "--dry-run", *args, check=False)
-    if result.returncode != 0:
-        return result
-    documents = split_documents(result.stdout)
-    for index, document in enumerate(documents):
-        program = f"{'iptables' if index == 0 else 'ip6tables'}-{backend}-restore"
-        pod.run(program, "--noflush", input=document)
-    if len(documents) > 1:
-        pod.run("ip", "-6", "addr", "add", "::6/128", "dev", "lo", check=False)
-    tproxy = re.search(r"--tproxy-mark (\d+)/", result.stdout)
-    if tproxy:
-        table = _flag_value(args, ("-r", "--istio-inbound-tproxy-route-table")) or str(TPROXY_TABLE)
-        for index in range(len(documents)):
-            family = "-4" if index == 0 else "-6"
-            pod.run("ip", family, "rule", "add", "fwmark", tproxy.group(1), "lookup", table)
-            pod.run("ip", family, "route", "add", "local", "default", "dev", "lo", "table", table)
-    return result
-
-
-def _flag_value(args: Sequence[str], names: Iterable[str]) -> str | None:
-    names = tuple(names)
-    for index, arg in enumerate(args):
-        if arg in names and index + 1 < len(args):
-            return args[index + 1]
-        for name in names:
-            if name.startswith("--") and arg.startswith(name + "="):
-                return arg.split("=", 1)[1]
-    return None
+    return pod.run(*CLI, "--force-iptables-binary", backend, *args, check=False)
 
 
 @dataclass
