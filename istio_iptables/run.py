@@ -6,7 +6,6 @@ from typing import TextIO
 
 from istio_iptables.capture import build_plan
 from istio_iptables.config import Config
-from istio_iptables.errors import EnvironmentProblem
 from istio_iptables.logging_setup import log
 from istio_iptables.render import render_documents
 from istio_iptables.sets import render_ipset_document
@@ -25,4 +24,6 @@ def run(config: Config, out: TextIO, namespace_path: str = "") -> None:
         outcome = apply(config, plan_for_this_host(config, plan), namespace_path)
         log.info("%s (%s backend)", outcome.action, outcome.backend)
     if config.run_validation:
-        raise EnvironmentProblem("--run-validation is not implemented yet")
+        from istio_iptables.validation import run_validation
+
+        run_validation(config)

@@ -128,3 +128,16 @@ def test_the_cli_path_imports_nothing_heavy() -> None:
     heavy = {"iptc", "pyroute2", "subprocess", "socket", "difflib", "logging", "json", "shutil", "locale"}
     heavy |= {"dataclasses", "zlib", "hashlib"}
     assert not heavy & loaded, sorted(heavy & loaded)
+
+
+def test_every_module_logs_through_the_configured_logger() -> None:
+    """A module-level logging.getLogger() would write nowhere once the CLI has configured our logger."""
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "istio_iptables"
+    offenders = [
+        str(path.relative_to(package))
+        for path in package.rglob("*.py")
+        if path.name != "logging_setup.py" and "logging.getLogger(" in path.read_text()
+    ]
+    assert offenders == [], "use: from istio_iptables.logging_setup import log"
