@@ -16,7 +16,11 @@ log = logging.getLogger("istio_iptables")
 def run(config: Config, out: TextIO) -> None:
     log.info("effective configuration: %s", config)
     plan = build_plan(config)
-    if config.dry_run:
+    if config.native_nftables:  # native nftables backend (issue 5): istio_iptables/nft/
+        from istio_iptables.nft.run import run_nftables
+
+        run_nftables(config, out, plan)
+    elif config.dry_run:
         out.write(render_documents(plan.rulesets))
     elif not config.skip_rule_apply:
         raise EnvironmentProblem("applying rules is not implemented yet; use --dry-run")
