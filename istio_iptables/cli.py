@@ -199,7 +199,10 @@ def main(argv: list[str] | None = None) -> None:
         explain_command.main(args=args[1:], prog_name="istio-iptables explain")
         return
     try:
-        command.main(args=args, prog_name="istio-iptables", standalone_mode=False)
+        # Without standalone mode, click returns ctx.exit()'s code instead of raising Exit.
+        code = command.main(args=args, prog_name="istio-iptables", standalone_mode=False)
+        if isinstance(code, int) and code != 0:
+            sys.exit(code)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
     except click.ClickException as error:

@@ -7,12 +7,13 @@ Everything here is a side effect behind a small interface; the decisions live in
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
 import shutil
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,7 +105,8 @@ def read_nft_state(state: NamespaceState) -> None:
                 state.iptables_nft_chains.append((chain["family"], chain["table"], chain["name"]))
         elif "rule" in entry:
             rule = entry["rule"]
-            if rule["family"] in IPTABLES_NFT_FAMILIES and rule["chain"] not in OWN_CHAINS and _jumps_to_own_chain(rule):
+            from_other_chain = rule["family"] in IPTABLES_NFT_FAMILIES and rule["chain"] not in OWN_CHAINS
+            if from_other_chain and _jumps_to_own_chain(rule):
                 state.iptables_nft_jumps.append((rule["family"], rule["table"], rule["chain"], rule["handle"]))
 
 
@@ -153,7 +155,7 @@ def _parse_legacy_save(save_text: str) -> tuple[dict[str, list[str]], dict[str, 
         elif line.startswith(":") and line[1:].split()[0] in OWN_CHAINS:
             own.setdefault(table, []).append(line[1:].split()[0])
         elif line.startswith("-A ") and words[1] not in OWN_CHAINS and any(
-            word in ("-j", "-g") and target in OWN_CHAINS for word, target in zip(words, words[1:], strict=False)
+            word in ("-j", "-g") and target in OWN_CHAINS for word, target in itertools.pairwise(words)
         ):
             jumps.setdefault(table, []).append(line)
     return own, jumps
