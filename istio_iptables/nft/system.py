@@ -7,6 +7,7 @@ Everything here is a side effect behind a small interface; the decisions live in
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -16,6 +17,7 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 from istio_iptables.errors import ApplyError, EnvironmentProblem
 from istio_iptables.model import OWN_CHAINS
@@ -42,22 +44,75 @@ def _run(argv: Sequence[str], stdin: str | None = None) -> subprocess.CompletedP
         raise EnvironmentProblem(f"'{argv[0]}' is missing; install it (Debian: apt-get install nftables)") from None
 
 
-def nft_binary() -> str | None:
-    return shutil.which("nft")
+class NftCommands(Protocol):
+    """Runs nft scripts (one transaction each) and lists the ruleset; calls return (rc, stdout, stderr)."""
+
+    name: str
+
+    def run_script(self, script: str) -> tuple[int, str, str]: ...
+
+    def list_ruleset_json(self) -> tuple[int, str, str]: ...
 
 
-def require_nft() -> str:
-    nft = nft_binary()
-    if nft is None:
-        raise EnvironmentProblem("--native-nftables needs the 'nft' command (Debian/Ubuntu: apt-get install nftables)")
-    return nft
+class NftLibrary:
+    """libnftables in-process through its official binding (Debian: python3-nftables): no exec."""
+
+    name = "libnftables"
+
+    def __init__(self, binding: Any) -> None:
+        self._ctx = binding.Nftables()
+
+    def run_script(self, script: str) -> tuple[int, str, str]:
+        self._ctx.set_json_output(False)
+        return self._ctx.cmd(script)
+
+    def list_ruleset_json(self) -> tuple[int, str, str]:
+        self._ctx.set_json_output(True)
+        return self._ctx.cmd("list ruleset")
+
+
+class NftProgram:
+    """The ``nft`` command; scripts go in on stdin (``nft -f -``)."""
+
+    name = "nft -f -"
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+
+    def run_script(self, script: str) -> tuple[int, str, str]:
+        result = _run([self._path, "-f", "-"], stdin=script)
+        return result.returncode, result.stdout, result.stderr
+
+    def list_ruleset_json(self) -> tuple[int, str, str]:
+        result = _run([self._path, "-j", "list", "ruleset"])
+        return result.returncode, result.stdout, result.stderr
+
+
+@functools.cache
+def nft() -> NftCommands:
+    """The binding when importable (measured faster: bench/bench_nft.py), else the nft command."""
+    try:
+        import nftables  # type: ignore[import-not-found]
+
+        return NftLibrary(nftables)
+    except (ImportError, OSError):
+        pass
+    path = shutil.which("nft")
+    if path is None:
+        raise EnvironmentProblem(
+            "--native-nftables needs the 'nft' command or libnftables' Python binding "
+            "(Debian/Ubuntu: apt-get install nftables, or python3-nftables)"
+        )
+    return NftProgram(path)
 
 
 def apply_script(script: str) -> None:
     """Load ``script`` as one transaction: the kernel takes all of it or nothing."""
-    result = _run([require_nft(), "-f", "-"], stdin=script)
-    if result.returncode != 0:
-        raise ApplyError(f"nft refused the ruleset, nothing was changed: {result.stderr.strip()}")
+    commands = nft()
+    log.info("nftables: applying %d commands as one transaction through %s", script.count("\n"), commands.name)
+    rc, _out, err = commands.run_script(script)
+    if rc != 0:
+        raise ApplyError(f"nftables refused the ruleset, nothing was changed: {err.strip()}")
 
 
 @dataclass
@@ -87,13 +142,14 @@ class NamespaceState:
 
 def read_nft_state(state: NamespaceState) -> None:
     """Our inet tables and iptables-nft's ISTIO_* chains, from one ``nft -j list ruleset``."""
-    nft = nft_binary()
-    if nft is None:
+    try:
+        commands = nft()
+    except EnvironmentProblem:
         return  # without nft there are neither our tables nor iptables-nft rules to look at
-    listing = _run([nft, "-j", "list", "ruleset"])
-    if listing.returncode != 0:
-        raise EnvironmentProblem(f"cannot list the nftables ruleset: {listing.stderr.strip()}")
-    objects = json.loads(listing.stdout or "{}").get("nftables", [])
+    rc, listing, err = commands.list_ruleset_json()
+    if rc != 0:
+        raise EnvironmentProblem(f"cannot list the nftables ruleset: {err.strip()}")
+    objects = json.loads(listing or "{}").get("nftables", [])
     for entry in objects:
         if "table" in entry:
             table = entry["table"]
