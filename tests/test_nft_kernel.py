@@ -132,3 +132,21 @@ def test_iptables_run_refuses_our_nft_tables(netns: NetNS) -> None:
     result = netns.run(*CLI, *DEFAULT_ARGV, check=False)
     assert result.returncode == ExitCode.DRIFT, result.stderr
     assert "istio-proxy-nat" in result.stderr
+
+
+def test_dry_run_prints_the_script_that_is_applied(netns_factory: Callable[[str], NetNS]) -> None:
+    applied, loaded = netns_factory("iit-nft"), netns_factory("iit-nft")
+    assert cli(applied, *TPROXY_ARGV)[0] == 0
+    script = loaded.run(*CLI, "--native-nftables", "--dry-run", *TPROXY_ARGV).stdout
+    loaded.run("nft", "-f", "-", input=script)
+    assert listing(loaded) == listing(applied)
+
+
+def test_network_namespace_flag_writes_into_that_namespace(netns_factory: Callable[[str], NetNS]) -> None:
+    runner, target = netns_factory("iit-nft"), netns_factory("iit-nft")
+    code, stderr = cli(runner, f"--network-namespace={target.name}", *DEFAULT_ARGV)
+    assert code == 0, stderr
+    assert our_tables(target) == ["table inet istio-proxy-nat"]
+    assert our_tables(runner) == []
+    code, stderr = cli(runner, "--network-namespace=/run/netns/no-such-namespace", *DEFAULT_ARGV)
+    assert code == ExitCode.ENVIRONMENT, stderr
