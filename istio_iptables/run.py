@@ -25,7 +25,7 @@ def run(config: Config, out: TextIO) -> None:
     elif not config.skip_rule_apply:
         from istio_iptables.nft.run import guard_iptables_run  # issue 5: refuse our nft tables (exit 3)
 
-        guard_iptables_run(config)  # True: --reconcile, call nft.system.remove_our_tables() after applying
+        guard_iptables_run(config)  # True (--reconcile): remove them after applying, see its docstring
         raise EnvironmentProblem("applying rules is not implemented yet; use --dry-run")
     if config.run_validation:
         raise EnvironmentProblem("--run-validation is not implemented yet")

@@ -8,7 +8,7 @@ then double-quoted, so no value can end a statement, open a block or name anothe
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from istio_iptables.nft.model import (
     OUR_TABLES,
@@ -137,11 +137,12 @@ def chain_declaration(table: str, chain: Chain) -> str:
     return f"{head} {{ type {hook.type} hook {hook.hook} priority {_number(hook.priority, -1000, 1000)} ; }}"
 
 
-def remove_tables_lines() -> list[str]:
-    """Delete our tables whether or not they exist (``add`` first makes ``delete`` always valid)."""
+def remove_tables_lines(tables: Collection[str] = OUR_TABLES) -> list[str]:
+    """Delete these of our tables whether or not they exist (``add`` first makes ``delete`` always valid)."""
     lines = []
     for table in OUR_TABLES:
-        lines += [f"add table inet {table}", f"delete table inet {table}"]
+        if table in tables:
+            lines += [f"add table inet {table}", f"delete table inet {table}"]
     return lines
 
 
@@ -156,13 +157,22 @@ def ruleset_lines(ruleset: NftRuleset) -> list[str]:
     return lines
 
 
-def render_script(ruleset: NftRuleset, also: Sequence[str] = ()) -> str:
-    """The whole transaction: drop whatever our tables held, then build them anew (no window without rules).
+def render_script(ruleset: NftRuleset, present: Collection[str] = OUR_TABLES, also: Sequence[str] = ()) -> str:
+    """The whole transaction: drop what our tables held, then build them anew (no window without rules).
 
-    ``also`` joins the same transaction (with --reconcile: removing iptables-nft's form of our rules).
+    ``present`` names our tables known to exist; the others are only flushed before use, since a
+    table deletion costs the kernel ~10 ms (an RCU grace period) even for an empty table. Flushing
+    keeps a run correct if such a table appears meanwhile. ``also`` joins the same transaction
+    (with --reconcile: removing iptables-nft's form of our rules).
     """
-    return HEADER + "\n".join([*remove_tables_lines(), *ruleset_lines(ruleset), *also]) + "\n"
+    fresh = [
+        line
+        for table in ruleset.used_tables()
+        if table.name not in present
+        for line in (f"add table inet {table.name}", f"flush table inet {table.name}")
+    ]
+    return HEADER + "\n".join([*remove_tables_lines(present), *fresh, *ruleset_lines(ruleset), *also]) + "\n"
 
 
-def render_cleanup() -> str:
-    return HEADER + "\n".join(remove_tables_lines()) + "\n"
+def render_cleanup(tables: Collection[str] = OUR_TABLES) -> str:
+    return HEADER + "\n".join(remove_tables_lines(tables)) + "\n"

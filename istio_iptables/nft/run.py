@@ -27,12 +27,14 @@ def run_nftables(config: Config, out: TextIO, plan: Plan) -> None:
             out.write(render_cleanup())
         elif not config.skip_rule_apply:
             enter_namespace(config)
-            system.remove_our_tables()
+            state = system.NamespaceState()
+            system.read_nft_state(state)
+            system.remove_our_tables(state.our_tables)
             cleanup_routes(plan)
         return
-    script_without_reconcile = render_script(build_nft_ruleset(config))
+    ruleset = build_nft_ruleset(config)
     if config.dry_run:
-        out.write(script_without_reconcile)
+        out.write(render_script(ruleset))
         return
     if config.skip_rule_apply:
         return
@@ -43,20 +45,20 @@ def run_nftables(config: Config, out: TextIO, plan: Plan) -> None:
             "this namespace already holds istio-iptables rules in iptables form: "
             f"{state.describe_iptables_form()}; re-run with --reconcile to replace them with nftables"
         )
+    # With --reconcile, iptables-nft's chains go in the same transaction in which ours arrive.
+    removal = system.iptables_nft_removal_lines(state)
+    system.apply_script(render_script(ruleset, present=state.our_tables, also=removal))
     if state.has_iptables_form:
-        # Same transaction as our tables: the iptables-nft chains go exactly when ours arrive.
-        system.apply_script(render_script(build_nft_ruleset(config), also=system.iptables_nft_removal_lines(state)))
         system.remove_legacy_form(state)
         log.info("--reconcile: replaced %s", state.describe_iptables_form())
-    else:
-        system.apply_script(script_without_reconcile)
     configure_routes(plan)
 
 
 def guard_iptables_run(config: Config) -> bool:
     """For the iptables backends, before they write: True if our nft tables must go once they are done.
 
-    Raises DriftError while our nft tables are present, unless --reconcile.
+    Raises DriftError while our nft tables are present, unless --reconcile; then the caller removes
+    them with ``system.remove_our_tables(ALL)`` after its own rules are in.
     """
     state = system.NamespaceState()
     system.read_nft_state(state)

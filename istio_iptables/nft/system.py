@@ -256,10 +256,12 @@ def remove_legacy_form(state: NamespaceState) -> None:
         log.info("removed the iptables rules left by %s", program)
 
 
-def remove_our_tables() -> None:
+def remove_our_tables(present: list[str]) -> None:
+    """Delete those of our tables that ``read_nft_state`` found (deleting costs the kernel ~10 ms each)."""
     from istio_iptables.nft.render import render_cleanup
 
-    apply_script(render_cleanup())
+    if present:
+        apply_script(render_cleanup(present))
 
 
 CLONE_NEWNET = 0x40000000

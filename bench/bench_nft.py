@@ -1,0 +1,131 @@
+"""Apply time of --native-nftables next to iptables-restore, in one run (root; throwaway namespaces).
+
+    .venv/bin/python bench/bench_nft.py
+
+Two configurations: the injector's argv (REDIRECT, IPv4) and TPROXY + DNS capture with IPv6.
+Every sample runs in a fresh network namespace, created and deleted outside the timing; the
+timer runs inside the namespace (this script re-invoked under ``ip netns exec``), so namespace
+entry costs are not counted. The iptables side is ``iptables-{nft,legacy}-restore --noflush`` of
+our dry-run text, one call per family (the apply engine's applier is not on main yet).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from common import CLI, INJECTOR_ARGV, PYTHON
+
+RUNS = 11
+DEBIAN_BINDING = Path("/usr/lib/python3/dist-packages/nftables")
+RESOLV_CONF = "nameserver 10.96.0.10\nnameserver fd00::10\n"
+TPROXY_DNS_ARGV = ["-u", "1337", "-m", "TPROXY", "-b", "*", "-i", "*", "-d", "15090,15021,15020",
+                   "--redirect-dns", "--enable-ipv6"]  # fmt: skip
+
+
+def inside(method: str, work: Path, argv: list[str]) -> float:
+    """One sample, taken inside the current (fresh) namespace; milliseconds."""
+    start = time.perf_counter()
+    if method == "libnftables":
+        sys.path.insert(0, str(work / "binding"))
+        import nftables  # type: ignore[import-not-found]
+
+        rc, _out, err = nftables.Nftables().cmd((work / "script.nft").read_text())
+        assert rc == 0, err
+    elif method == "nft -f -":
+        subprocess.run(["nft", "-f", work / "script.nft"], check=True)
+    elif method.startswith("iptables-"):
+        backend = method.split("-")[1]
+        for index, document in enumerate((work / "restore.txt").read_text().split("# ip6tables-restore\n")):
+            program = f"{'iptables' if index == 0 else 'ip6tables'}-{backend}-restore"
+            subprocess.run([program, "--noflush"], input=document, text=True, check=True)
+    elif method.startswith("cli"):
+        env = {**os.environ, "PYTHONPATH": str(work / "binding")} if method == "cli+libnftables" else None
+        subprocess.run([*CLI, "--native-nftables", *argv], env=env, check=True, capture_output=True)
+    else:
+        raise ValueError(method)
+    return (time.perf_counter() - start) * 1000
+
+
+def sample(method: str, work: Path, argv: list[str]) -> float:
+    name = f"iit-bench-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
+        result = subprocess.run(
+            ["ip", "netns", "exec", name, PYTHON, __file__, "--inside", method, str(work), *argv],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        return float(result.stdout)
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def median(method: str, work: Path, argv: list[str]) -> float:
+    return statistics.median(sample(method, work, argv) for _ in range(RUNS))
+
+
+def fresh_namespace_script(dry_run: str) -> str:
+    """What the CLI sends in a namespace without our tables: no deletions, a flush before first use."""
+    lines = [line for line in dry_run.splitlines() if not line.startswith(("add table", "delete table"))]
+    for table in dict.fromkeys(line.split()[3] for line in lines if line.startswith("add chain")):
+        position = next(i for i, line in enumerate(lines) if line.startswith(f"add chain inet {table} "))
+        lines[position:position] = [f"add table inet {table}", f"flush table inet {table}"]
+    return "\n".join(lines) + "\n"
+
+
+def prepare(work: Path, argv: list[str]) -> None:
+    (work / "binding").mkdir(exist_ok=True)
+    if not (work / "binding" / "nftables").exists():
+        (work / "binding" / "nftables").symlink_to(DEBIAN_BINDING)
+    for flag, name in (("--native-nftables", "script.nft"), ("", "restore.txt")):
+        extra = [flag] if flag else []
+        result = subprocess.run([*CLI, "--dry-run", *extra, *argv], check=True, capture_output=True, text=True)
+        (work / name).write_text(result.stdout if flag == "" else fresh_namespace_script(result.stdout))
+
+
+def main() -> None:
+    if not DEBIAN_BINDING.is_dir():
+        sys.exit("needs python3-nftables (apt-get install python3-nftables)")
+    with tempfile.TemporaryDirectory() as directory:
+        work = Path(directory)
+        (work / "resolv.conf").write_text(RESOLV_CONF)
+        cases = {
+            "injector argv (REDIRECT, IPv4)": [*INJECTOR_ARGV, "--disable-ipv6"],
+            "TPROXY + DNS, IPv4+IPv6": [*TPROXY_DNS_ARGV, "--resolv-conf", str(work / "resolv.conf")],
+        }
+        for label, argv in cases.items():
+            prepare(work, argv)
+            times = {
+                method: median(method, work, argv)
+                for method in ("nft -f -", "libnftables", "iptables-nft-restore", "iptables-legacy-restore",
+                               "cli+nft", "cli+libnftables")
+            }  # fmt: skip
+            rules = (work / "script.nft").read_text().count("add rule")
+            print(f"\n{label}: {rules} nft rules, median of {RUNS} fresh namespaces")
+            print("  apply step only:")
+            for method in ("nft -f -", "libnftables", "iptables-nft-restore", "iptables-legacy-restore"):
+                ratio = times[method] / times["libnftables"]
+                print(f"    {method:<44} {times[method]:7.1f} ms  {ratio:5.2f}x libnftables")
+            print("  whole istio-iptables --native-nftables run (start, state check, apply):")
+            for method in ("cli+nft", "cli+libnftables"):
+                print(f"    {method:<44} {times[method]:7.1f} ms")
+            for backend in ("nft", "legacy"):
+                restore = times[f"iptables-{backend}-restore"]
+                print(
+                    f"  iptables-{backend}-restore / libnftables: {restore / times['libnftables']:.2f}x;"
+                    f"  / nft -f -: {restore / times['nft -f -']:.2f}x"
+                )
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--inside"]:
+        print(inside(sys.argv[2], Path(sys.argv[3]), sys.argv[4:]))
+    else:
+        main()
