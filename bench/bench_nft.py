@@ -22,7 +22,7 @@ from pathlib import Path
 
 from common import CLI, INJECTOR_ARGV, PYTHON
 
-RUNS = 11
+RUNS = 15
 DEBIAN_BINDING = Path("/usr/lib/python3/dist-packages/nftables")
 RESOLV_CONF = "nameserver 10.96.0.10\nnameserver fd00::10\n"
 TPROXY_DNS_ARGV = ["-u", "1337", "-m", "TPROXY", "-b", "*", "-i", "*", "-d", "15090,15021,15020",
@@ -38,6 +38,19 @@ def inside(method: str, work: Path, argv: list[str]) -> float:
 
         rc, _out, err = nftables.Nftables().cmd((work / "script.nft").read_text())
         assert rc == 0, err
+    elif method == "check+apply libnftables":
+        sys.path.insert(0, str(work / "binding"))
+        import nftables
+
+        context = nftables.Nftables()
+        context.set_json_output(True)
+        assert context.cmd("list ruleset")[0] == 0
+        context.set_json_output(False)
+        rc, _out, err = context.cmd((work / "script.nft").read_text())
+        assert rc == 0, err
+    elif method == "check+apply nft":
+        subprocess.run(["nft", "-j", "list", "ruleset"], check=True, capture_output=True)
+        subprocess.run(["nft", "-f", work / "script.nft"], check=True)
     elif method == "nft -f -":
         subprocess.run(["nft", "-f", work / "script.nft"], check=True)
     elif method.startswith("iptables-"):
@@ -67,8 +80,13 @@ def sample(method: str, work: Path, argv: list[str]) -> float:
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
-def median(method: str, work: Path, argv: list[str]) -> float:
-    return statistics.median(sample(method, work, argv) for _ in range(RUNS))
+def medians(methods: tuple[str, ...], work: Path, argv: list[str]) -> dict[str, float]:
+    """Methods interleaved run by run, so a busy moment of the machine hits all of them alike."""
+    samples: dict[str, list[float]] = {method: [] for method in methods}
+    for _ in range(RUNS):
+        for method in methods:
+            samples[method].append(sample(method, work, argv))
+    return {method: statistics.median(values) for method, values in samples.items()}
 
 
 def fresh_namespace_script(dry_run: str) -> str:
@@ -102,17 +120,18 @@ def main() -> None:
         }
         for label, argv in cases.items():
             prepare(work, argv)
-            times = {
-                method: median(method, work, argv)
-                for method in ("nft -f -", "libnftables", "iptables-nft-restore", "iptables-legacy-restore",
-                               "cli+nft", "cli+libnftables")
-            }  # fmt: skip
+            methods = ("nft -f -", "libnftables", "iptables-nft-restore", "iptables-legacy-restore",
+                       "check+apply nft", "check+apply libnftables", "cli+nft", "cli+libnftables")  # fmt: skip
+            times = medians(methods, work, argv)
             rules = (work / "script.nft").read_text().count("add rule")
             print(f"\n{label}: {rules} nft rules, median of {RUNS} fresh namespaces")
             print("  apply step only:")
             for method in ("nft -f -", "libnftables", "iptables-nft-restore", "iptables-legacy-restore"):
                 ratio = times[method] / times["libnftables"]
                 print(f"    {method:<44} {times[method]:7.1f} ms  {ratio:5.2f}x libnftables")
+            print("  state check (list ruleset as JSON) + apply, as the CLI does them:")
+            for method in ("check+apply nft", "check+apply libnftables"):
+                print(f"    {method:<44} {times[method]:7.1f} ms")
             print("  whole istio-iptables --native-nftables run (start, state check, apply):")
             for method in ("cli+nft", "cli+libnftables"):
                 print(f"    {method:<44} {times[method]:7.1f} ms")

@@ -7,7 +7,6 @@ Everything here is a side effect behind a small interface; the decisions live in
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import logging
@@ -17,7 +16,6 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
 
 from istio_iptables.errors import ApplyError, EnvironmentProblem
 from istio_iptables.model import OWN_CHAINS
@@ -44,75 +42,22 @@ def _run(argv: Sequence[str], stdin: str | None = None) -> subprocess.CompletedP
         raise EnvironmentProblem(f"'{argv[0]}' is missing; install it (Debian: apt-get install nftables)") from None
 
 
-class NftCommands(Protocol):
-    """Runs nft scripts (one transaction each) and lists the ruleset; calls return (rc, stdout, stderr)."""
-
-    name: str
-
-    def run_script(self, script: str) -> tuple[int, str, str]: ...
-
-    def list_ruleset_json(self) -> tuple[int, str, str]: ...
-
-
-class NftLibrary:
-    """libnftables in-process through its official binding (Debian: python3-nftables): no exec."""
-
-    name = "libnftables"
-
-    def __init__(self, binding: Any) -> None:
-        self._ctx = binding.Nftables()
-
-    def run_script(self, script: str) -> tuple[int, str, str]:
-        self._ctx.set_json_output(False)
-        return self._ctx.cmd(script)
-
-    def list_ruleset_json(self) -> tuple[int, str, str]:
-        self._ctx.set_json_output(True)
-        return self._ctx.cmd("list ruleset")
-
-
-class NftProgram:
-    """The ``nft`` command; scripts go in on stdin (``nft -f -``)."""
-
-    name = "nft -f -"
-
-    def __init__(self, path: str) -> None:
-        self._path = path
-
-    def run_script(self, script: str) -> tuple[int, str, str]:
-        result = _run([self._path, "-f", "-"], stdin=script)
-        return result.returncode, result.stdout, result.stderr
-
-    def list_ruleset_json(self) -> tuple[int, str, str]:
-        result = _run([self._path, "-j", "list", "ruleset"])
-        return result.returncode, result.stdout, result.stderr
-
-
-@functools.cache
-def nft() -> NftCommands:
-    """The binding when importable (measured faster: bench/bench_nft.py), else the nft command."""
-    try:
-        import nftables  # type: ignore[import-not-found]
-
-        return NftLibrary(nftables)
-    except (ImportError, OSError):
-        pass
+def nft_program() -> str:
+    """The ``nft`` command. Measured against libnftables' Python binding (bench/bench_nft.py), the
+    binding saves nothing on a one-shot run: importing ctypes and loading the library cost what
+    starting ``nft`` costs, and the binding is one more package outside pip's reach."""
     path = shutil.which("nft")
     if path is None:
-        raise EnvironmentProblem(
-            "--native-nftables needs the 'nft' command or libnftables' Python binding "
-            "(Debian/Ubuntu: apt-get install nftables, or python3-nftables)"
-        )
-    return NftProgram(path)
+        raise EnvironmentProblem("--native-nftables needs the 'nft' command (Debian/Ubuntu: apt-get install nftables)")
+    return path
 
 
 def apply_script(script: str) -> None:
-    """Load ``script`` as one transaction: the kernel takes all of it or nothing."""
-    commands = nft()
-    log.info("nftables: applying %d commands as one transaction through %s", script.count("\n"), commands.name)
-    rc, _out, err = commands.run_script(script)
-    if rc != 0:
-        raise ApplyError(f"nftables refused the ruleset, nothing was changed: {err.strip()}")
+    """Load ``script`` with ``nft -f -`` as one transaction: the kernel takes all of it or nothing."""
+    log.info("nftables: applying %d commands as one transaction", script.count("\n"))
+    result = _run([nft_program(), "-f", "-"], stdin=script)
+    if result.returncode != 0:
+        raise ApplyError(f"nftables refused the ruleset, nothing was changed: {result.stderr.strip()}")
 
 
 @dataclass
@@ -142,14 +87,13 @@ class NamespaceState:
 
 def read_nft_state(state: NamespaceState) -> None:
     """Our inet tables and iptables-nft's ISTIO_* chains, from one ``nft -j list ruleset``."""
-    try:
-        commands = nft()
-    except EnvironmentProblem:
+    path = shutil.which("nft")
+    if path is None:
         return  # without nft there are neither our tables nor iptables-nft rules to look at
-    rc, listing, err = commands.list_ruleset_json()
-    if rc != 0:
-        raise EnvironmentProblem(f"cannot list the nftables ruleset: {err.strip()}")
-    objects = json.loads(listing or "{}").get("nftables", [])
+    listing = _run([path, "-j", "list", "ruleset"])
+    if listing.returncode != 0:
+        raise EnvironmentProblem(f"cannot list the nftables ruleset: {listing.stderr.strip()}")
+    objects = json.loads(listing.stdout or "{}").get("nftables", [])
     for entry in objects:
         if "table" in entry:
             table = entry["table"]
