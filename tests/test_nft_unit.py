@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from istio_iptables import cli
-from istio_iptables.errors import ApplyError, ExitCode
+from istio_iptables.errors import ApplyError, EnvironmentProblem, ExitCode
 from istio_iptables.nft import system
 from istio_iptables.nft.model import (
     NAT,
@@ -168,3 +168,12 @@ def test_no_legacy_table_means_no_save_is_run(tmp_path: Path, monkeypatch: pytes
     state = system.NamespaceState()
     system.read_legacy_state(state, proc_net=tmp_path)
     assert not state.has_iptables_form
+
+
+def test_missing_nft_is_an_environment_problem(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(system.shutil, "which", lambda name: None)
+    state = system.NamespaceState()
+    system.read_nft_state(state)  # nothing to find without nft
+    assert state.our_tables == []
+    with pytest.raises(EnvironmentProblem, match="apt-get install nftables"):
+        system.apply_script("add table inet istio-proxy-nat\n")
