@@ -60,6 +60,8 @@ def guard_iptables_run(config: Config) -> bool:
     Raises DriftError while our nft tables are present, unless --reconcile; then the caller removes
     them with ``system.remove_our_tables(ALL)`` after its own rules are in.
     """
+    if config.cleanup_only:
+        return False  # removing iptables rules is never blocked by our nft tables
     state = system.NamespaceState()
     system.read_nft_state(state)
     if not state.our_tables:
