@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         explain_command.main(args=args[1:], prog_name="istio-iptables explain")
         return
     try:
-        # Without standalone mode, click returns ctx.exit()'s code instead of raising Exit.
+        # Without standalone mode click returns ctx.exit()'s code instead of raising it.
         code = command.main(args=args, prog_name="istio-iptables", standalone_mode=False)
         if isinstance(code, int) and code != 0:
             sys.exit(code)

@@ -177,3 +177,27 @@ def test_missing_nft_is_an_environment_problem(monkeypatch: pytest.MonkeyPatch) 
     assert state.our_tables == []
     with pytest.raises(EnvironmentProblem, match="apt-get install nftables"):
         system.apply_script("add table inet istio-proxy-nat\n")
+
+
+def test_live_listing_tells_what_cleanup_must_remove() -> None:
+    tproxy_rule = {"rule": {"family": "inet", "table": "istio-proxy-mangle", "chain": "istio-tproxy", "handle": 4,
+                            "expr": [{"match": {"op": "!=", "left": {"payload": {"protocol": "ip6", "field": "daddr"}},
+                                                "right": "::1"}},
+                                     {"tproxy": {"family": "ip6", "port": 15006}},
+                                     {"mangle": {"key": {"meta": {"key": "mark"}}, "value": 7}}, {"accept": None}]}}
+    iptables_jump = {"rule": {"family": "ip", "table": "nat", "chain": "OUTPUT", "handle": 9,
+                              "expr": [{"jump": {"target": "ISTIO_OUTPUT"}}]}}
+    objects = [
+        {"table": {"family": "inet", "name": "istio-proxy-mangle"}},
+        {"table": {"family": "inet", "name": "foreign"}},
+        {"chain": {"family": "ip", "table": "nat", "name": "ISTIO_OUTPUT"}},
+        {"chain": {"family": "ip", "table": "nat", "name": "OUTPUT"}},
+        tproxy_rule,
+        iptables_jump,
+    ]  # fmt: skip
+    state = system.NamespaceState()
+    system.parse_nft_listing(objects, state)
+    assert state.our_tables == ["istio-proxy-mangle"]
+    assert (state.tproxy_mark, state.our_ipv6) == (7, True)
+    assert state.iptables_nft_chains == [("ip", "nat", "ISTIO_OUTPUT")]
+    assert state.iptables_nft_jumps == [("ip", "nat", "OUTPUT", 9)]

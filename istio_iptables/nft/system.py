@@ -70,6 +70,9 @@ class NamespaceState:
     iptables_nft_jumps: list[tuple[str, str, str, int]] = field(default_factory=list)
     # iptables-legacy: per program, the iptables-save text holding ISTIO_* chains.
     legacy_saves: dict[str, str] = field(default_factory=dict)
+    # What our live tables imply for cleanup: the TPROXY mark (its policy route) and IPv6 (the ::6 address).
+    tproxy_mark: int | None = None
+    our_ipv6: bool = False
 
     @property
     def has_iptables_form(self) -> bool:
@@ -93,7 +96,11 @@ def read_nft_state(state: NamespaceState) -> None:
     listing = _run([path, "-j", "list", "ruleset"])
     if listing.returncode != 0:
         raise EnvironmentProblem(f"cannot list the nftables ruleset: {listing.stderr.strip()}")
-    objects = json.loads(listing.stdout or "{}").get("nftables", [])
+    parse_nft_listing(json.loads(listing.stdout or "{}").get("nftables", []), state)
+
+
+def parse_nft_listing(objects: list[dict], state: NamespaceState) -> None:
+    """Fill ``state`` from ``nft -j list ruleset`` objects."""
     for entry in objects:
         if "table" in entry:
             table = entry["table"]
@@ -105,9 +112,22 @@ def read_nft_state(state: NamespaceState) -> None:
                 state.iptables_nft_chains.append((chain["family"], chain["table"], chain["name"]))
         elif "rule" in entry:
             rule = entry["rule"]
+            if rule["family"] == "inet" and rule["table"] in OUR_TABLES:
+                _note_our_rule(rule, state)
+                continue
             from_other_chain = rule["family"] in IPTABLES_NFT_FAMILIES and rule["chain"] not in OWN_CHAINS
             if from_other_chain and _jumps_to_own_chain(rule):
                 state.iptables_nft_jumps.append((rule["family"], rule["table"], rule["chain"], rule["handle"]))
+
+
+def _note_our_rule(rule: dict, state: NamespaceState) -> None:
+    expressions = rule.get("expr", [])
+    text = json.dumps(expressions)
+    state.our_ipv6 = state.our_ipv6 or '"protocol": "ip6"' in text
+    if any("tproxy" in expr for expr in expressions):
+        marks = [expr["mangle"]["value"] for expr in expressions if "mangle" in expr]
+        if marks and isinstance(marks[0], int):
+            state.tproxy_mark = marks[0]
 
 
 def _jumps_to_own_chain(rule: dict) -> bool:
