@@ -39,7 +39,7 @@ def _run(argv: Sequence[str], stdin: str | None = None) -> subprocess.CompletedP
     try:
         return subprocess.run(list(argv), input=stdin, capture_output=True, text=True, check=False, timeout=60)
     except FileNotFoundError:
-        raise EnvironmentProblem(f"'{argv[0]}' is missing; install it (Debian: apt-get install nftables)") from None
+        raise EnvironmentProblem(f"'{argv[0]}' is missing") from None
 
 
 def nft_program() -> str:
@@ -172,8 +172,8 @@ def _parse_legacy_save(save_text: str) -> tuple[dict[str, list[str]], dict[str, 
         words = line.split()
         if line.startswith("*"):
             table = line[1:].strip()
-        elif line.startswith(":") and line[1:].split()[0] in OWN_CHAINS:
-            own.setdefault(table, []).append(line[1:].split()[0])
+        elif line.startswith(":") and words[0][1:] in OWN_CHAINS:
+            own.setdefault(table, []).append(words[0][1:])
         elif line.startswith("-A ") and words[1] not in OWN_CHAINS and any(
             word in ("-j", "-g") and target in OWN_CHAINS for word, target in itertools.pairwise(words)
         ):
