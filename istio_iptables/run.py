@@ -13,7 +13,8 @@ from istio_iptables.render import render_documents
 log = logging.getLogger("istio_iptables")
 
 
-def run(config: Config, out: TextIO) -> None:
+def run(config: Config, out: TextIO, namespace_path: str = "") -> None:
+    """``namespace_path``: the --network-namespace the caller entered (the CNI-mode lock file)."""
     log.info("effective configuration: %s", config)
     plan = build_plan(config)
     if config.native_nftables:  # native nftables backend (issue 5): istio_iptables/nft/
@@ -23,9 +24,13 @@ def run(config: Config, out: TextIO) -> None:
     elif config.dry_run:
         out.write(render_documents(plan.rulesets))
     elif not config.skip_rule_apply:
-        from istio_iptables.nft.run import guard_iptables_run  # issue 5: refuse our nft tables (exit 3)
+        from istio_iptables.apply.engine import apply
+        from istio_iptables.nft.guard import guard_iptables_run, remove_nft_tables  # issue 5
 
-        guard_iptables_run(config)  # True (--reconcile): remove them after applying, see its docstring
-        raise EnvironmentProblem("applying rules is not implemented yet; use --dry-run")
+        replace_nft_tables = guard_iptables_run(config)  # exit 3 while our nft tables exist, unless --reconcile
+        outcome = apply(config, plan, namespace_path)
+        log.info("%s (%s backend)", outcome.action, outcome.backend)
+        if replace_nft_tables:
+            remove_nft_tables()
     if config.run_validation:
         raise EnvironmentProblem("--run-validation is not implemented yet")

@@ -100,11 +100,38 @@ def test_iptables_form_is_refused_then_reconciled(netns: NetNS, backend: str) ->
     assert "-A OUTPUT -p udp -j ACCEPT" in left
 
 
-def test_iptables_run_refuses_our_nft_tables(netns: NetNS) -> None:
+def test_iptables_run_refuses_our_nft_tables_then_reconciles(netns: NetNS) -> None:
     assert cli(netns, *DEFAULT_ARGV)[0] == 0
     result = netns.run(*CLI, *DEFAULT_ARGV, check=False)
     assert result.returncode == ExitCode.DRIFT, result.stderr
     assert "istio-proxy-nat" in result.stderr
+    result = netns.run(*CLI, "--reconcile", *DEFAULT_ARGV, check=False)
+    assert result.returncode == 0, result.stderr
+    assert our_tables(netns) == []
+    assert "ISTIO_OUTPUT" in netns.run("iptables-save").stdout + netns.run("iptables-legacy-save").stdout
+
+
+def test_tproxy_routes_come_and_go_with_our_tables(netns: NetNS) -> None:
+    assert cli(netns, *TPROXY_ARGV[:-1], "--enable-ipv6")[0] == 0
+    assert "fwmark 0x539 lookup 133" in netns.run("ip", "-6", "rule").stdout
+    assert "::6/128" in netns.run("ip", "-6", "addr", "show", "dev", "lo").stdout
+    assert cli(netns, "--cleanup-only", *DEFAULT_ARGV)[0] == 0  # cleanup follows the live tables
+    assert our_tables(netns) == []
+    assert "lookup 133" not in netns.run("ip", "rule").stdout + netns.run("ip", "-6", "rule").stdout
+    assert "::6/128" not in netns.run("ip", "-6", "addr", "show", "dev", "lo").stdout
+
+
+def test_restore_puts_the_previous_tables_back(netns: NetNS) -> None:
+    assert cli(netns, *TPROXY_ARGV)[0] == 0
+    before = listing(netns)
+    # Read the state, replace our tables with another configuration's, then put the first back.
+    restore = (
+        "import sys\nfrom istio_iptables.nft import system\n"
+        "state = system.read_state()\nsystem.apply_script(sys.stdin.read())\nsystem.restore_our_tables(state)\n"
+    )
+    script = netns.run(*CLI, "--native-nftables", "--dry-run", *DEFAULT_ARGV).stdout
+    netns.run(sys.executable, "-c", restore, input=script)
+    assert listing(netns) == before
 
 
 def test_dry_run_prints_the_script_that_is_applied(netns_factory: Callable[[str], NetNS]) -> None:
@@ -122,4 +149,4 @@ def test_network_namespace_flag_writes_into_that_namespace(netns_factory: Callab
     assert our_tables(target) == ["table inet istio-proxy-nat"]
     assert our_tables(runner) == []
     code, stderr = cli(runner, "--network-namespace=/run/netns/no-such-namespace", *DEFAULT_ARGV)
-    assert code == ExitCode.ENVIRONMENT, stderr
+    assert code == ExitCode.INVALID_INPUT, stderr

@@ -11,24 +11,24 @@ from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
 from istio_iptables.model import IPNetwork
+from istio_iptables.nft.names import (
+    ISTIO_DIVERT,
+    ISTIO_DROP,
+    ISTIO_IN_REDIRECT,
+    ISTIO_INBOUND,
+    ISTIO_OUTPUT,
+    ISTIO_OUTPUT_DNS,
+    ISTIO_REDIRECT,
+    ISTIO_TPROXY,
+    MANGLE,
+    NAT,
+    OUR_TABLES,
+    OUTPUT,
+    PREROUTING,
+    RAW,
+)
 
 # --- tables and chains ---------------------------------------------------------------------------
-
-NAT = "istio-proxy-nat"
-MANGLE = "istio-proxy-mangle"
-RAW = "istio-proxy-raw"
-OUR_TABLES = (NAT, MANGLE, RAW)  # everything named here (and nothing else) is ours to replace or delete
-
-PREROUTING = "prerouting"
-OUTPUT = "output"
-ISTIO_INBOUND = "istio-inbound"
-ISTIO_REDIRECT = "istio-redirect"
-ISTIO_IN_REDIRECT = "istio-in-redirect"
-ISTIO_OUTPUT = "istio-output"
-ISTIO_OUTPUT_DNS = "istio-output-dns"
-ISTIO_DIVERT = "istio-divert"
-ISTIO_TPROXY = "istio-tproxy"
-ISTIO_DROP = "istio-drop"
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
-"""One invocation with ``--native-nftables``, and the guard the iptables backends call.
+"""One invocation with ``--native-nftables``.
 
-Either form of our rules may be in a namespace, never both: a run asked for one form refuses
-(exit 3) while the other is there, unless ``--reconcile``, which removes the other form in
-the same run: iptables-nft's chains inside our nft transaction, iptables-legacy's right after it.
+Either form of our rules may be in a namespace, never both: a run asked for nftables refuses
+(exit 3) while our iptables rules are there, unless ``--reconcile``, which removes them in the
+same run: iptables-nft's chains inside our nft transaction, iptables-legacy's right after it.
+(The converse check for the iptables backends is in :mod:`istio_iptables.nft.guard`.) The CLI
+has already entered ``--network-namespace`` when this runs.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import logging
 from typing import TextIO
 
 from istio_iptables.config import Config
-from istio_iptables.errors import DriftError
+from istio_iptables.errors import DriftError, IstioIptablesError
 from istio_iptables.model import Plan
 from istio_iptables.nft import system
 from istio_iptables.nft.capture import build_nft_ruleset
@@ -26,11 +28,7 @@ def run_nftables(config: Config, out: TextIO, plan: Plan) -> None:
         if config.dry_run:
             out.write(render_cleanup())
         elif not config.skip_rule_apply:
-            enter_namespace(config)
-            state = system.NamespaceState()
-            system.read_nft_state(state)
-            system.remove_our_tables(state.our_tables)
-            cleanup_routes(plan)
+            cleanup()
         return
     ruleset = build_nft_ruleset(config)
     if config.dry_run:
@@ -38,7 +36,6 @@ def run_nftables(config: Config, out: TextIO, plan: Plan) -> None:
         return
     if config.skip_rule_apply:
         return
-    enter_namespace(config)
     state = system.read_state()
     if state.has_iptables_form and not config.reconcile:
         raise DriftError(
@@ -51,44 +48,31 @@ def run_nftables(config: Config, out: TextIO, plan: Plan) -> None:
     if state.has_iptables_form:
         system.remove_legacy_form(state)
         log.info("--reconcile: replaced %s", state.describe_iptables_form())
-    configure_routes(plan)
+    ensure_routes(plan, state)
 
 
-def guard_iptables_run(config: Config) -> bool:
-    """For the iptables backends, before they write: True if our nft tables must go once they are done.
-
-    Raises DriftError while our nft tables are present, unless --reconcile; then the caller removes
-    them with ``system.remove_our_tables(ALL)`` after its own rules are in.
-    """
-    if config.cleanup_only:
-        return False  # removing iptables rules is never blocked by our nft tables
+def cleanup() -> None:
+    """Delete exactly our tables, and the TPROXY route and ::6 address they implied."""
     state = system.NamespaceState()
     system.read_nft_state(state)
-    if not state.our_tables:
-        return False
-    if not config.reconcile:
-        raise DriftError(
-            f"this namespace already holds istio-iptables rules in nftables form ({', '.join(state.our_tables)}); "
-            "re-run with --reconcile to replace them with iptables rules"
-        )
-    return True
+    system.remove_our_tables(state.our_tables)
+    if state.tproxy_mark is not None or state.our_ipv6:
+        from istio_iptables.apply import routes
+
+        routes.remove(state.tproxy_mark, passthrough_v6=state.our_ipv6)
 
 
-def enter_namespace(config: Config) -> None:
-    if config.network_namespace:
-        system.enter_network_namespace(config.network_namespace)
+def ensure_routes(plan: Plan, before: system.NamespaceState) -> None:
+    """TPROXY policy routing and ``::6`` on lo, shared with the iptables backends (pyroute2, lazily).
 
+    If they cannot be set, our tables go back to what they were, as the iptables backends roll back.
+    """
+    if plan.routes is None and not plan.ipv6_passthrough_address:
+        return
+    from istio_iptables.apply import routes
 
-# --- TPROXY routes and the ::6 address: shared with the iptables backends --------------------------
-# HOOK(issue 3): the apply engine owns policy routing (ip rule fwmark/lookup, local route on lo) and
-# the ::6/128 address on lo. Until its routes module is on main, these only report what is missing.
-
-
-def configure_routes(plan: Plan) -> None:
-    if plan.routes is not None or plan.ipv6_passthrough_address:
-        log.warning("TPROXY routes and the ::6 address are not configured yet (waiting for the routes module)")
-
-
-def cleanup_routes(plan: Plan) -> None:
-    if plan.routes is not None:
-        log.warning("TPROXY routes are not removed yet (waiting for the routes module)")
+    try:
+        routes.ensure(plan.routes, plan.ipv6_passthrough_address)
+    except IstioIptablesError as error:
+        system.restore_our_tables(before)
+        raise type(error)(f"{error}; the nftables rules were rolled back") from None

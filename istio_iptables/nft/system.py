@@ -19,7 +19,7 @@ from pathlib import Path
 
 from istio_iptables.errors import ApplyError, EnvironmentProblem
 from istio_iptables.model import OWN_CHAINS
-from istio_iptables.nft.model import OUR_TABLES
+from istio_iptables.nft.names import OUR_TABLES
 
 log = logging.getLogger("istio_iptables")
 
@@ -73,6 +73,8 @@ class NamespaceState:
     # What our live tables imply for cleanup: the TPROXY mark (its policy route) and IPv6 (the ::6 address).
     tproxy_mark: int | None = None
     our_ipv6: bool = False
+    # Our tables as listed (``nft -j`` objects), to put them back if a later step fails.
+    our_objects: list[dict] = field(default_factory=list)
 
     @property
     def has_iptables_form(self) -> bool:
@@ -106,14 +108,18 @@ def parse_nft_listing(objects: list[dict], state: NamespaceState) -> None:
             table = entry["table"]
             if table["family"] == "inet" and table["name"] in OUR_TABLES:
                 state.our_tables.append(table["name"])
+                state.our_objects.append(entry)
         elif "chain" in entry:
             chain = entry["chain"]
-            if chain["family"] in IPTABLES_NFT_FAMILIES and chain["name"] in OWN_CHAINS:
+            if chain["family"] == "inet" and chain["table"] in OUR_TABLES:
+                state.our_objects.append(entry)
+            elif chain["family"] in IPTABLES_NFT_FAMILIES and chain["name"] in OWN_CHAINS:
                 state.iptables_nft_chains.append((chain["family"], chain["table"], chain["name"]))
         elif "rule" in entry:
             rule = entry["rule"]
             if rule["family"] == "inet" and rule["table"] in OUR_TABLES:
                 _note_our_rule(rule, state)
+                state.our_objects.append(entry)
                 continue
             from_other_chain = rule["family"] in IPTABLES_NFT_FAMILIES and rule["chain"] not in OWN_CHAINS
             if from_other_chain and _jumps_to_own_chain(rule):
@@ -220,30 +226,23 @@ def remove_legacy_form(state: NamespaceState) -> None:
         log.info("removed the iptables rules left by %s", program)
 
 
+def restore_our_tables(before: NamespaceState) -> None:
+    """Put our tables back as ``before`` listed them, in one transaction (JSON in, no text spliced)."""
+    commands: list[dict] = [
+        {verb: {"table": {"family": "inet", "name": table}}} for table in OUR_TABLES for verb in ("add", "delete")
+    ]
+    for entry in before.our_objects:
+        kind, body = next(iter(entry.items()))
+        # In an add command a rule's handle names the rule to append after: drop it (and the table's).
+        commands.append({"add": {kind: {key: value for key, value in body.items() if key != "handle"}}})
+    result = _run([nft_program(), "-j", "-f", "-"], stdin=json.dumps({"nftables": commands}))
+    if result.returncode != 0:
+        raise ApplyError(f"could not put the previous nftables rules back: {result.stderr.strip()}")
+
+
 def remove_our_tables(present: list[str]) -> None:
     """Delete those of our tables that ``read_nft_state`` found (deleting costs the kernel ~10 ms each)."""
     from istio_iptables.nft.render import render_cleanup
 
     if present:
         apply_script(render_cleanup(present))
-
-
-CLONE_NEWNET = 0x40000000
-
-
-def enter_network_namespace(spec: str) -> None:
-    """Move this process into ``spec`` (a name under /run/netns, or a path), so nft and /proc follow."""
-    import ctypes
-    import os
-
-    path = spec if "/" in spec else f"/run/netns/{spec}"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as error:
-        raise EnvironmentProblem(f"cannot open network namespace {path}: {error.strerror}") from None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            raise EnvironmentProblem(f"cannot enter network namespace {path}: {os.strerror(ctypes.get_errno())}")
-    finally:
-        os.close(fd)
