@@ -144,7 +144,7 @@ def _jumps_to_own_chain(rule: dict) -> bool:
     )
 
 
-def read_legacy_state(state: NamespaceState, proc_net: Path = Path("/proc/self/net")) -> None:
+def read_legacy_state(state: NamespaceState, proc_net: Path = Path("/proc/thread-self/net")) -> None:
     """ISTIO_* chains in iptables-legacy; skipped (no process started) when no legacy table exists."""
     for names_file, program in LEGACY_PROGRAMS.items():
         try:
