@@ -66,8 +66,9 @@ def main() -> int:
     with Testbed(backend=options.backend, mode=options.mode) as bed:
         print(f"pod namespace {bed.pod.name}: app (uid 1000) on :8080, stand-in Envoy (uid 1337) on :15001/:15006")
         print(f"  pod {bed.v4.pod} / {bed.v6.pod}, remote side {bed.v4.remote} / {bed.v6.remote}\n")
-        applied = bed.apply(args)
-        rules = sum(line.startswith(("-A ", "-I ")) for line in applied.stdout.splitlines())
+        bed.apply(args)
+        dumps = [bed.pod.save(f"{program}-{options.backend}-save") for program in ("iptables", "ip6tables")]
+        rules = sum(line.startswith("-A ") for dump in dumps for line in dump.splitlines())
         print(f"# istio-iptables {shlex.join(args)}")
         print(f"  {rules} rules (IPv4 + IPv6), {options.backend} backend\n")
 
