@@ -15,14 +15,22 @@ def run(config: Config, out: TextIO, namespace_path: str = "") -> None:
     """``namespace_path``: the --network-namespace the caller entered (the CNI-mode lock file)."""
     log.info("effective configuration: %s", config)
     plan = build_plan(config)
-    if config.dry_run:
+    if config.native_nftables:
+        from istio_iptables.nft.run import run_nftables
+
+        run_nftables(config, out, plan)
+    elif config.dry_run:
         out.write(render_ipset_document(plan.rulesets) + render_documents(plan.rulesets))
     elif not config.skip_rule_apply:
         from istio_iptables.apply.engine import apply
         from istio_iptables.ipset import plan_for_this_host
+        from istio_iptables.nft.guard import guard_iptables_run, remove_nft_tables
 
+        replace_nft_tables = guard_iptables_run(config)  # exit 3 while our nft tables exist, unless --reconcile
         outcome = apply(config, plan_for_this_host(config, plan), namespace_path)
         log.info("%s (%s backend)", outcome.action, outcome.backend)
+        if replace_nft_tables:
+            remove_nft_tables()
     if config.run_validation:
         from istio_iptables.validation import run_validation
 

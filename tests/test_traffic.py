@@ -2,7 +2,7 @@
 
 Every scenario (:mod:`tests.traffic_paths`) applies one set of istio-iptables flags to a fresh test bed
 (:mod:`tests.testbed`) and sends its connections for IPv4 and IPv6 at once; each must land where
-Istio's design says. Scenarios run for both interception modes and both iptables backends.
+Istio's design says. Scenarios run for both interception modes, both iptables backends and native nftables.
 
 With ``TRAFFIC_MATRIX=FILE`` every checked path is appended to FILE as one JSON line (for reports).
 """
@@ -23,7 +23,7 @@ from tests.conftest import require_kernel
 from tests.testbed import FAMILIES, Backend, Mode, Testbed, injector_args
 from tests.traffic_paths import SCENARIOS, Scenario
 
-BACKENDS: tuple[Backend, ...] = ("legacy", "nft")
+BACKENDS: tuple[Backend, ...] = ("legacy", "nft", "native-nftables")
 MODES: tuple[Mode, ...] = ("REDIRECT", "TPROXY")
 DEMO = Path(__file__).resolve().parents[1] / "scripts" / "demo.py"
 

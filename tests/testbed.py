@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 from tests.netns import NETNS_ETC, NetNS
 
-Backend = Literal["legacy", "nft"]
+Backend = Literal["legacy", "nft", "native-nftables"]  # the iptables backends, or --native-nftables
 Mode = Literal["REDIRECT", "TPROXY"]
 NodeName = Literal["app", "proxy", "remote"]
 
@@ -276,7 +276,8 @@ def install_rules(pod: NetNS, args: Sequence[str], backend: Backend) -> subproce
     Our CLI runs inside the namespace (so resolv.conf and address detection are the pod's) and writes
     the rules, the TPROXY policy routes and ``::6`` on lo itself, on the backend asked for.
     """
-    return pod.run(*CLI, "--force-iptables-binary", backend, *args, check=False)
+    selection = ["--native-nftables"] if backend == "native-nftables" else ["--force-iptables-binary", backend]
+    return pod.run(*CLI, *selection, *args, check=False)
 
 
 @dataclass

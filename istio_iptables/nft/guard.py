@@ -1,0 +1,37 @@
+"""What the iptables backends need from the nft backend: our nft tables block them (exit 3) unless
+--reconcile, which removes the tables once the iptables rules are in. Cheap to import."""
+
+from __future__ import annotations
+
+from istio_iptables.config import Config
+from istio_iptables.errors import DriftError
+from istio_iptables.nft import system
+
+
+def guard_iptables_run(config: Config) -> bool:
+    """Before the iptables backends write: True if our nft tables must go once they are done.
+
+    Raises DriftError while our nft tables are present, unless --reconcile.
+    """
+    from istio_iptables.apply.engine import check_privileges
+
+    if config.cleanup_only:
+        return False  # removing iptables rules is never blocked by our nft tables
+    check_privileges()  # before listing, so a missing capability is reported as the engine words it
+    state = system.NamespaceState()
+    system.read_nft_state(state)
+    if not state.our_tables:
+        return False
+    if not config.reconcile:
+        raise DriftError(
+            f"this namespace already holds istio-iptables rules in nftables form ({', '.join(state.our_tables)}); "
+            "re-run with --reconcile to replace them with iptables rules"
+        )
+    return True
+
+
+def remove_nft_tables() -> None:
+    """Delete our nft tables (after the iptables rules replaced them)."""
+    state = system.NamespaceState()
+    system.read_nft_state(state)
+    system.remove_our_tables(state.our_tables)

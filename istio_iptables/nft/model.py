@@ -1,0 +1,276 @@
+"""The nftables model: ``inet`` tables holding chains holding rules, as plain typed data (no I/O).
+
+A rule is a tuple of matches followed by a tuple of statements; the renderer adds a ``counter``
+to every rule. Values come from the validated :class:`~istio_iptables.config.Config` (numbers,
+parsed networks, checked names), never from free text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, TypeAlias
+
+from istio_iptables.model import IPNetwork
+from istio_iptables.nft.names import (
+    ISTIO_DIVERT,
+    ISTIO_DROP,
+    ISTIO_IN_REDIRECT,
+    ISTIO_INBOUND,
+    ISTIO_OUTPUT,
+    ISTIO_OUTPUT_DNS,
+    ISTIO_REDIRECT,
+    ISTIO_TPROXY,
+    MANGLE,
+    NAT,
+    OUR_TABLES,
+    OUTPUT,
+    PREROUTING,
+    RAW,
+)
+
+# --- tables and chains ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hook:
+    """Where a base chain attaches: ``{ type TYPE hook HOOK priority PRIORITY ; }``."""
+
+    type: Literal["nat", "filter", "route"]
+    hook: Literal["prerouting", "output"]
+    priority: int
+
+
+# iptables' own priorities, so our chains run where Istio's iptables rules would (NF_IP_PRI_*).
+NAT_PRIORITY = -100
+MANGLE_PRIORITY = -150
+RAW_PRIORITY = -300
+
+# Every chain each table may hold, in the order Istio declares them (the kernel lists chains in
+# creation order). ``output`` of mangle is a route chain so a changed mark re-routes the packet.
+CHAIN_LAYOUT: dict[str, tuple[tuple[str, Hook | None], ...]] = {
+    NAT: (
+        (PREROUTING, Hook("nat", "prerouting", NAT_PRIORITY)),
+        (OUTPUT, Hook("nat", "output", NAT_PRIORITY)),
+        (ISTIO_INBOUND, None),
+        (ISTIO_REDIRECT, None),
+        (ISTIO_IN_REDIRECT, None),
+        (ISTIO_OUTPUT, None),
+        (ISTIO_OUTPUT_DNS, None),
+    ),
+    MANGLE: (
+        (PREROUTING, Hook("filter", "prerouting", MANGLE_PRIORITY)),
+        (OUTPUT, Hook("route", "output", MANGLE_PRIORITY)),
+        (ISTIO_DIVERT, None),
+        (ISTIO_TPROXY, None),
+        (ISTIO_INBOUND, None),
+        (ISTIO_DROP, None),
+    ),
+    RAW: (
+        (PREROUTING, Hook("filter", "prerouting", RAW_PRIORITY)),
+        (OUTPUT, Hook("filter", "output", RAW_PRIORITY)),
+        (ISTIO_INBOUND, None),
+        (ISTIO_OUTPUT_DNS, None),
+    ),
+}
+
+
+# --- matches -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class L4Proto:
+    """``meta l4proto tcp``."""
+
+    name: Literal["tcp", "udp"]
+
+
+@dataclass(frozen=True)
+class IfName:
+    """``iifname``/``oifname``; the name is one the config validated."""
+
+    direction: Literal["in", "out"]
+    name: str
+    negate: bool = False
+
+
+@dataclass(frozen=True)
+class Addr:
+    """``ip saddr``/``ip6 daddr ...``: the network's version picks ``ip`` or ``ip6``."""
+
+    direction: Literal["saddr", "daddr"]
+    network: IPNetwork
+    negate: bool = False
+
+
+@dataclass(frozen=True)
+class Port:
+    """``tcp dport 53``, or an anonymous set ``tcp dport != { 53, 15008 }`` for several ports."""
+
+    protocol: Literal["tcp", "udp"]
+    direction: Literal["sport", "dport"]
+    ports: tuple[int, ...]
+    negate: bool = False
+
+
+@dataclass(frozen=True)
+class SocketOwner:
+    """``skuid``/``skgid`` of the sending socket; ``id`` is a number or a validated group name."""
+
+    kind: Literal["uid", "gid"]
+    id: str
+    negate: bool = False
+
+
+@dataclass(frozen=True)
+class MarkIs:
+    """``mark 1337`` / ``mark != 1338`` (the packet mark)."""
+
+    value: int
+    negate: bool = False
+
+
+@dataclass(frozen=True)
+class CtMarkIs:
+    """``ct mark 1337`` (the connection mark)."""
+
+    value: int
+
+
+@dataclass(frozen=True)
+class CtState:
+    states: tuple[Literal["invalid", "related", "established", "new"], ...]
+
+
+NftMatch: TypeAlias = L4Proto | IfName | Addr | Port | SocketOwner | MarkIs | CtMarkIs | CtState
+
+
+# --- statements ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    name: Literal["return", "accept", "drop"]
+
+
+@dataclass(frozen=True)
+class JumpTo:
+    chain: str
+
+
+@dataclass(frozen=True)
+class RedirectTo:
+    """``redirect to :PORT`` (nat)."""
+
+    port: int
+
+
+@dataclass(frozen=True)
+class TproxyTo:
+    """``tproxy ip to :PORT``: hand the packet to a transparent socket on PORT of this host."""
+
+    version: Literal[4, 6]
+    port: int
+
+
+@dataclass(frozen=True)
+class SetMark:
+    """``meta mark set VALUE``."""
+
+    value: int
+
+
+@dataclass(frozen=True)
+class SaveMarkToConnection:
+    """``ct mark set mark``."""
+
+
+@dataclass(frozen=True)
+class RestoreMarkFromConnection:
+    """``meta mark set ct mark``."""
+
+
+@dataclass(frozen=True)
+class SetCtZone:
+    """``ct zone set ZONE``."""
+
+    zone: int
+
+
+Statement: TypeAlias = (
+    Verdict | JumpTo | RedirectTo | TproxyTo | SetMark | SaveMarkToConnection | RestoreMarkFromConnection | SetCtZone
+)
+
+RETURN = Verdict("return")
+ACCEPT = Verdict("accept")
+DROP = Verdict("drop")
+
+
+@dataclass(frozen=True)
+class NftRule:
+    matches: tuple[NftMatch, ...]
+    statements: tuple[Statement, ...]
+
+
+@dataclass
+class Chain:
+    name: str
+    hook: Hook | None
+    rules: list[NftRule] = field(default_factory=list)
+
+
+@dataclass
+class Table:
+    """One ``inet`` table; every chain of its layout exists here, used or not."""
+
+    name: str
+    chains: dict[str, Chain]
+
+    @classmethod
+    def empty(cls, name: str) -> Table:
+        return cls(name, {chain: Chain(chain, hook) for chain, hook in CHAIN_LAYOUT[name]})
+
+    def jump_targets(self) -> set[str]:
+        return {
+            statement.chain
+            for chain in self.chains.values()
+            for rule in chain.rules
+            for statement in rule.statements
+            if isinstance(statement, JumpTo)
+        }
+
+    def used_chains(self) -> list[Chain]:
+        """Chains to create: those holding rules or jumped to, in declaration order."""
+        targets = self.jump_targets()
+        return [chain for chain in self.chains.values() if chain.rules or chain.name in targets]
+
+    @property
+    def has_rules(self) -> bool:
+        return any(chain.rules for chain in self.chains.values())
+
+
+@dataclass
+class NftRuleset:
+    """Our three tables. ``append``/``insert`` mirror how Istio builds its rules."""
+
+    tables: dict[str, Table] = field(default_factory=lambda: {name: Table.empty(name) for name in OUR_TABLES})
+
+    def append(
+        self, table: str, chain: str, *matches: NftMatch, then: Statement | tuple[Statement, ...]
+    ) -> None:
+        self.tables[table].chains[chain].rules.append(_rule(matches, then))
+
+    def insert(
+        self, table: str, chain: str, index: int, *matches: NftMatch, then: Statement | tuple[Statement, ...]
+    ) -> None:
+        """Insert before the rule at ``index`` (0-based); past the end it appends, as Istio does."""
+        self.tables[table].chains[chain].rules.insert(index, _rule(matches, then))
+
+    def used_tables(self) -> list[Table]:
+        return [table for table in self.tables.values() if table.has_rules]
+
+
+def _rule(matches: tuple[NftMatch, ...], then: Statement | tuple[Statement, ...]) -> NftRule:
+    statements = then if isinstance(then, tuple) else (then,)
+    if not statements:
+        raise ValueError("a rule needs at least one statement")
+    return NftRule(matches, statements)

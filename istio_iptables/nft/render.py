@@ -1,0 +1,178 @@
+"""Render the nftables model as an ``nft -f`` script: one transaction that replaces our tables.
+
+Every token comes from a typed value: numbers are range-checked integers, addresses are parsed
+networks, and names (interfaces, groups) pass :func:`~istio_iptables.render.check_token` and are
+then double-quoted, so no value can end a statement, open a block or name another table.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Collection, Sequence
+
+from istio_iptables.nft.model import (
+    OUR_TABLES,
+    Addr,
+    Chain,
+    CtMarkIs,
+    CtState,
+    IfName,
+    JumpTo,
+    L4Proto,
+    MarkIs,
+    NftMatch,
+    NftRule,
+    NftRuleset,
+    Port,
+    RedirectTo,
+    RestoreMarkFromConnection,
+    SaveMarkToConnection,
+    SetCtZone,
+    SetMark,
+    SocketOwner,
+    Statement,
+    TproxyTo,
+    Verdict,
+)
+from istio_iptables.render import RenderError, check_token
+
+HEADER = "# istio-iptables --native-nftables: load with 'nft -f FILE'; applied as one transaction\n"
+MAX_U32 = 2**32 - 1
+CT_STATES = frozenset({"invalid", "related", "established", "new"})
+
+
+def _number(value: int, low: int, high: int) -> str:
+    if type(value) is not int or not low <= value <= high:
+        raise RenderError(f"refusing to render {value!r}: not a number from {low} to {high}")
+    return str(value)
+
+
+def _port(value: int) -> str:
+    return _number(value, 1, 65535)
+
+
+def _name(value: str) -> str:
+    """A validated name, quoted: nft takes a quoted string literally up to the closing quote."""
+    return f'"{check_token(value)}"'
+
+
+def _interface(name: str) -> str:
+    # iptables reads a trailing '+' as "any suffix"; nft spells that '*'. Keep the iptables meaning.
+    quoted = _name(name)
+    return quoted[:-2] + '*"' if name.endswith("+") else quoted
+
+
+def _network(network: object) -> str:
+    if not isinstance(network, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        raise RenderError(f"refusing to render {network!r}: not a parsed network")
+    return str(network)
+
+
+def _not(negate: bool) -> str:
+    return "!= " if negate else ""
+
+
+def match_text(match: NftMatch) -> str:
+    if isinstance(match, L4Proto):
+        return f"meta l4proto {check_token(match.name)}"
+    if isinstance(match, IfName):
+        keyword = "iifname" if match.direction == "in" else "oifname"
+        return f"{keyword} {_not(match.negate)}{_interface(match.name)}"
+    if isinstance(match, Addr):
+        family = "ip" if match.network.version == 4 else "ip6"
+        return f"{family} {check_token(match.direction)} {_not(match.negate)}{_network(match.network)}"
+    if isinstance(match, Port):
+        if not match.ports:
+            raise RenderError("a port match needs at least one port")
+        ports = [_port(port) for port in match.ports]
+        value = ports[0] if len(ports) == 1 else "{ " + ", ".join(ports) + " }"
+        return f"{check_token(match.protocol)} {check_token(match.direction)} {_not(match.negate)}{value}"
+    if isinstance(match, SocketOwner):
+        keyword = "skuid" if match.kind == "uid" else "skgid"
+        owner = _number(int(match.id), 0, MAX_U32) if match.id.isdigit() else _name(match.id)
+        return f"{keyword} {_not(match.negate)}{owner}"
+    if isinstance(match, MarkIs):
+        return f"mark {_not(match.negate)}{_number(match.value, 0, MAX_U32)}"
+    if isinstance(match, CtMarkIs):
+        return f"ct mark {_number(match.value, 0, MAX_U32)}"
+    if isinstance(match, CtState):
+        if not match.states or not CT_STATES.issuperset(match.states):
+            raise RenderError(f"refusing to render conntrack states {match.states!r}")
+        return "ct state " + ",".join(match.states)
+    raise TypeError(f"unknown match {match!r}")
+
+
+def statement_text(statement: Statement) -> str:
+    if isinstance(statement, Verdict):
+        return check_token(statement.name)
+    if isinstance(statement, JumpTo):
+        return f"jump {check_token(statement.chain)}"
+    if isinstance(statement, RedirectTo):
+        return f"redirect to :{_port(statement.port)}"
+    if isinstance(statement, TproxyTo):
+        return f"tproxy {'ip' if statement.version == 4 else 'ip6'} to :{_port(statement.port)}"
+    if isinstance(statement, SetMark):
+        return f"meta mark set {_number(statement.value, 0, MAX_U32)}"
+    if isinstance(statement, SaveMarkToConnection):
+        return "ct mark set mark"
+    if isinstance(statement, RestoreMarkFromConnection):
+        return "meta mark set ct mark"
+    if isinstance(statement, SetCtZone):
+        return f"ct zone set {_number(statement.zone, 0, 65535)}"
+    raise TypeError(f"unknown statement {statement!r}")
+
+
+def rule_text(rule: NftRule) -> str:
+    """Matches, then the statements with ``counter`` just before the last one (Istio's layout)."""
+    statements = [statement_text(statement) for statement in rule.statements]
+    parts = [match_text(match) for match in rule.matches] + [*statements[:-1], "counter", statements[-1]]
+    return " ".join(parts)
+
+
+def chain_declaration(table: str, chain: Chain) -> str:
+    head = f"add chain inet {check_token(table)} {check_token(chain.name)}"
+    if chain.hook is None:
+        return head
+    hook = chain.hook
+    return f"{head} {{ type {hook.type} hook {hook.hook} priority {_number(hook.priority, -1000, 1000)} ; }}"
+
+
+def remove_tables_lines(tables: Collection[str] = OUR_TABLES) -> list[str]:
+    """Delete these of our tables whether or not they exist (``add`` first makes ``delete`` always valid)."""
+    lines = []
+    for table in OUR_TABLES:
+        if table in tables:
+            lines += [f"add table inet {table}", f"delete table inet {table}"]
+    return lines
+
+
+def ruleset_lines(ruleset: NftRuleset) -> list[str]:
+    lines: list[str] = []
+    for table in ruleset.used_tables():
+        name = check_token(table.name)
+        chains = table.used_chains()
+        lines.append(f"add table inet {name}")
+        lines += [chain_declaration(name, chain) for chain in chains]
+        lines += [f"add rule inet {name} {chain.name} {rule_text(rule)}" for chain in chains for rule in chain.rules]
+    return lines
+
+
+def render_script(ruleset: NftRuleset, present: Collection[str] = OUR_TABLES, also: Sequence[str] = ()) -> str:
+    """The whole transaction: drop what our tables held, then build them anew (no window without rules).
+
+    ``present`` names our tables known to exist; the others are only flushed before use, since a
+    table deletion costs the kernel ~10 ms (an RCU grace period) even for an empty table. Flushing
+    keeps a run correct if such a table appears meanwhile. ``also`` joins the same transaction
+    (with --reconcile: removing iptables-nft's form of our rules).
+    """
+    fresh = [
+        line
+        for table in ruleset.used_tables()
+        if table.name not in present
+        for line in (f"add table inet {table.name}", f"flush table inet {table.name}")
+    ]
+    return HEADER + "\n".join([*remove_tables_lines(present), *fresh, *ruleset_lines(ruleset), *also]) + "\n"
+
+
+def render_cleanup(tables: Collection[str] = OUR_TABLES) -> str:
+    return HEADER + "\n".join(remove_tables_lines(tables)) + "\n"

@@ -1,0 +1,78 @@
+"""One invocation with ``--native-nftables``.
+
+Either form of our rules may be in a namespace, never both: a run asked for nftables refuses
+(exit 3) while our iptables rules are there, unless ``--reconcile``, which removes them in the
+same run: iptables-nft's chains inside our nft transaction, iptables-legacy's right after it.
+(The converse check for the iptables backends is in :mod:`istio_iptables.nft.guard`.) The CLI
+has already entered ``--network-namespace`` when this runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TextIO
+
+from istio_iptables.config import Config
+from istio_iptables.errors import DriftError, IstioIptablesError
+from istio_iptables.model import Plan
+from istio_iptables.nft import system
+from istio_iptables.nft.capture import build_nft_ruleset
+from istio_iptables.nft.render import render_cleanup, render_script
+
+log = logging.getLogger("istio_iptables")
+
+
+def run_nftables(config: Config, out: TextIO, plan: Plan) -> None:
+    """Dry run, apply or clean up with nftables; ``plan`` supplies the routes shared with iptables."""
+    if config.cleanup_only:
+        if config.dry_run:
+            out.write(render_cleanup())
+        elif not config.skip_rule_apply:
+            cleanup()
+        return
+    ruleset = build_nft_ruleset(config)
+    if config.dry_run:
+        out.write(render_script(ruleset))
+        return
+    if config.skip_rule_apply:
+        return
+    state = system.read_state()
+    if state.has_iptables_form and not config.reconcile:
+        raise DriftError(
+            "this namespace already holds istio-iptables rules in iptables form: "
+            f"{state.describe_iptables_form()}; re-run with --reconcile to replace them with nftables"
+        )
+    # With --reconcile, iptables-nft's chains go in the same transaction in which ours arrive.
+    removal = system.iptables_nft_removal_lines(state)
+    system.apply_script(render_script(ruleset, present=state.our_tables, also=removal))
+    if state.has_iptables_form:
+        system.remove_legacy_form(state)
+        log.info("--reconcile: replaced %s", state.describe_iptables_form())
+    ensure_routes(plan, state)
+
+
+def cleanup() -> None:
+    """Delete exactly our tables, and the TPROXY route and ::6 address they implied."""
+    state = system.NamespaceState()
+    system.read_nft_state(state)
+    system.remove_our_tables(state.our_tables)
+    if state.tproxy_mark is not None or state.our_ipv6:
+        from istio_iptables.apply import routes
+
+        routes.remove(state.tproxy_mark, passthrough_v6=state.our_ipv6)
+
+
+def ensure_routes(plan: Plan, before: system.NamespaceState) -> None:
+    """TPROXY policy routing and ``::6`` on lo, shared with the iptables backends (pyroute2, lazily).
+
+    If they cannot be set, our tables go back to what they were, as the iptables backends roll back.
+    """
+    if plan.routes is None and not plan.ipv6_passthrough_address:
+        return
+    from istio_iptables.apply import routes
+
+    try:
+        routes.ensure(plan.routes, plan.ipv6_passthrough_address)
+    except IstioIptablesError as error:
+        system.restore_our_tables(before)
+        raise type(error)(f"{error}; the nftables rules were rolled back") from None
