@@ -9,17 +9,15 @@ has already entered ``--network-namespace`` when this runs.
 
 from __future__ import annotations
 
-import logging
 from typing import TextIO
 
 from istio_iptables.config import Config
 from istio_iptables.errors import DriftError, IstioIptablesError
+from istio_iptables.logging_setup import log
 from istio_iptables.model import Plan
 from istio_iptables.nft import system
 from istio_iptables.nft.capture import build_nft_ruleset
 from istio_iptables.nft.render import render_cleanup, render_script
-
-log = logging.getLogger("istio_iptables")
 
 
 def run_nftables(config: Config, out: TextIO, plan: Plan) -> None:

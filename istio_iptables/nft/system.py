@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import re
 import shutil
 import subprocess
@@ -18,10 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from istio_iptables.errors import ApplyError, EnvironmentProblem
+from istio_iptables.logging_setup import log
 from istio_iptables.model import OWN_CHAINS
 from istio_iptables.nft.names import OUR_TABLES
-
-log = logging.getLogger("istio_iptables")
 
 # Names read back from the kernel are spliced into nft/iptables input only if they look like this.
 _KERNEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
