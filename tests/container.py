@@ -120,8 +120,11 @@ def ensure_base_image() -> str:
 def build_image(tag: str = IMAGE) -> str:
     """Build the Dockerfile of this checkout on the local base (layers are cached between runs)."""
     base = ensure_base_image()
+    # pip inside the build trusts what pip here trusts (a TLS-intercepting proxy's CA, say).
+    ca_bundle = os.environ.get("PIP_CERT", "/etc/ssl/certs/ca-certificates.crt")
+    secret = ["--secret", f"id=pip-ca,src={ca_bundle}"] if Path(ca_bundle).is_file() else []
     podman(
-        "build", "--network", "host", "--build-arg", f"BASE_IMAGE={base}", "--layers",
+        "build", "--network", "host", "--build-arg", f"BASE_IMAGE={base}", "--layers", *secret,
         "-t", tag, "-f", str(REPO / "Dockerfile"), str(REPO),
         timeout=1200,
     )
