@@ -10,6 +10,7 @@ the listener (the original destination read back with SO_ORIGINAL_DST), else ``{
 from __future__ import annotations
 
 import argparse
+import encodings.idna  # noqa: F401  (sockets encode host names with it; the unprivileged child may not read it)
 import ipaddress
 import json
 import os

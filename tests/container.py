@@ -143,7 +143,7 @@ class Run:
     seconds: float
 
 
-def run_container(
+def run_command(
     args: Sequence[str],
     *,
     network: str,
@@ -155,9 +155,8 @@ def run_container(
     remove: bool = True,
     entrypoint: str | None = None,
     image: str = IMAGE,
-    timeout: float = 120,
-) -> Run:
-    """``podman run`` the image as an init container: every capability dropped but ``caps``."""
+) -> list[str]:
+    """``podman run`` of the image as an init container: every capability dropped but ``caps``."""
     command = [*PODMAN, "run", *RUN_LIMITS, "--network", network, "--cap-drop", "ALL"]
     if caps:
         command += ["--cap-add", ",".join(caps)]
@@ -173,11 +172,14 @@ def run_container(
         command += ["-v", volume]
     for key, value in (env or {}).items():
         command += ["-e", f"{key}={value}"]
-    command += [image, *args]
-    started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
-    return Run(done.returncode, done.stdout, done.stderr, time.perf_counter() - started)
+    return [*command, image, *args]
 
+
+def run_container(args: Sequence[str], *, timeout: float = 120, **options: Any) -> Run:
+    """Run :func:`run_command` (same options) to completion."""
+    started = time.perf_counter()
+    done = subprocess.run(run_command(args, **options), capture_output=True, text=True, timeout=timeout, check=False)
+    return Run(done.returncode, done.stdout, done.stderr, time.perf_counter() - started)
 
 def manifests() -> list[Path]:
     return sorted(DEPLOY.glob("*.yaml"))
