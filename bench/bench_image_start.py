@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/bench_image_start.py      (root; builds the image first, cached)
 
-Every run targets a throwaway pod namespace; real runs get a fresh one each time, as a new pod does.
+Each sample targets a namespace of its own, as a new pod does. The commands are interleaved
+(one sample of each per round), so a change of machine load hits all of them alike.
 """
 
 from __future__ import annotations
@@ -14,68 +15,72 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from common import CLI, INJECTOR_ARGV, REPO, row, time_command
+from common import CLI, INJECTOR_ARGV, REPO, row
 
 sys.path.insert(0, str(REPO))
 from tests import container
 from tests.netns import NetNS
 
-RUNS = 9
+ROUNDS = 15
+CAPS = ("NET_ADMIN", "NET_RAW")
 
 
 def podman_run(namespace: NetNS, args: Sequence[str], **options: Any) -> list[str]:
     return container.run_command(args, network=f"ns:{namespace.path}", **options)
 
-def time_in_fresh_namespaces(command_for: Callable[[NetNS], list[str]]) -> float:
-    """Median milliseconds of ``command_for(namespace)``, each sample in a namespace of its own."""
-    samples = []
-    for _ in range(RUNS):
-        with NetNS("iit-bench") as namespace:
-            command = command_for(namespace)
-            start = time.perf_counter()
-            subprocess.run(command, capture_output=True, check=True)
-            samples.append((time.perf_counter() - start) * 1000)
-    return statistics.median(samples)
+
+def on_host(namespace: NetNS, args: Sequence[str]) -> list[str]:
+    return ["ip", "netns", "exec", namespace.name, *CLI, *args]
 
 
-def inside_the_container(namespace: NetNS) -> float:
-    """Median milliseconds of the dry run started inside one running container: no podman in the loop."""
+def inside_one_container(namespace: NetNS) -> list[str]:
+    """A container that times the dry run started from inside itself: no podman in the loop."""
     loop = (
         "import statistics, subprocess, sys, time\n"
         "samples = []\n"
-        f"for _ in range({RUNS}):\n"
+        f"for _ in range({ROUNDS}):\n"
         "    start = time.perf_counter()\n"
         "    subprocess.run(sys.argv[1:], capture_output=True, check=True)\n"
         "    samples.append((time.perf_counter() - start) * 1000)\n"
         "print(statistics.median(samples))\n"
     )
-    command = podman_run(namespace, ["-c", loop, "istio-iptables", *INJECTOR_ARGV, "--dry-run"],
-                         entrypoint="/opt/istio-iptables/bin/python")
-    return float(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+    return podman_run(namespace, ["-c", loop, "istio-iptables", *INJECTOR_ARGV, "--dry-run"],
+                      entrypoint="/opt/istio-iptables/bin/python")
+
+
+COMMANDS: dict[str, Callable[[NetNS], list[str]]] = {
+    "podman run <image> /bin/true": lambda ns: podman_run(ns, [], entrypoint="/bin/true"),
+    "host: istio-iptables --dry-run <injector argv>": lambda ns: on_host(ns, [*INJECTOR_ARGV, "--dry-run"]),
+    "podman run <image> --dry-run <injector argv>": lambda ns: podman_run(ns, [*INJECTOR_ARGV, "--dry-run"]),
+    "host: istio-iptables <injector argv>": lambda ns: on_host(ns, INJECTOR_ARGV),
+    "podman run <image> <injector argv>": lambda ns: podman_run(ns, INJECTOR_ARGV, caps=CAPS),
+}
 
 
 def main() -> None:
     container.build_image()
-    print(f"image {container.IMAGE}: {container.image_size() / 1e6:.0f} MB")
-    with NetNS("iit-bench") as pod:
-        host_ns = ["ip", "netns", "exec", pod.name]
-        # Warm caches (page cache, podman's storage) so no sample pays a first-time cost.
-        subprocess.run(podman_run(pod, [*INJECTOR_ARGV, "--dry-run"]), capture_output=True, check=True)
-        true = time_command(podman_run(pod, [], entrypoint="/bin/true"), runs=RUNS)
-        host_dry = time_command([*host_ns, *CLI, "--dry-run", *INJECTOR_ARGV], runs=RUNS)
-        image_dry = time_command(podman_run(pod, ["istio-iptables", *INJECTOR_ARGV, "--dry-run"]), runs=RUNS)
-        inside = inside_the_container(pod)
-    host_apply = time_in_fresh_namespaces(lambda ns: ["ip", "netns", "exec", ns.name, *CLI, *INJECTOR_ARGV])
-    image_apply = time_in_fresh_namespaces(
-        lambda ns: podman_run(ns, ["istio-iptables", *INJECTOR_ARGV], caps=("NET_ADMIN", "NET_RAW"))
-    )
+    print(f"image {container.IMAGE}: {container.image_size() / 1e6:.0f} MB; medians of {ROUNDS} rounds")
+    samples: dict[str, list[float]] = {label: [] for label in COMMANDS}
+    for round_number in range(ROUNDS + 1):
+        for label, command_for in COMMANDS.items():
+            with NetNS("iit-bench") as namespace:
+                command = command_for(namespace)
+                start = time.perf_counter()
+                subprocess.run(command, capture_output=True, check=True)
+                if round_number:  # round 0 warms the page cache and podman's storage
+                    samples[label].append((time.perf_counter() - start) * 1000)
+    with NetNS("iit-bench") as namespace:
+        inside = float(subprocess.run(inside_one_container(namespace), capture_output=True, text=True,
+                                      check=True).stdout)
+    median = {label: statistics.median(values) for label, values in samples.items()}
+    true, host_dry, image_dry, host_apply, image_apply = median.values()
     print(row("podman run <image> /bin/true (runtime overhead)", true, host_dry, "host dry run"))
     print(row("host: istio-iptables --dry-run <injector argv>", host_dry, host_dry, "host dry run"))
     print(row("podman run <image> --dry-run <injector argv>", image_dry, host_dry, "host dry run"))
-    print(row("inside one container: istio-iptables --dry-run ...", inside, host_dry, "host dry run"))
-    print(row("host: istio-iptables <injector argv> (apply)", host_apply, host_apply, "host apply"))
-    print(row("podman run <image> <injector argv> (apply)", image_apply, host_apply, "host apply"))
-    print(row("podman run <image> <injector argv> (apply)", image_apply, true, "podman /bin/true"))
+    print(row("  the same dry run started inside the container", inside, host_dry, "host dry run"))
+    print(row("host: istio-iptables <injector argv> (writes)", host_apply, host_apply, "host apply"))
+    print(row("podman run <image> <injector argv> (writes)", image_apply, host_apply, "host apply"))
+    print(row("podman run <image> <injector argv> (writes)", image_apply, true, "podman /bin/true"))
 
 
 if __name__ == "__main__":
