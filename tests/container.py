@@ -148,6 +148,7 @@ def run_command(
     *,
     network: str,
     caps: Sequence[str] = (),
+    user: str | None = None,
     env: dict[str, str] | None = None,
     read_only: bool = True,
     volumes: Sequence[str] = (),
@@ -160,6 +161,8 @@ def run_command(
     command = [*PODMAN, "run", *RUN_LIMITS, "--network", network, "--cap-drop", "ALL"]
     if caps:
         command += ["--cap-add", ",".join(caps)]
+    if user:
+        command += ["--user", user]
     if read_only:
         command.append("--read-only")
     if remove:

@@ -159,3 +159,21 @@ def test_node_agent_enters_the_pods_namespace(image: str, netns_factory: Callabl
     for backend in ("legacy", "nft"):
         assert "ISTIO" not in node.save(f"iptables-{backend}-save")
     assert captured(pod, uid=1000) == {"captured": True, "original_dst": SERVICE}
+
+
+def test_istio_cni_validation_container(image: str, netns_factory: Callable[[str], NetNS]) -> None:
+    """With istio-cni the init container only checks, as uid 1337 with no capability: 0 or 126."""
+    validation = container.init_container("pod-istio-cni.yaml")
+    security = validation["securityContext"]
+    assert not security["capabilities"].get("add") and security["readOnlyRootFilesystem"]
+    user = f"{security['runAsUser']}:{security['runAsGroup']}"
+    programmed, forgotten = make_pod(netns_factory), make_pod(netns_factory, "iit-bare")
+    # Stand-in for the CNI plugin: the host's own iptables loads the rules the dry run prints.
+    dry_run = container.run_container([*POD_ARGS, "--dry-run"], network=f"ns:{programmed.path}")
+    (document,) = restore_documents(dry_run.stdout)
+    loaded_by_the_host(programmed, document, "nft")
+
+    passed = container.run_container(validation["args"], network=f"ns:{programmed.path}", user=user)
+    assert passed.returncode == 0, passed.stderr
+    failed = container.run_container(validation["args"], network=f"ns:{forgotten.path}", user=user)
+    assert failed.returncode == 126, failed.stderr
