@@ -164,7 +164,8 @@ def run_command(
     if user:
         command += ["--user", user]
     if read_only:
-        command.append("--read-only")
+        # As Kubernetes' readOnlyRootFilesystem: podman would otherwise mount tmpfs on /run and /tmp.
+        command += ["--read-only", "--read-only-tmpfs=false"]
     if remove:
         command.append("--rm")
     if name:
