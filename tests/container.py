@@ -158,7 +158,9 @@ def run_command(
     image: str = IMAGE,
 ) -> list[str]:
     """``podman run`` of the image as an init container: every capability dropped but ``caps``."""
-    command = [*PODMAN, "run", *RUN_LIMITS, "--network", network, "--cap-drop", "ALL"]
+    # no-new-privileges: the pods in deploy/ say allowPrivilegeEscalation: false.
+    command = [*PODMAN, "run", *RUN_LIMITS, "--network", network, "--security-opt", "no-new-privileges",
+               "--cap-drop", "ALL"]
     if caps:
         command += ["--cap-add", ",".join(caps)]
     if user:
