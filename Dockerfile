@@ -22,6 +22,8 @@ WORKDIR /src
 # and both it and this project are built without build isolation, with exactly these tools.
 # Behind a TLS-intercepting proxy, hand pip the CA bundle that trusts it as a build secret:
 #   --secret id=pip-ca,src=/etc/ssl/certs/ca-certificates.crt   (nothing of it stays in the image)
+# A PyPI mirror: --build-arg PIP_INDEX_URL=...  (the hashes still decide what is accepted)
+ARG PIP_INDEX_URL
 COPY requirements-build.lock requirements.lock ./
 RUN --mount=type=secret,id=pip-ca \
     if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
@@ -60,6 +62,10 @@ ENV PATH=/opt/istio-iptables/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/b
     PYTHONDONTWRITEBYTECODE=1 \
     SETUPTOOLS_USE_DISTUTILS=stdlib \
     XTABLES_LIBDIR=/usr/local/lib/xtables
+
+LABEL org.opencontainers.image.title="istio-iptables" \
+      org.opencontainers.image.description="Pure-Python drop-in for Istio's istio-iptables init container" \
+      org.opencontainers.image.licenses="Apache-2.0"
 
 # Root, as Istio's init container; Kubernetes grants it only NET_ADMIN and NET_RAW.
 USER 0:0
