@@ -1,6 +1,6 @@
 """Is a connection captured? Run inside a pod's namespace as root (``ip netns exec``):
 
-    python -m tests.capture_probe --uid 1000 --to 10.96.0.10:80 --listen 15001
+    python tests/capture_probe.py --uid 1000 --to 10.96.0.10:80 --listen 15001
 
 listens on ``--listen`` as Envoy would, connects to ``--to`` as ``--uid`` from a child process, and
 prints JSON: ``{"captured": true, "original_dst": "10.96.0.10:80"}`` when the connection landed on

@@ -29,7 +29,7 @@ POD_CAPS: list[str] = POD["securityContext"]["capabilities"]["add"]  # NET_ADMIN
 POD_ADDRESS = "10.244.1.5"
 SERVICE = "10.96.0.10:80"  # "remote-looking": routed out of the pod, only capture brings it back
 HOST_CLI = [sys.executable, "-m", "istio_iptables"]
-PROBE = [sys.executable, "-m", "tests.capture_probe"]
+PROBE = [sys.executable, str(container.REPO / "tests" / "capture_probe.py")]
 MAX_IMAGE_BYTES = 160 * 10**6
 
 
