@@ -172,11 +172,17 @@ def command(ctx: click.Context, **values: Any) -> None:
         values=settings, flags=flags, enable_ipv6=values["enable_ipv6"], resolv_conf=values["resolv_conf"]
     )
     try:
-        from istio_iptables.config import parse
+        from istio_iptables.apply.netns import entered
+        from istio_iptables.config import parse, parse_bool
         from istio_iptables.run import run
 
-        config = parse(raw, _host(ctx))
-        run(config, sys.stdout)
+        # Enter the target namespace before parsing: IPv6 detection reads its addresses. A dry run
+        # writes nothing, so it stays where it is (and needs no privilege).
+        dry_run = "dry_run" in flags and parse_bool(flags["dry_run"])
+        namespace = settings["network_namespace"] if "network_namespace" in settings and not dry_run else None
+        with entered(namespace.value if namespace else "", namespace.source if namespace else "") as path:
+            config = parse(raw, _host(ctx))
+            run(config, sys.stdout, namespace_path=path)
     except IstioIptablesError as error:
         log.error("%s", error)
         ctx.exit(error.exit_code)
@@ -203,7 +209,10 @@ def main(argv: list[str] | None = None) -> None:
         explain_command.main(args=args[1:], prog_name="istio-iptables explain")
         return
     try:
-        command.main(args=args, prog_name="istio-iptables", standalone_mode=False)
+        # Without standalone mode click returns ctx.exit()'s code instead of raising it.
+        code = command.main(args=args, prog_name="istio-iptables", standalone_mode=False)
+        if isinstance(code, int) and code != 0:
+            sys.exit(code)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
     except click.ClickException as error:

@@ -13,12 +13,16 @@ from istio_iptables.render import render_documents
 log = logging.getLogger("istio_iptables")
 
 
-def run(config: Config, out: TextIO) -> None:
+def run(config: Config, out: TextIO, namespace_path: str = "") -> None:
+    """``namespace_path``: the --network-namespace the caller entered (the CNI-mode lock file)."""
     log.info("effective configuration: %s", config)
     plan = build_plan(config)
     if config.dry_run:
         out.write(render_documents(plan.rulesets))
     elif not config.skip_rule_apply:
-        raise EnvironmentProblem("applying rules is not implemented yet; use --dry-run")
+        from istio_iptables.apply.engine import apply
+
+        outcome = apply(config, plan, namespace_path)
+        log.info("%s (%s backend)", outcome.action, outcome.backend)
     if config.run_validation:
         raise EnvironmentProblem("--run-validation is not implemented yet")

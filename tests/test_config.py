@@ -56,9 +56,7 @@ class TestCidrs:
         assert selection.of_family(4) == (ipaddress.ip_network("10.0.0.0/8"),)
         assert selection.of_family(6) == (ipaddress.ip_network("2001:db8::/32"),)
 
-    @pytest.mark.parametrize(
-        "bad", ["10.0.0.1", "10.0.0.0/33", " 10.0.0.0/8", "fe80::1%eth0/64", "x/8", "10/8"]
-    )
+    @pytest.mark.parametrize("bad", ["10.0.0.1", "10.0.0.0/33", " 10.0.0.0/8", "fe80::1%eth0/64", "x/8", "10/8"])
     def test_rejects(self, bad: str) -> None:
         with pytest.raises(ConfigError):
             parse_cidr_selection(setting(bad))
@@ -133,9 +131,7 @@ class TestOwnerGroups:
     def test_names_must_resolve(self) -> None:
         with pytest.raises(ConfigError, match="no such group"):
             parse(
-                RawSettings(
-                    values={"owner_groups_include": Setting("nosuchgroup", "ISTIO_OUTBOUND_OWNER_GROUPS")}
-                ),
+                RawSettings(values={"owner_groups_include": Setting("nosuchgroup", "ISTIO_OUTBOUND_OWNER_GROUPS")}),
                 FakeHost(),
             )
 

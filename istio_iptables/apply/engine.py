@@ -1,0 +1,168 @@
+"""Apply a plan to the current network namespace: idempotent, drift-aware, all or nothing.
+
+1. Pick the backend from what the namespace holds (read-only) and keep both families' save
+   output as the snapshot.
+2. Compare our live part with the plan, in order. Equal: nothing is written. Nothing of ours:
+   apply. Anything else is drift: exit 3 with the diff unless --reconcile or --force-apply,
+   which replace our part atomically per table.
+3. Write one restore transaction per family; on any failure (a table, the IPv6 half, the
+   routes) every touched table goes back to the snapshot before the error is reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from typing import Protocol
+
+from istio_iptables.apply.backend import Backend, Detection, detect
+from istio_iptables.apply.restore import (
+    RestoreApplier,
+    RestoreFailed,
+    explain_failure,
+    family_label,
+    tables_of,
+)
+from istio_iptables.apply.state import TableState, desired_state, diff_states, owned_state, transition_script
+from istio_iptables.config import Config
+from istio_iptables.errors import DriftError, EnvironmentProblem, IstioIptablesError
+from istio_iptables.model import ISTIO_DIVERT, ISTIO_TPROXY, Family, Plan
+
+log = logging.getLogger("istio_iptables")
+
+CAP_NET_ADMIN = 12
+FAMILIES = (Family.V4, Family.V6)
+_MARK = re.compile(r"--(?:tproxy-mark|set-xmark) (0x[0-9a-f]+)/")
+
+
+class Applier(Protocol):
+    name: str
+
+    def write(self, family: Family, script: str) -> None: ...
+
+    def rollback(self, family: Family, snapshot: str, tables: list[str]) -> None: ...
+
+
+class Outcome:
+    """What a run did, for logs and tests."""
+
+    def __init__(self, action: str, backend: str, scripts: dict[Family, str]) -> None:
+        self.action = action  # "applied", "unchanged", "reconciled", "cleaned", "nothing-to-clean"
+        self.backend = backend
+        self.scripts = scripts
+
+
+def check_privileges(status_path: str = "/proc/self/status") -> None:
+    try:
+        with open(status_path, encoding="ascii") as status:
+            effective = next((line.split()[1] for line in status if line.startswith("CapEff:")), "0")
+    except OSError:
+        effective = "0" if os.geteuid() != 0 else "ffffffff"
+    if not int(effective, 16) & (1 << CAP_NET_ADMIN):
+        raise EnvironmentProblem(
+            "writing netfilter rules needs CAP_NET_ADMIN: run as root, or add the NET_ADMIN (and NET_RAW) "
+            "capability to the init container"
+        )
+
+
+def child_environment(config: Config, namespace_path: str) -> dict[str, str] | None:
+    """Istio's CNI mode: one xtables lock per pod namespace, so pods never wait for each other."""
+    if config.cni_mode and namespace_path:
+        return {**os.environ, "XTABLES_LOCKFILE": namespace_path}
+    return None
+
+
+def make_applier(config: Config, backend: Backend, env: Mapping[str, str] | None) -> Applier:
+    if config.applier == "libiptc":
+        from istio_iptables.apply.libiptc import LibiptcApplier
+
+        return LibiptcApplier(backend, env)
+    return RestoreApplier(backend, env)
+
+
+def live_mark(live: TableState) -> int | None:
+    """The TPROXY mark our live rules use, so cleanup finds the policy routes that go with it."""
+    mangle = live.get("mangle", {})
+    for spec in [*mangle.get(ISTIO_TPROXY, []), *mangle.get(ISTIO_DIVERT, [])]:
+        found = _MARK.search(spec)
+        if found:
+            return int(found.group(1), 16)
+    return None
+
+
+def apply(config: Config, plan: Plan, namespace_path: str = "") -> Outcome:
+    check_privileges()
+    env = child_environment(config, namespace_path)
+    planned = tuple(ruleset.family for ruleset in plan.rulesets)
+    detection = detect(config.force_iptables_binary, FAMILIES if config.cleanup_only else planned, env)
+    log.info("iptables backend: %s (%s)", detection.backend.name, detection.reason)
+    applier = make_applier(config, detection.backend, env)
+    live = {family: owned_state(detection.dump(family)) for family in FAMILIES}
+    if config.cleanup_only:
+        return _cleanup(detection, applier, live)
+
+    desired = {ruleset.family: desired_state(ruleset) for ruleset in plan.rulesets}
+    diffs = {family: diff_states(live[family], desired.get(family, {}), family) for family in FAMILIES}
+    has_ours = any(live.values())
+    drift = [line for family in FAMILIES for line in diffs[family]]
+    if has_ours and not drift and not config.force_apply:
+        log.info("the namespace already holds exactly these rules: nothing to write")
+        _ensure_routes(plan, detection, applier, {})
+        return Outcome("unchanged", detection.backend.name, {})
+    if has_ours and drift and not (config.reconcile or config.force_apply):
+        raise DriftError(
+            "the namespace holds istio-iptables rules of another configuration (or edited ones); "
+            "rerun with --reconcile to replace them, or --cleanup-only to remove them:\n" + "\n".join(drift)
+        )
+    scripts = {
+        family: script for family in FAMILIES if (script := transition_script(live[family], plan.ruleset(family)))
+    }
+    touched = _write(scripts, detection, applier)
+    _ensure_routes(plan, detection, applier, touched)
+    return Outcome("reconciled" if has_ours else "applied", detection.backend.name, scripts)
+
+
+def _write(scripts: dict[Family, str], detection: Detection, applier: Applier) -> dict[Family, list[str]]:
+    touched: dict[Family, list[str]] = {}
+    try:
+        for family, script in scripts.items():
+            touched[family] = tables_of(script)
+            log.debug("%s input for %s:\n%s", applier.name, family_label(family), script)
+            applier.write(family, script)
+    except RestoreFailed as failure:
+        rolled_back = _rollback(touched, detection, applier)
+        raise explain_failure(failure, rolled_back) from None
+    return touched
+
+
+def _rollback(touched: dict[Family, list[str]], detection: Detection, applier: Applier) -> bool:
+    for family, tables in touched.items():
+        applier.rollback(family, detection.saves[family], tables)
+    return bool(touched)
+
+
+def _ensure_routes(plan: Plan, detection: Detection, applier: Applier, touched: dict[Family, list[str]]) -> None:
+    if plan.routes is None and not plan.ipv6_passthrough_address:
+        return
+    from istio_iptables.apply import routes
+
+    try:
+        routes.ensure(plan.routes, plan.ipv6_passthrough_address)
+    except IstioIptablesError as error:
+        if touched:
+            _rollback(touched, detection, applier)
+            raise type(error)(f"{error}; the rules were rolled back") from None
+        raise
+
+
+def _cleanup(detection: Detection, applier: Applier, live: dict[Family, TableState]) -> Outcome:
+    scripts = {family: script for family in FAMILIES if (script := transition_script(live[family], None))}
+    _write(scripts, detection, applier)
+    mark = live_mark(live[Family.V4]) if live[Family.V4] else live_mark(live[Family.V6])
+    if mark is not None or live[Family.V6]:
+        from istio_iptables.apply import routes
+
+        routes.remove(mark, passthrough_v6=bool(live[Family.V6]))
+    return Outcome("cleaned" if scripts else "nothing-to-clean", detection.backend.name, scripts)

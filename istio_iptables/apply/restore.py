@@ -1,0 +1,159 @@
+"""The default applier: ``iptables-restore --noflush`` with the input on stdin, one call per family.
+
+Failures are turned into one actionable line: the kernel lacking a table, match or target and a
+held xtables lock are environment problems (exit 4); anything else names the failing restore line
+with five lines of context either side. Rolling back replays the snapshot taken before writing.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Mapping
+
+from istio_iptables.apply.backend import Backend, find_program
+from istio_iptables.apply.state import parse_save
+from istio_iptables.errors import ApplyError, EnvironmentProblem, IstioIptablesError
+from istio_iptables.model import Family
+
+LOCK_WAIT_SECONDS = 30  # how long a write waits for the xtables lock before giving up (Istio: 30)
+CONTEXT_LINES = 5
+
+_FAILED_LINE = re.compile(r"line (\d+)(?: failed|:)")  # legacy: "line 3 failed", nft: "line 3: ..."
+_MISSING_EXTENSION = re.compile(r"Couldn't load (match|target) `([^']+)'")
+_MISSING_TABLE = re.compile(r"(?:can't initialize \S+ table `([^']+)'|Table does not exist)")
+# nft: "Extension owner revision 0 not supported, missing kernel module?"
+_UNSUPPORTED_EXTENSION = re.compile(r"(?:(match|target) )?[Ee]xtension (\S+) revision \d+ not supported")
+_NO_SUCH_EXTENSION = "No chain/target/match by that name"
+_LOCK_HELD = "holding the xtables lock"
+
+
+class RestoreFailed(Exception):
+    """One restore run failed; ``text`` is what it was given."""
+
+    def __init__(self, family: Family, program: str, text: str, returncode: int, stderr: str) -> None:
+        super().__init__(program)
+        self.family = family
+        self.program = program
+        self.text = text
+        self.returncode = returncode
+        self.stderr = stderr
+
+    def __str__(self) -> str:
+        return f"{self.program} exited {self.returncode}: {self.stderr.strip()[-500:]}"
+
+
+def family_label(family: Family) -> str:
+    return "IPv4" if family is Family.V4 else "IPv6"
+
+
+def with_context(text: str, line_number: int, around: int = CONTEXT_LINES) -> str:
+    lines = text.splitlines()
+    start, end = max(1, line_number - around), min(len(lines), line_number + around)
+    return "\n".join(
+        f"{'>' if number == line_number else ' '} {number:4d}  {lines[number - 1]}" for number in range(start, end + 1)
+    )
+
+
+def explain_failure(failure: RestoreFailed, rolled_back: bool) -> IstioIptablesError:
+    """The user-facing error for a failed write (after the rollback, which the message reports)."""
+    stderr = failure.stderr.strip()
+    state = "the namespace was rolled back to its previous rules" if rolled_back else "nothing was changed"
+    label = family_label(failure.family)
+    where = _FAILED_LINE.search(stderr)
+    context = f"\n{with_context(failure.text, int(where.group(1)))}" if where else ""
+    if _LOCK_HELD in stderr:
+        return EnvironmentProblem(
+            f"another program held the xtables lock for more than {LOCK_WAIT_SECONDS}s ({label}); "
+            f"retry, or in CNI mode pass --network-namespace so the lock is per pod; {state}"
+        )
+    missing = _MISSING_EXTENSION.search(stderr) or _UNSUPPORTED_EXTENSION.search(stderr)
+    if missing:
+        kind, name = missing.groups()
+        kind, module = kind or "extension", f"xt_{name}"
+        return EnvironmentProblem(
+            f"the iptables {kind} '{name}' is unavailable ({label}): load the {module} kernel module "
+            f"(modprobe {module}) on the node, and check iptables' extensions are installed; {state}{context}"
+        )
+    table = _MISSING_TABLE.search(stderr)
+    if table:
+        name = table.group(1) or "a table"
+        prefix = "iptable" if failure.family is Family.V4 else "ip6table"
+        return EnvironmentProblem(
+            f"the kernel lacks the {label} {name} table: load it (modprobe {prefix}_{name}); {state}"
+        )
+    if _NO_SUCH_EXTENSION in stderr:
+        # Our scripts declare every chain they jump to, so this is a kernel match or target missing.
+        return EnvironmentProblem(
+            f"the kernel lacks a match or target of this rule ({label}): load its xt_* module "
+            f"(e.g. modprobe xt_owner xt_conntrack xt_REDIRECT xt_TPROXY xt_CT xt_mark xt_connmark); {state}{context}"
+        )
+    detail = stderr.splitlines()[-1] if stderr else f"killed or exited {failure.returncode}"
+    return ApplyError(f"{failure.program} failed ({detail}); {state}{context}")
+
+
+def tables_of(script: str) -> list[str]:
+    return [line[1:].strip() for line in script.splitlines() if line.startswith("*")]
+
+
+class RestoreApplier:
+    name = "restore"
+
+    def __init__(self, backend: Backend, env: Mapping[str, str] | None = None) -> None:
+        self.backend = backend
+        self.env = env
+
+    def write(self, family: Family, script: str) -> None:
+        self._restore(family, script, "--noflush", "-w", str(LOCK_WAIT_SECONDS))
+
+    def rollback(self, family: Family, snapshot: str, tables: list[str]) -> None:
+        """Put every table we touched back as the snapshot held it (empty if it held nothing)."""
+        saved = parse_save(snapshot).tables
+        missing = [table for table in tables if table not in saved]
+        kept = "\n".join(self._tables_of_snapshot(snapshot, tables))
+        text = kept + "".join(f"*{table}\nCOMMIT\n" for table in missing)
+        if text.strip():
+            self._restore(family, text, "-w", str(LOCK_WAIT_SECONDS))
+        if self.backend.name == "nft" and missing:
+            drop_new_nft_tables(family, missing, self.env)
+
+    @staticmethod
+    def _tables_of_snapshot(snapshot: str, tables: list[str]) -> list[str]:
+        kept: list[str] = []
+        keep = False
+        for line in snapshot.splitlines():
+            if line.startswith("*"):
+                keep = line[1:].strip() in tables
+            if keep and not line.startswith("#"):
+                kept.append(line)
+        return [*kept, ""] if kept else []
+
+    def _restore(self, family: Family, text: str, *options: str) -> None:
+        program = self.backend.program(family, "restore")
+        process = subprocess.run(
+            [find_program(program), *options],
+            input=text,
+            capture_output=True,
+            text=True,
+            env=self.env,
+            check=False,
+            timeout=LOCK_WAIT_SECONDS + 30,
+        )
+        if process.returncode != 0:
+            raise RestoreFailed(family, program, text, process.returncode, process.stderr)
+
+
+def drop_new_nft_tables(family: Family, tables: list[str], env: Mapping[str, str] | None) -> None:
+    """An nft table our failed write created is deleted again, so the backend looks untouched.
+
+    Only tables the snapshot did not list (so nobody else had rules there) and which the rollback
+    just emptied; without the nft binary they stay, empty.
+    """
+    from shutil import which
+
+    nft = which("nft")
+    if nft is None:
+        return
+    nft_family = "ip" if family is Family.V4 else "ip6"
+    script = "".join(f"delete table {nft_family} {table}\n" for table in tables)
+    subprocess.run([nft, "-f", "-"], input=script, capture_output=True, text=True, env=env, check=False)
