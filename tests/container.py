@@ -48,8 +48,17 @@ path-exclude /usr/share/locale/*
 """
 
 
+def _run(command: Sequence[str], *, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """Run ``command``; on failure, raise with its output's tail (a failed build must explain itself)."""
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    if check and done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).splitlines()[-40:])
+        raise RuntimeError(f"{' '.join(command)} exited {done.returncode}:\n{tail}")
+    return done
+
+
 def podman(*args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*PODMAN, *args], capture_output=True, text=True, check=check, timeout=timeout)
+    return _run([*PODMAN, *args], check=check, timeout=timeout)
 
 
 def debian_mirror() -> str:
@@ -80,13 +89,10 @@ def base_tarball() -> Path:
     mirror = debian_mirror()
     with tempfile.TemporaryDirectory(dir=CACHE) as scratch:
         rootfs = Path(scratch) / "rootfs"
-        subprocess.run(
-            ["debootstrap", "--variant=minbase", SUITE, str(rootfs), mirror],
-            check=True, capture_output=True, text=True, timeout=900,
-        )
+        _run(["debootstrap", "--variant=minbase", SUITE, str(rootfs), mirror])
         _trim(rootfs, mirror)
         partial = Path(scratch) / tarball.name
-        subprocess.run(["tar", "-C", str(rootfs), "--numeric-owner", "-cf", str(partial), "."], check=True)
+        _run(["tar", "-C", str(rootfs), "--numeric-owner", "-cf", str(partial), "."])
         partial.rename(tarball)
     return tarball
 
@@ -102,13 +108,17 @@ def _trim(rootfs: Path, mirror: str) -> None:
     for pattern in ("var/cache/apt/archives/*.deb", "var/cache/apt/*.bin", "var/lib/apt/lists/*",
                     "usr/share/man/*", "usr/share/info/*", "usr/share/locale/*", "var/log/*.log"):
         for path in rootfs.glob(pattern):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            elif path.name != "lock":
-                path.unlink()
+            _remove(path)
     for path in (rootfs / "usr/share/doc").glob("*/*"):
         if path.name != "copyright":
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            _remove(path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def ensure_base_image() -> str:
