@@ -1,7 +1,7 @@
 # The two commands a newcomer needs: `make demo` and `make test` (both as root on Debian/Ubuntu).
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
-APT_PACKAGES := iptables iproute2 nftables ipset conntrack
+APT_PACKAGES := iptables iproute2 nftables ipset conntrack libip4tc-dev libip6tc-dev
 # Commands that must exist; a missing one triggers the apt-get install.
 REQUIRED_COMMANDS := ip iptables-legacy-restore iptables-nft-restore nft ipset conntrack
 
