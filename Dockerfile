@@ -43,16 +43,19 @@ RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation -w /wheels . \
 
 # ---- runtime: the distribution's iptables (legacy and nft), nftables, iproute2, Python ----------
 FROM ${BASE_IMAGE}
-# The symlink gives the xtables extensions one arch-independent path (python-iptables and iptables
-# read XTABLES_LIBDIR); setting it spares python-iptables an `ldconfig -v` scan at import.
+# The symlinks: one arch-independent path for the xtables extensions (python-iptables and iptables
+# read XTABLES_LIBDIR), and the unversioned names python-iptables looks for in IPTABLES_LIBDIR
+# (the -dev packages' only useful files here). Both spare `--applier libiptc` an ldconfig scan.
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
         python3 iptables nftables iproute2 \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/* /var/log/apt /var/log/dpkg.log \
- && ln -s "/usr/lib/$(python3 -c 'import sysconfig; print(sysconfig.get_config_var("MULTIARCH"))')/xtables" \
-        /usr/local/lib/xtables \
- && test -e /usr/local/lib/xtables/libxt_REDIRECT.so
+ && libdir="/usr/lib/$(python3 -c 'import sysconfig; print(sysconfig.get_config_var("MULTIARCH"))')" \
+ && ln -s "$libdir/xtables" /usr/local/lib/xtables \
+ && ln -s libip4tc.so.2 "$libdir/libip4tc.so" \
+ && ln -s libip6tc.so.2 "$libdir/libip6tc.so" \
+ && test -e /usr/local/lib/xtables/libxt_REDIRECT.so -a -e "$libdir/libip4tc.so" -a -e "$libdir/libip6tc.so"
 COPY --from=build /opt/istio-iptables /opt/istio-iptables
 
 # PYTHONDONTWRITEBYTECODE: init containers often run with a read-only root filesystem.

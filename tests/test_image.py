@@ -138,16 +138,18 @@ LEGACY_READ_ONLY_LOCK = pytest.mark.xfail(
 
 
 @pytest.mark.parametrize(
-    ("backend", "read_only"),
+    ("backend", "read_only", "extra_args"),
     [
-        pytest.param("nft", True, id="fresh-pod-nft-read-only-root"),
+        pytest.param("nft", True, [], id="fresh-pod-nft-read-only-root"),
         # The injector's own securityContext leaves the root writable (readOnlyRootFilesystem: false).
-        pytest.param("legacy", False, id="legacy-pod-writable-root"),
-        pytest.param("legacy", True, id="legacy-pod-read-only-root", marks=LEGACY_READ_ONLY_LOCK),
+        pytest.param("legacy", False, [], id="legacy-pod-writable-root"),
+        pytest.param("legacy", True, [], id="legacy-pod-read-only-root", marks=LEGACY_READ_ONLY_LOCK),
+        # python-iptables in the image: its C helper built, its libraries found.
+        pytest.param("legacy", False, ["--applier", "libiptc"], id="legacy-pod-libiptc-applier"),
     ],
 )
 def test_init_container_writes_the_rules_and_captures_traffic(
-    image: str, pod: NetNS, netns: NetNS, backend: str, read_only: bool
+    image: str, pod: NetNS, netns: NetNS, backend: str, read_only: bool, extra_args: list[str]
 ) -> None:
     """The pod spec's init container, for real: then an application's connection lands on Envoy's port."""
     for namespace in (pod, netns) if backend == "legacy" else ():
@@ -155,7 +157,9 @@ def test_init_container_writes_the_rules_and_captures_traffic(
     dry_run = container.run_container([*POD_ARGS, "--dry-run"], network=f"ns:{pod.path}")
     assert dry_run.returncode == 0, dry_run.stderr
 
-    run = container.run_container(POD_ARGS, network=f"ns:{pod.path}", caps=POD_CAPS, read_only=read_only)
+    run = container.run_container(
+        [*POD_ARGS, *extra_args], network=f"ns:{pod.path}", caps=POD_CAPS, read_only=read_only
+    )
     assert run.returncode == 0, run.stderr
     assert istio_backend(pod) == backend
 
