@@ -123,12 +123,38 @@ def _source_label(ctx: click.Context, name: str, long: str, envvars: tuple[str, 
     return long
 
 
+def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Every configuration flag of the main command (``explain`` takes the same ones)."""
+    command = click.option("--resolv-conf", "resolv_conf", default="/etc/resolv.conf", show_default=True,
+                           help="Where --redirect-dns reads the DNS servers to capture.")(command)
+    command = click.option("--enable-ipv6/--disable-ipv6", "enable_ipv6", default=None,
+                           help="Write IPv6 rules or not (default: detect from the namespace's addresses, "
+                           "as Istio).")(command)
+    return _options(command)
+
+
+def raw_settings(ctx: click.Context, values: dict[str, Any]) -> Any:
+    """The configuration flags and environment of this invocation, labelled with their sources."""
+    from istio_iptables.config import RawSettings, Setting
+
+    settings: dict[str, Setting] = {}
+    flags: dict[str, Setting] = {}
+    for name, _short, long, envvars, _help in VALUE_OPTIONS:
+        if values[name] is not None:
+            settings[name] = Setting(values[name], _source_label(ctx, name, long, envvars))
+    for name, _short, long, envvars, _help in BOOL_OPTIONS:
+        if values[name] is not None:
+            flags[name] = Setting(values[name], _source_label(ctx, name, long, envvars))
+    for name, var in ENV_ONLY.items():
+        if var in os.environ:
+            settings[name] = Setting(os.environ[var], var)
+    return RawSettings(
+        values=settings, flags=flags, enable_ipv6=values["enable_ipv6"], resolv_conf=values["resolv_conf"]
+    )
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@_options
-@click.option("--enable-ipv6/--disable-ipv6", "enable_ipv6", default=None,
-              help="Write IPv6 rules or not (default: detect from the namespace's addresses, as Istio).")
-@click.option("--resolv-conf", "resolv_conf", default="/etc/resolv.conf", show_default=True,
-              help="Where --redirect-dns reads the DNS servers to capture.")
+@config_options
 @click.option("--log_output_level", "log_output_level", default="default:info",
               help="Istio logging: scope:level pairs, e.g. default:debug.")
 @click.option("--log_as_json", "log_as_json", is_flag=False, flag_value="true", default="false",
@@ -148,7 +174,6 @@ def _source_label(ctx: click.Context, name: str, long: str, envvars: tuple[str, 
 @click.pass_context
 def command(ctx: click.Context, **values: Any) -> None:
     """Write the netfilter rules that send a pod's traffic through its sidecar proxy."""
-    from istio_iptables.config import RawSettings, Setting
     from istio_iptables.logging_setup import configure_logging
 
     configure_logging(values["log_output_level"], values["log_as_json"], values["log_target"])
@@ -156,21 +181,7 @@ def command(ctx: click.Context, **values: Any) -> None:
         if values[removed] is not None:
             log.warning("ignoring --%s: Istio removed it", removed.replace("_", "-"))
 
-    settings: dict[str, Setting] = {}
-    flags: dict[str, Setting] = {}
-    for name, _short, long, envvars, _help in VALUE_OPTIONS:
-        if values[name] is not None:
-            settings[name] = Setting(values[name], _source_label(ctx, name, long, envvars))
-    for name, _short, long, envvars, _help in BOOL_OPTIONS:
-        if values[name] is not None:
-            flags[name] = Setting(values[name], _source_label(ctx, name, long, envvars))
-    for name, var in ENV_ONLY.items():
-        if var in os.environ:
-            settings[name] = Setting(os.environ[var], var)
-
-    raw = RawSettings(
-        values=settings, flags=flags, enable_ipv6=values["enable_ipv6"], resolv_conf=values["resolv_conf"]
-    )
+    raw = raw_settings(ctx, values)
     try:
         from istio_iptables.apply.netns import entered
         from istio_iptables.config import parse, parse_bool
@@ -178,8 +189,8 @@ def command(ctx: click.Context, **values: Any) -> None:
 
         # Enter the target namespace before parsing: IPv6 detection reads its addresses. A dry run
         # writes nothing, so it stays where it is (and needs no privilege).
-        dry_run = "dry_run" in flags and parse_bool(flags["dry_run"])
-        namespace = settings["network_namespace"] if "network_namespace" in settings and not dry_run else None
+        dry_run = "dry_run" in raw.flags and parse_bool(raw.flags["dry_run"])
+        namespace = raw.values.get("network_namespace") if not dry_run else None
         with entered(namespace.value if namespace else "", namespace.source if namespace else "") as path:
             config = parse(raw, _host(ctx))
             run(config, sys.stdout, namespace_path=path)

@@ -105,16 +105,23 @@ class Owner:
     negate: bool = False
 
 
+FULL_MASK = 0xFFFFFFFF
+
+
 @dataclass(frozen=True)
 class Mark:
+    """``-m mark --mark value[/mask]``: matches when ``packet mark & mask == value``."""
+
     value: int
     negate: bool = False
+    mask: int = FULL_MASK
 
 
 @dataclass(frozen=True)
 class ConnMark:
     value: int
     negate: bool = False
+    mask: int = FULL_MASK
 
 
 @dataclass(frozen=True)
@@ -131,7 +138,19 @@ class SetMatch:
     negate: bool = False
 
 
-Match: TypeAlias = Protocol | Address | Ports | Interface | Owner | Mark | ConnMark | ConnState | SetMatch
+@dataclass(frozen=True)
+class Unsupported:
+    """A match or target read from live rules that this tool does not model (the text as it was read).
+
+    Only parsers of installed rules produce it, so nothing is ever silently dropped; renderers refuse it.
+    """
+
+    text: str
+
+
+Match: TypeAlias = (
+    Protocol | Address | Ports | Interface | Owner | Mark | ConnMark | ConnState | SetMatch | Unsupported
+)
 
 
 # --- targets -----------------------------------------------------------------
@@ -161,7 +180,10 @@ class Tproxy:
 
 @dataclass(frozen=True)
 class SetMark:
+    """``-j MARK``: the packet mark becomes ``(mark & ~mask) ^ value`` (``--set-mark`` is a full mask)."""
+
     value: int
+    mask: int = FULL_MASK
 
 
 @dataclass(frozen=True)
@@ -179,7 +201,9 @@ class CtZone:
     zone: int
 
 
-Target: TypeAlias = Jump | Verdict | Redirect | Tproxy | SetMark | ConnMarkSave | ConnMarkRestore | CtZone
+Target: TypeAlias = (
+    Jump | Verdict | Redirect | Tproxy | SetMark | ConnMarkSave | ConnMarkRestore | CtZone | Unsupported
+)
 
 RETURN = Verdict("RETURN")
 

@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterable
 
 from istio_iptables.model import (
+    FULL_MASK,
     Address,
     ConnMark,
     ConnMarkRestore,
@@ -52,6 +53,10 @@ def _negated(negate: bool, *tokens: str) -> list[str]:
     return ["!", *tokens] if negate else list(tokens)
 
 
+def _masked(value: int, mask: int) -> str:
+    return str(value) if mask == FULL_MASK else f"{value:#x}/{mask:#x}"
+
+
 def match_tokens(match: Match) -> list[str]:
     if isinstance(match, Protocol):
         return _negated(match.negate, "-p", match.name)
@@ -70,9 +75,9 @@ def match_tokens(match: Match) -> list[str]:
     if isinstance(match, Owner):
         return ["-m", "owner", *_negated(match.negate, f"--{match.kind}-owner", match.id)]
     if isinstance(match, Mark):
-        return ["-m", "mark", *_negated(match.negate, "--mark", str(match.value))]
+        return ["-m", "mark", *_negated(match.negate, "--mark", _masked(match.value, match.mask))]
     if isinstance(match, ConnMark):
-        return ["-m", "connmark", *_negated(match.negate, "--mark", str(match.value))]
+        return ["-m", "connmark", *_negated(match.negate, "--mark", _masked(match.value, match.mask))]
     if isinstance(match, ConnState):
         return ["-m", "conntrack", "--ctstate", ",".join(match.states)]
     if isinstance(match, SetMatch):
@@ -90,6 +95,8 @@ def target_tokens(target: Target) -> list[str]:
     if isinstance(target, Tproxy):
         return ["-j", "TPROXY", "--tproxy-mark", f"{target.mark}/{target.mask:#x}", "--on-port", str(target.port)]
     if isinstance(target, SetMark):
+        if target.mask != FULL_MASK:
+            return ["-j", "MARK", "--set-xmark", _masked(target.value, target.mask)]
         return ["-j", "MARK", "--set-mark", str(target.value)]
     if isinstance(target, ConnMarkSave):
         return ["-j", "CONNMARK", "--save-mark"]

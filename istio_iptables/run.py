@@ -7,7 +7,6 @@ from typing import TextIO
 
 from istio_iptables.capture import build_plan
 from istio_iptables.config import Config
-from istio_iptables.errors import EnvironmentProblem
 from istio_iptables.render import render_documents
 
 log = logging.getLogger("istio_iptables")
@@ -25,4 +24,6 @@ def run(config: Config, out: TextIO, namespace_path: str = "") -> None:
         outcome = apply(config, plan, namespace_path)
         log.info("%s (%s backend)", outcome.action, outcome.backend)
     if config.run_validation:
-        raise EnvironmentProblem("--run-validation is not implemented yet")
+        from istio_iptables.validation import run_validation
+
+        run_validation(config)

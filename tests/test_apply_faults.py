@@ -299,3 +299,26 @@ def test_unknown_namespace_is_invalid_input() -> None:
         [binary, "--network-namespace", "no-such-ns-9f8e7d", "-u", "1337"], capture_output=True, text=True, check=False
     )
     assert result.returncode == ExitCode.INVALID_INPUT and "no-such-ns-9f8e7d" in result.stderr
+
+
+def test_unwritable_lock_as_non_root_is_one_line_not_a_traceback(netns) -> None:
+    """An istio-validation style container: uid 1337 with only CAP_NET_ADMIN, legacy backend.
+
+    /run/xtables.lock is root's, so both the write and the rollback fail: that must be reported,
+    never raised as a traceback.
+    """
+    binary = str(Path(sys.executable).with_name("istio-iptables"))
+    lock = Path("/run/xtables.lock")
+    lock.touch(exist_ok=True)
+    result = subprocess.run(
+        [
+            "ip", "netns", "exec", netns.name,
+            "setpriv", "--reuid=1337", "--regid=1337", "--clear-groups",
+            "--inh-caps=+net_admin,+net_raw", "--ambient-caps=+net_admin,+net_raw",
+            binary, "-u", "1337", "-b", "*", "--disable-ipv6", "--force-iptables-binary", "legacy",
+        ],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert result.returncode in (ExitCode.FAILURE, ExitCode.ENVIRONMENT), result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 12, result.stderr

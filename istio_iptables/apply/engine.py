@@ -27,7 +27,7 @@ from istio_iptables.apply.restore import (
 )
 from istio_iptables.apply.state import TableState, desired_state, diff_states, owned_state, transition_script
 from istio_iptables.config import Config
-from istio_iptables.errors import DriftError, EnvironmentProblem, IstioIptablesError
+from istio_iptables.errors import ApplyError, DriftError, EnvironmentProblem, IstioIptablesError
 from istio_iptables.model import ISTIO_DIVERT, ISTIO_TPROXY, Family, Plan
 
 log = logging.getLogger("istio_iptables")
@@ -132,9 +132,22 @@ def _write(scripts: dict[Family, str], detection: Detection, applier: Applier) -
             log.debug("%s input for %s:\n%s", applier.name, family_label(family), script)
             applier.write(family, script)
     except RestoreFailed as failure:
-        rolled_back = _rollback(touched, detection, applier)
+        try:
+            rolled_back = _rollback(touched, detection, applier)
+        except RestoreFailed as undo_failure:
+            # The undo met the same obstacle (e.g. an unwritable lock file): say so, never a traceback.
+            raise ApplyError(
+                f"{failure.program} failed ({_last_line(failure)}) and rolling back failed as well "
+                f"({undo_failure.program}: {_last_line(undo_failure)}): the namespace may hold part of "
+                "the rules; inspect it with iptables-save"
+            ) from None
         raise explain_failure(failure, rolled_back) from None
     return touched
+
+
+def _last_line(failure: RestoreFailed) -> str:
+    lines = failure.stderr.strip().splitlines()
+    return lines[-1] if lines else f"exit {failure.returncode}"
 
 
 def _rollback(touched: dict[Family, list[str]], detection: Detection, applier: Applier) -> bool:

@@ -1,0 +1,242 @@
+"""``istio-iptables explain``: which rule decides a flow, and where it lands.
+
+The configuration flags are the main command's own (shared through :func:`cli.config_options`);
+``--live`` reads the rules installed in a namespace instead. Reading live rules is the only side
+effect, and it happens here, at the edge: :mod:`istio_iptables.explain` stays pure.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+import click
+
+from istio_iptables.cli import _host, config_options, raw_settings
+from istio_iptables.errors import EnvironmentProblem, IstioIptablesError
+from istio_iptables.explain import Flow, IPAddress, Tables, explain, render_text, to_data
+from istio_iptables.model import Family, IPNetwork
+
+DEFAULT_REMOTE = {4: "203.0.113.10", 6: "2001:db8:ffff::10"}
+DEFAULT_POD = {4: "10.0.0.2", 6: "fd00::2"}
+DEFAULT_SPORT = 43210
+APP_ID = 1000
+
+
+class AddressType(click.ParamType):
+    name = "address"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> IPAddress:
+        if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
+            return value
+        try:
+            return ipaddress.ip_address(str(value).strip("[]"))
+        except ValueError:
+            self.fail(f"{value!r} is not an IPv4 or IPv6 address", param, ctx)
+
+
+ADDRESS = AddressType()
+PORT = click.IntRange(1, 65535)
+ID = click.IntRange(0, 2**32 - 2)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@config_options
+@click.option(
+    "--live",
+    is_flag=True,
+    help="Explain with the rules installed in --network-namespace (or this namespace), not a config.",
+)
+@click.option(
+    "--origin",
+    type=click.Choice(["remote", "local", "proxy"]),
+    default="local",
+    show_default=True,
+    help="Who sends the packet: a remote host, a local process (--uid/--gid), or the proxy itself.",
+)
+@click.option("--protocol", type=click.Choice(["tcp", "udp"]), default="tcp", show_default=True)
+@click.option("--dst", "dst", type=ADDRESS, required=True, help="Destination address.")
+@click.option("--dport", type=PORT, required=True, help="Destination port.")
+@click.option(
+    "--src",
+    "src",
+    type=ADDRESS,
+    default=None,
+    help="Source address (default: loopback for loopback destinations, else a pod address, "
+    "or 203.0.113.10 / 2001:db8:ffff::10 for remote hosts).",
+)
+@click.option("--sport", type=PORT, default=DEFAULT_SPORT, show_default=True, help="Source port.")
+@click.option("--uid", type=ID, default=None, help="Owner of the local socket (default 1000; proxy: its uid).")
+@click.option("--gid", type=ID, default=None, help="Group of the local socket (default 1000; proxy: its gid).")
+@click.option("--in-interface", default="eth0", show_default=True, help="Where a remote packet comes in.")
+@click.option(
+    "--out-interface",
+    default="eth0",
+    show_default=True,
+    help="Where a local packet to a non-local address leaves (lo is chosen for local addresses).",
+)
+@click.option(
+    "--pod-ip",
+    "pod_ips",
+    type=ADDRESS,
+    multiple=True,
+    help="An address of the pod (repeatable); --live reads them from the namespace.",
+)
+@click.option(
+    "--ct-state",
+    type=click.Choice(["NEW", "ESTABLISHED", "RELATED", "INVALID"]),
+    default="NEW",
+    show_default=True,
+    help="Conntrack state of the packet (NEW: the first packet of a connection).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the explanation as JSON.")
+@click.pass_context
+def explain_command(ctx: click.Context, **values: Any) -> None:
+    """Explain which rule decides a flow and where it lands (redirected, passed through, dropped)."""
+    dst: IPAddress = values["dst"]
+    if values["enable_ipv6"] is None:
+        # Istio detects IPv6 from the pod's addresses; here the flow says which family is asked about.
+        values["enable_ipv6"] = dst.version == 6
+    raw = raw_settings(ctx, values)
+    try:
+        from istio_iptables.config import parse
+
+        config = parse(raw, _host(ctx))
+        family = Family.V4 if dst.version == 4 else Family.V6
+        if values["live"]:
+            tables, addresses = read_live(config.network_namespace, config.force_iptables_binary, family)
+            pod_ips = tuple(values["pod_ips"]) or addresses
+        else:
+            tables = config_tables(config, family)
+            pod_ips = tuple(values["pod_ips"])
+        flow = build_flow(values, config, pod_ips)
+        explanation = explain(tables, flow, group_id)
+    except IstioIptablesError as error:
+        click.echo(f"error: {error}", err=True)
+        ctx.exit(error.exit_code)
+    if values["as_json"]:
+        click.echo(json.dumps(to_data(explanation, tables), indent=2, ensure_ascii=False))
+    else:
+        click.echo(render_text(explanation, tables), nl=False)
+
+
+def config_tables(config: Any, family: Family) -> Tables | None:
+    from istio_iptables.capture import build_plan
+
+    ruleset = build_plan(config).ruleset(family)
+    if ruleset is None:
+        return Tables(family, {}, source=f"configuration (no IPv{family.value} rules: IPv6 is off)")
+    return Tables.from_ruleset(ruleset, source=f"configuration (IPv{family.value} rules)")
+
+
+def build_flow(values: dict[str, Any], config: Any, pod_ips: tuple[IPAddress, ...]) -> Flow:
+    dst: IPAddress = values["dst"]
+    origin = values["origin"]
+    same_family = [address for address in pod_ips if address.version == dst.version]
+    src = values["src"]
+    uid, gid = values["uid"], values["gid"]
+    if origin == "proxy":
+        uid = int(config.proxy_uids[0]) if uid is None else uid
+        gid = int(config.proxy_gids[0]) if gid is None else gid
+    elif origin == "local":
+        uid = APP_ID if uid is None else uid
+        gid = APP_ID if gid is None else gid
+    if src is None:
+        if origin == "remote":
+            src = ipaddress.ip_address(DEFAULT_REMOTE[dst.version])
+        elif dst.is_loopback or dst in same_family:
+            src = dst if dst in same_family else ipaddress.ip_address("127.0.0.1" if dst.version == 4 else "::1")
+        else:
+            src = same_family[0] if same_family else ipaddress.ip_address(DEFAULT_POD[dst.version])
+    if src.version != dst.version:
+        raise click.BadParameter("source and destination must be of one family", param_hint="--src")
+    return Flow(
+        origin=origin,
+        protocol=values["protocol"],
+        src=src,
+        dst=dst,
+        sport=values["sport"],
+        dport=values["dport"],
+        uid=None if origin == "remote" else uid,
+        gid=None if origin == "remote" else gid,
+        in_interface=values["in_interface"],
+        out_interface=values["out_interface"],
+        local_addresses=tuple(pod_ips) or None,
+        ct_state=values["ct_state"],
+    )
+
+
+def group_id(name: str) -> int | None:
+    import grp
+
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        return None
+
+
+def read_live(namespace: str, force_binary: str, family: Family) -> tuple[Tables, tuple[IPAddress, ...]]:
+    """The rules, ipsets and addresses installed in ``namespace`` ("" for this one); root for another one.
+
+    The backend is chosen as the apply engine chooses it (rules in exactly one of legacy and nft).
+    """
+    from istio_iptables.apply.backend import detect
+    from istio_iptables.apply.netns import entered
+    from istio_iptables.host import RealHost
+    from istio_iptables.parse import SaveFormatError, parse_save
+
+    with entered(namespace):
+        detection = detect(force_binary, [family])
+        try:
+            saved = parse_save(detection.saves[family], family)
+        except SaveFormatError as error:
+            raise EnvironmentProblem(f"cannot read iptables-save output: {error}") from None
+        if not any(saved.chains.values()):
+            _refuse_native_nftables()
+        uses_sets = any("--match-set" in item.text for rules in saved.chains.values() for item in rules)
+        sets = _ipsets() if uses_sets else None
+        addresses = tuple(RealHost().addresses())
+    where = f"namespace {namespace}" if namespace else "this namespace"
+    program = detection.backend.program(family, "save")
+    return Tables.from_saved(saved, f"installed rules ({program} in {where})", sets), addresses
+
+
+def _run(*command: str) -> subprocess.CompletedProcess[str] | None:
+    if shutil.which(command[0]) is None:
+        return None
+    try:
+        return subprocess.run(list(command), capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise EnvironmentProblem(f"cannot run {command[0]}: {error}") from None
+
+
+def _refuse_native_nftables() -> None:
+    done = _run("nft", "-j", "list", "tables")
+    if done is not None and done.returncode == 0 and "istio" in done.stdout:
+        raise EnvironmentProblem("the namespace uses native nftables rules; explain cannot read them yet")
+
+
+def _ipsets() -> dict[str, tuple[IPNetwork, ...]] | None:
+    """Members of every ipset (``ipset save``); None when ipset cannot tell."""
+    done = _run("ipset", "save")
+    if done is None or done.returncode != 0:
+        return None
+    members: dict[str, list[IPNetwork]] = {}
+    for line in done.stdout.splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0] == "create":
+            members.setdefault(words[1], [])
+        elif len(words) >= 3 and words[0] == "add":
+            try:
+                members.setdefault(words[1], []).append(ipaddress.ip_network(words[2], strict=False))
+            except ValueError:
+                continue  # not an address set: its members stay unknown to the evaluator
+    return {name: tuple(networks) for name, networks in members.items()}
+
+
+def main() -> None:  # pragma: no cover - the console entry is cli.main
+    explain_command.main(args=sys.argv[1:], prog_name="istio-iptables explain")

@@ -1,0 +1,283 @@
+"""A small live-traffic bed for explain's kernel proof: a pod namespace, a peer, listeners, a flow sender.
+
+(Issue 4 builds the full live-traffic test bed; this one is deliberately small and focused so the two
+can be merged later: the agent protocol is in tests/flowsender_agent.py.)
+
+Topology (the pod's interface names match the ones the conformance cases name):
+
+    pod eth0          10.10.0.2/24 fd00:10::2/64  <->  peer p0  10.10.0.1 fd00:10::1   (default route)
+    pod eth1          10.11.0.2/24 fd00:11::2/64  <->  peer p1  10.11.0.1 fd00:11::1
+    pod not-istio-nic 10.12.0.2/24 fd00:12::2/64  <->  peer p2  10.12.0.1 fd00:12::1
+
+The peer owns the "remote" addresses (REMOTE_V4/REMOTE_V6) on its lo and routes FORWARDED_* to the pod,
+which does not forward them. Both namespaces run an agent listening on the same ports; a flow's
+landing is (which namespace, listening port, original destination).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.netns import NetNS
+
+AGENT = Path(__file__).with_name("flowsender_agent.py")
+LINKS = (("eth0", "p0", 10), ("eth1", "p1", 11), ("not-istio-nic", "p2", 12))
+REMOTE_V4 = ("9.9.1.1", "1.1.1.1", "10.1.2.3", "192.0.2.10")
+REMOTE_V6 = ("2001:db8::5", "2001:db9::1", "::7f00:35")
+FORWARDED_V4 = ("10.50.0.1", "172.16.50.1")
+FORWARDED_V6 = ("2001:db8:50::1", "fd00:50::1")
+TCP_PORTS = (
+    80,
+    8080,
+    53,
+    22,
+    4000,
+    5000,
+    6000,
+    7000,
+    31000,
+    32000,
+    15001,
+    15006,
+    15008,
+    15020,
+    15021,
+    15053,
+    15090,
+)
+UDP_PORTS = (53, 5000, 15053)
+
+
+def pod_address(link: int, version: int) -> str:
+    return f"10.{link}.0.2" if version == 4 else f"fd00:{link}::2"
+
+
+def peer_address(link: int, version: int) -> str:
+    return f"10.{link}.0.1" if version == 4 else f"fd00:{link}::1"
+
+
+@dataclass(frozen=True)
+class Landing:
+    where: str | None  # "pod", "peer" or None (nothing received it)
+    port: int | None = None
+    orig: str | None = None  # TCP only
+    result: str = ""  # the client's view: ok, timeout, refused, unreachable
+
+
+def _sysctl(namespace: NetNS, key: str, value: str) -> None:
+    """Set a per-namespace sysctl (/proc/sys/net follows the writer's namespace; no procps needed)."""
+    namespace.run("sh", "-c", f'echo {value} > "/proc/sys/{key}"')
+
+
+def _mac(namespace: NetNS, name: str) -> str:
+    return json.loads(namespace.run("ip", "-j", "link", "show", name).stdout)[0]["address"]
+
+
+class AgentProcess:
+    def __init__(self, namespace: NetNS) -> None:
+        self.process = subprocess.Popen(
+            ["ip", "netns", "exec", namespace.name, sys.executable, str(AGENT)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+
+    def call(self, **request: Any) -> dict[str, Any]:
+        assert self.process.stdin and self.process.stdout
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"agent died on {request!r}")
+        return json.loads(line)
+
+    def run(self, *argv: str, input: str | None = None, check: bool = True) -> dict[str, Any]:
+        done = self.call(op="exec", argv=list(argv), input=input)
+        if check and done["rc"] != 0:
+            raise RuntimeError(f"{' '.join(argv)} failed: {done['stderr']}")
+        return done
+
+    def close(self) -> None:
+        if self.process.stdin:
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+class FlowBed:
+    """One pod and one peer namespace; install rules with :meth:`install`, send with :meth:`send`."""
+
+    def __init__(self, pod: NetNS, peer: NetNS, groups: dict[str, int] | None = None) -> None:
+        self.pod_ns, self.peer_ns = pod, peer
+        if groups:
+            pod.add_groups(groups)
+        for namespace in (pod, peer):
+            for conf in ("all", "default"):
+                _sysctl(namespace, f"net/ipv6/conf/{conf}/accept_dad", "0")
+        for pod_name, peer_name, link in LINKS:
+            subprocess.run(
+                [
+                    "ip",
+                    "link",
+                    "add",
+                    pod_name,
+                    "netns",
+                    pod.name,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    peer_name,
+                    "netns",
+                    peer.name,
+                ],
+                check=True,
+            )
+            for namespace, name, host in ((pod, pod_name, 2), (peer, peer_name, 1)):
+                namespace.run("ip", "addr", "add", f"10.{link}.0.{host}/24", "dev", name)
+                namespace.run("ip", "addr", "add", f"fd00:{link}::{host}/64", "dev", name, "nodad")
+                # The device was born in the host namespace: turn DAD off for its link-local address too.
+                _sysctl(namespace, f"net/ipv6/conf/{name}/accept_dad", "0")
+                namespace.run("ip", "link", "set", name, "up")
+            # Static IPv6 neighbours: the first neighbour solicitation on a fresh link is often lost,
+            # and the retry comes a second later.
+            pod_mac, peer_mac = (_mac(namespace, name) for namespace, name in ((pod, pod_name), (peer, peer_name)))
+            pod.run(
+                "ip",
+                "-6",
+                "neigh",
+                "replace",
+                f"fd00:{link}::1",
+                "lladdr",
+                peer_mac,
+                "dev",
+                pod_name,
+                "nud",
+                "permanent",
+            )
+            peer.run(
+                "ip",
+                "-6",
+                "neigh",
+                "replace",
+                f"fd00:{link}::2",
+                "lladdr",
+                pod_mac,
+                "dev",
+                peer_name,
+                "nud",
+                "permanent",
+            )
+        pod.run("ip", "route", "add", "default", "via", "10.10.0.1")
+        pod.run("ip", "-6", "route", "add", "default", "via", "fd00:10::1")
+        pod.run("ip", "addr", "add", "::6/128", "dev", "lo", "nodad")
+        for address in REMOTE_V4:
+            peer.run("ip", "addr", "add", f"{address}/32", "dev", "lo")
+        for address in REMOTE_V6:
+            peer.run("ip", "addr", "add", f"{address}/128", "dev", "lo", "nodad")
+        for address in FORWARDED_V4:
+            peer.run("ip", "route", "add", address, "via", "10.10.0.2")
+        for address in FORWARDED_V6:
+            peer.run("ip", "-6", "route", "add", address, "via", "fd00:10::2")
+        self.pod = AgentProcess(pod)
+        self.peer = AgentProcess(peer)
+        for agent in (self.pod, self.peer):
+            agent.call(op="listen", tcp=list(TCP_PORTS), udp=list(UDP_PORTS))
+        self.routes: list[list[str]] = []
+        self.backend = "nft"
+
+    @property
+    def pod_addresses(self) -> list[str]:
+        return [pod_address(link, version) for _, _, link in LINKS for version in (4, 6)] + ["::6"]
+
+    def install(self, documents: dict[int, str], tproxy: tuple[int, int] | None = None, backend: str = "nft") -> None:
+        """Replace every table with ``documents`` (version -> restore text) and set TPROXY routes.
+
+        ``backend`` is ``nft`` or ``legacy``; the other backend's tables are emptied, so only one acts.
+        """
+        self.backend = backend
+        empty = "".join(f"*{table}\nCOMMIT\n" for table in ("raw", "mangle", "nat", "filter"))
+        for version, stem in ((4, "iptables"), (6, "ip6tables")):
+            for each in ("nft", "legacy"):
+                self.pod.run(f"{stem}-{each}-restore", input=empty)
+            if version in documents:
+                self.pod.run(f"{stem}-{backend}-restore", "--noflush", input=documents[version])
+        for route in self.routes:
+            self.pod.run(*route, check=False)
+        self.routes = []
+        if tproxy is not None:
+            mark, table = tproxy
+            for flag, default in (("-4", "0.0.0.0/0"), ("-6", "::/0")):
+                self.pod.run("ip", flag, "rule", "add", "fwmark", str(mark), "lookup", str(table))
+                self.pod.run("ip", flag, "route", "add", "local", default, "dev", "lo", "table", str(table))
+                self.routes.append(["ip", flag, "rule", "del", "fwmark", str(mark), "lookup", str(table)])
+                self.routes.append(["ip", flag, "route", "flush", "table", str(table)])
+        self.pod.run("conntrack", "-F", check=False)
+
+    def save(self, version: int) -> str:
+        stem = "iptables" if version == 4 else "ip6tables"
+        return self.pod.run(f"{stem}-{self.backend}-save", "-c")["stdout"]
+
+    def conntrack_zones(self, version: int) -> dict[tuple[str, int, int], int]:
+        """(original destination, port, source port) -> conntrack zone of the pod's UDP entries."""
+        listing = self.pod.run("conntrack", "-L", "-f", f"ipv{version}", "-p", "udp", check=False)["stdout"]
+        zones = {}
+        for line in listing.splitlines():
+            words = [word.split("=", 1) for word in line.split() if "=" in word]
+            # The original direction's src/dst/sport/dport come first, the reply direction's after them.
+            first = {key: value for key, value in reversed(words)}
+            zone = int(first.get("zone", 0))
+            zones[(str(ipaddress.ip_address(first["dst"])), int(first["dport"]), int(first["sport"]))] = zone
+        return zones
+
+    def send(
+        self,
+        *,
+        origin: str,
+        proto: str,
+        dst: str,
+        dport: int,
+        src: str | None = None,
+        sport: int | None = None,
+        uid: int = 0,
+        gid: int = 0,
+        timeout: float = 1.0,
+    ) -> Landing:
+        token = uuid.uuid4().hex[:12]
+        sender = self.peer if origin == "remote" else self.pod
+        result = sender.call(
+            op="send",
+            token=token,
+            proto=proto,
+            dst=dst,
+            dport=dport,
+            src=src,
+            sport=sport,
+            uid=uid,
+            gid=gid,
+            timeout=timeout,
+        )["result"]
+        deadline = time.monotonic() + (0.2 if proto == "udp" else 0.0)
+        while True:
+            for where, agent in (("pod", self.pod), ("peer", self.peer)):
+                for landing in agent.call(op="landings")["landings"]:
+                    if landing["token"] == token:
+                        return Landing(where, landing["port"], landing["orig"], result)
+            if time.monotonic() >= deadline:
+                return Landing(None, result=result)
+            time.sleep(0.005)
+
+    def close(self) -> None:
+        self.pod.close()
+        self.peer.close()
