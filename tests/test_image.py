@@ -199,8 +199,6 @@ def test_istio_cni_validation_container(image: str, netns_factory: Callable[[str
     loaded_by_the_host(programmed, document, "nft")
 
     passed = container.run_container(validation["args"], network=f"ns:{programmed.path}", user=user)
-    if "--run-validation is not implemented yet" in passed.stderr:
-        pytest.xfail("--run-validation (issue 4) has not landed on this branch yet")
     assert passed.returncode == 0, passed.stderr
     failed = container.run_container(validation["args"], network=f"ns:{forgotten.path}", user=user)
     assert failed.returncode == 126, failed.stderr
