@@ -286,6 +286,10 @@ def program() -> NoReturn:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["istio-iptables"]:
+        # Istio's injector writes `args: [istio-iptables, -p, ...]` for `pilot-agent`: accept that
+        # argv unchanged, so only the init container's image has to change.
+        args = args[1:]
     if args[:1] == ["explain"]:
         from istio_iptables.explain_cli import explain_command
 
