@@ -5,7 +5,7 @@ APT_PACKAGES := iptables iproute2 nftables ipset conntrack libip4tc-dev libip6tc
 # Commands that must exist; a missing one triggers the apt-get install.
 REQUIRED_COMMANDS := ip iptables-legacy-restore iptables-nft-restore nft ipset conntrack
 
-.PHONY: deps venv demo test lint bench clean
+.PHONY: deps venv demo test image-test bench clean
 
 deps:
 	@missing=""; for c in $(REQUIRED_COMMANDS); do command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
@@ -29,8 +29,19 @@ test: deps venv
 	$(VENV)/bin/ruff check .
 	$(PYTHON) -m pytest -q
 
+# Builds the init-container image with podman on a local debootstrap base and runs it as Kubernetes would.
+IMAGE_APT_PACKAGES := podman runc debootstrap
+image-test: deps venv
+	@for c in $(IMAGE_APT_PACKAGES); do command -v $$c >/dev/null 2>&1 || { \
+		echo "installing $(IMAGE_APT_PACKAGES)"; apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(IMAGE_APT_PACKAGES) >/dev/null; break; }; done
+	ISTIO_IPTABLES_IMAGE_TEST=1 $(PYTHON) -m pytest -q -rxX tests/test_image.py
+
 bench: deps venv
 	$(PYTHON) bench/bench_dry_run.py
+	$(PYTHON) bench/bench_apply.py
+	$(PYTHON) bench/bench_nft.py
+	$(PYTHON) bench/bench_speed.py --skip-scale
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -301,15 +301,14 @@ def test_unknown_namespace_is_invalid_input() -> None:
     assert result.returncode == ExitCode.INVALID_INPUT and "no-such-ns-9f8e7d" in result.stderr
 
 
-def test_unwritable_lock_as_non_root_is_one_line_not_a_traceback(netns) -> None:
+def test_unusable_lock_file_falls_back_to_a_namespace_lock(netns) -> None:
     """An istio-validation style container: uid 1337 with only CAP_NET_ADMIN, legacy backend.
 
-    /run/xtables.lock is root's, so both the write and the rollback fail: that must be reported,
-    never raised as a traceback.
+    /run/xtables.lock is root's (and on a read-only root it cannot be created at all): the
+    namespace file serves as the lock instead, so the rules still go in.
     """
     binary = str(Path(sys.executable).with_name("istio-iptables"))
-    lock = Path("/run/xtables.lock")
-    lock.touch(exist_ok=True)
+    Path("/run/xtables.lock").touch(exist_ok=True)
     result = subprocess.run(
         [
             "ip", "netns", "exec", netns.name,
@@ -319,6 +318,5 @@ def test_unwritable_lock_as_non_root_is_one_line_not_a_traceback(netns) -> None:
         ],
         capture_output=True, text=True, check=False, timeout=60,
     )  # fmt: skip
-    assert result.returncode in (ExitCode.FAILURE, ExitCode.ENVIRONMENT), result.stderr
-    assert "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) <= 12, result.stderr
+    assert result.returncode == ExitCode.OK, result.stderr
+    assert "-j ISTIO_IN_REDIRECT" in netns.save("iptables-legacy-save")

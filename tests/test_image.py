@@ -130,20 +130,13 @@ def test_starting_never_writes_bytecode(image: str, named_container: str) -> Non
 
 # A rule a pod may hold before its init container runs: detection then picks the legacy backend.
 LEGACY_SEED = ("iptables-legacy", "-t", "filter", "-A", "INPUT", "-p", "255", "-j", "RETURN")
-LEGACY_READ_ONLY_LOCK = pytest.mark.xfail(
-    reason="apply engine (issue 3): iptables-legacy-restore cannot create /run/xtables.lock on a "
-    "read-only root (XTABLES_LOCKFILE=/proc/self/ns/net would be a per-namespace lock that needs no write)",
-    strict=False,
-)
-
-
 @pytest.mark.parametrize(
     ("backend", "read_only", "extra_args"),
     [
         pytest.param("nft", True, [], id="fresh-pod-nft-read-only-root"),
         # The injector's own securityContext leaves the root writable (readOnlyRootFilesystem: false).
         pytest.param("legacy", False, [], id="legacy-pod-writable-root"),
-        pytest.param("legacy", True, [], id="legacy-pod-read-only-root", marks=LEGACY_READ_ONLY_LOCK),
+        pytest.param("legacy", True, [], id="legacy-pod-read-only-root"),
         # python-iptables in the image: its C helper built, its libraries found.
         pytest.param("legacy", False, ["--applier", "libiptc"], id="legacy-pod-libiptc-applier"),
     ],

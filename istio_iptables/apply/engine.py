@@ -18,6 +18,8 @@ from typing import Protocol
 
 from istio_iptables.apply.backend import Backend, Detection, detect
 from istio_iptables.apply.restore import (
+    DEFAULT_LOCKFILE,
+    NAMESPACE_LOCKFILE,
     RestoreApplier,
     RestoreFailed,
     explain_failure,
@@ -68,10 +70,25 @@ def check_privileges(status_path: str = "/proc/self/status") -> None:
 
 
 def child_environment(config: Config, namespace_path: str) -> dict[str, str] | None:
-    """Istio's CNI mode: one xtables lock per pod namespace, so pods never wait for each other."""
+    """The xtables lock our children take.
+
+    Istio's CNI mode: one lock per pod namespace, so pods never wait for each other. A read-only
+    root filesystem (Kubernetes' readOnlyRootFilesystem puts no tmpfs on /run) cannot hold
+    /run/xtables.lock: lock the namespace file itself then, which every process of the pod opens
+    as the same inode, so it still serialises the pod's writers.
+    """
     if config.cni_mode and namespace_path:
         return {**os.environ, "XTABLES_LOCKFILE": namespace_path}
+    if not lockfile_usable(os.environ.get("XTABLES_LOCKFILE") or DEFAULT_LOCKFILE):
+        log.info("the xtables lock file cannot be created here (read-only root?): locking the namespace")
+        return {**os.environ, "XTABLES_LOCKFILE": NAMESPACE_LOCKFILE}
     return None
+
+
+def lockfile_usable(path: str) -> bool:
+    if os.path.exists(path):
+        return os.access(path, os.R_OK)
+    return os.access(os.path.dirname(path) or ".", os.W_OK)
 
 
 def make_applier(config: Config, backend: Backend, env: Mapping[str, str] | None) -> Applier:

@@ -24,11 +24,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from istio_iptables.apply.backend import Backend
-from istio_iptables.apply.restore import LOCK_WAIT_SECONDS, RestoreApplier, RestoreFailed
+from istio_iptables.apply.restore import DEFAULT_LOCKFILE, LOCK_WAIT_SECONDS, RestoreApplier, RestoreFailed
 from istio_iptables.errors import EnvironmentProblem
 from istio_iptables.model import Family
 
-DEFAULT_LOCKFILE = "/run/xtables.lock"
 _HEAD_OPTIONS = {"-s": "src", "-d": "dst", "-i": "in_interface", "-o": "out_interface", "-p": "protocol"}
 
 

@@ -28,6 +28,9 @@ _NO_SUCH_EXTENSION = "No chain/target/match by that name"
 _LOCK_HELD = "holding the xtables lock"
 
 
+DEFAULT_LOCKFILE = "/run/xtables.lock"
+NAMESPACE_LOCKFILE = "/proc/self/ns/net"  # the same inode for every process of the namespace
+
 class RestoreFailed(Exception):
     """One restore run failed; ``text`` is what it was given."""
 
