@@ -2,7 +2,8 @@
 
 Pure. The evaluator works on :class:`Tables` (chains of model rules plus how they hook into the
 kernel), so rules built from a configuration, rules read back with ``iptables-save`` (see
-:mod:`istio_iptables.parse`) and, later, native nftables rules can all be explained the same way.
+:mod:`istio_iptables.parse`) and native nftables rules (:mod:`istio_iptables.explain_nft`) are all
+explained the same way.
 
 The kernel facts modelled here (net/netfilter, net/ipv4):
 - hooks run their tables by priority: raw (-300), conntrack (-200), mangle (-150), nat DNAT (-100),
@@ -11,7 +12,8 @@ The kernel facts modelled here (net/netfilter, net/ipv4):
   looping back over ``lo`` already carries its NAT binding, so nat PREROUTING/INPUT never see it;
 - before conntrack (raw) a packet has no conntrack entry, so ``--ctstate`` sees INVALID there, and
   ``CT --zone`` does nothing to a looped-back packet, which keeps the entry it left with;
-- ``-m owner`` only sees locally generated packets; a packet without a socket matches only ``!``;
+- ``-m owner`` only sees locally generated packets; a packet without a socket matches only ``!``
+  (nft's ``skuid``/``skgid`` match it in neither form);
 - REDIRECT sends OUTPUT packets to the loopback address and PREROUTING packets to the first address
   of the incoming interface; TPROXY hands the packet to a transparent listener, or drops it if none.
 """
@@ -115,6 +117,8 @@ class Tables:
     sets: Mapping[str, tuple[IPNetwork, ...] | tuple[int, ...]] | None = None
     source: str = "configuration"
     problems: list[str] = field(default_factory=list)
+    # nft's skuid/skgid never match a packet without a socket, negated or not (xt_owner: only negated).
+    owner_needs_socket: bool = False
 
     @classmethod
     def from_ruleset(cls, ruleset: RuleSet, source: str = "configuration") -> Tables:
@@ -275,6 +279,7 @@ class _Walker:
         self.steps: list[Step] = []
         self.effects: list[str] = []
         self.hook: Hook = "OUTPUT"
+        self.kind: ChainKind = "filter"  # of the base chain being run
 
     # -- matches --
 
@@ -295,7 +300,7 @@ class _Walker:
             return hit != match.negate
         if isinstance(match, Owner):
             if not (packet.has_socket and self.hook in ("OUTPUT", "POSTROUTING")):
-                return match.negate  # xt_owner: no socket matches only the negated form
+                return False if self.tables.owner_needs_socket else match.negate
             wanted = self._owner_id(match)
             if wanted is None:
                 return None
@@ -360,6 +365,7 @@ class _Walker:
 
     def run_chain(self, base: BaseChain, packet: _Packet) -> str:
         table = base.table
+        self.kind = base.kind
         stack: list[tuple[str, int]] = []
         chain, index = base.chain, 0
         while True:
@@ -411,8 +417,8 @@ class _Walker:
 
     def apply(self, target: Target, step: Step, packet: _Packet) -> str:
         if isinstance(target, Redirect):
-            if step.table != "nat":
-                raise _Undetermined(replace(step, action="unknown"), "REDIRECT outside the nat table")
+            if self.kind != "nat":
+                raise _Undetermined(replace(step, action="unknown"), "REDIRECT outside a nat chain")
             if self.hook == "OUTPUT":
                 address = str(self.tables.family.loopback.network_address)
             else:
@@ -580,7 +586,7 @@ def chain_path(explanation: Explanation, tables_rule_counts: Mapping[tuple[str, 
             if step.number is None:
                 parts.append(f"policy {step.action}")
                 continue
-            builtin = step.chain in BUILTIN_CHAINS
+            builtin = step.chain in BUILTIN_CHAINS or step.chain.upper() == step.hook  # nft: "output"
             label = f"rule {step.number}" if builtin else step.chain
             if not builtin and counts.get((step.table, step.chain), 2) > 1:
                 label += f" rule {step.number}"

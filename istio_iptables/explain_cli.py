@@ -125,6 +125,12 @@ def explain_command(ctx: click.Context, **values: Any) -> None:
 
 
 def config_tables(config: Any, family: Family) -> Tables | None:
+    if config.native_nftables:
+        from istio_iptables.explain_nft import read_model, to_tables
+        from istio_iptables.nft.capture import build_nft_ruleset
+
+        read = read_model(build_nft_ruleset(config))
+        return to_tables(read, family, f"configuration (native nftables, IPv{family.value} view)")[0]
     from istio_iptables.capture import build_plan
 
     ruleset = build_plan(config).ruleset(family)
@@ -190,13 +196,14 @@ def read_live(namespace: str, force_binary: str, family: Family) -> tuple[Tables
     from istio_iptables.parse import SaveFormatError, parse_save
 
     with entered(namespace):
+        native = _native_nftables(family, namespace)
+        if native is not None:
+            return native, tuple(RealHost().addresses())
         detection = detect(force_binary, [family])
         try:
             saved = parse_save(detection.saves[family], family)
         except SaveFormatError as error:
             raise EnvironmentProblem(f"cannot read iptables-save output: {error}") from None
-        if not any(saved.chains.values()):
-            _refuse_native_nftables()
         uses_sets = any("--match-set" in item.text for rules in saved.chains.values() for item in rules)
         sets = _ipsets() if uses_sets else None
         addresses = tuple(RealHost().addresses())
@@ -214,10 +221,21 @@ def _run(*command: str) -> subprocess.CompletedProcess[str] | None:
         raise EnvironmentProblem(f"cannot run {command[0]}: {error}") from None
 
 
-def _refuse_native_nftables() -> None:
-    done = _run("nft", "-j", "list", "tables")
-    if done is not None and done.returncode == 0 and "istio" in done.stdout:
-        raise EnvironmentProblem("the namespace uses native nftables rules; explain cannot read them yet")
+def _native_nftables(family: Family, namespace: str) -> Tables | None:
+    """Our nft tables (``--native-nftables``), if the namespace holds any; None: use iptables."""
+    from istio_iptables.explain_nft import NftJsonError, read_json, to_tables
+
+    done = _run("nft", "-j", "list", "ruleset")
+    if done is None or done.returncode != 0:
+        return None  # no nft, or no nf_tables: only iptables-legacy can hold rules
+    try:
+        read = read_json(done.stdout)
+    except NftJsonError as error:
+        raise EnvironmentProblem(f"cannot read 'nft -j list ruleset': {error}") from None
+    if not any(table.ours for table in read):
+        return None
+    where = f"namespace {namespace}" if namespace else "this namespace"
+    return to_tables(read, family, f"installed rules (native nftables in {where})", handles=True)[0]
 
 
 def _ipsets() -> dict[str, tuple[IPNetwork, ...] | tuple[int, ...]] | None:

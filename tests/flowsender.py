@@ -207,12 +207,27 @@ class FlowBed:
         ``backend`` is ``nft`` or ``legacy``; the other backend's tables are emptied, so only one acts.
         """
         self.backend = backend
-        empty = "".join(f"*{table}\nCOMMIT\n" for table in ("raw", "mangle", "nat", "filter"))
+        self._empty_tables()
         for version, stem in ((4, "iptables"), (6, "ip6tables")):
-            for each in ("nft", "legacy"):
-                self.pod.run(f"{stem}-{each}-restore", input=empty)
             if version in documents:
                 self.pod.run(f"{stem}-{backend}-restore", "--noflush", input=documents[version])
+        self._set_routes(tproxy)
+
+    def install_nft(self, script: str, tproxy: tuple[int, int] | None = None) -> None:
+        """Replace every table with the ``nft -f`` ``script`` (--native-nftables) and set TPROXY routes."""
+        self.backend = "native"
+        self._empty_tables()
+        self.pod.run("nft", "-f", "-", input=script)
+        self._set_routes(tproxy)
+
+    def _empty_tables(self) -> None:
+        self.pod.run("nft", "flush", "ruleset")  # the pod namespace's only: native tables go, and iptables-nft's
+        empty = "".join(f"*{table}\nCOMMIT\n" for table in ("raw", "mangle", "nat", "filter"))
+        for stem in ("iptables", "ip6tables"):
+            for each in ("nft", "legacy"):
+                self.pod.run(f"{stem}-{each}-restore", input=empty)
+
+    def _set_routes(self, tproxy: tuple[int, int] | None) -> None:
         for route in self.routes:
             self.pod.run(*route, check=False)
         self.routes = []
@@ -226,6 +241,9 @@ class FlowBed:
         self.pod.run("conntrack", "-F", check=False)
 
     def save(self, version: int) -> str:
+        """The pod's rules with counters: iptables-save text, or ``nft -j list ruleset`` for native nftables."""
+        if self.backend == "native":
+            return self.pod.run("nft", "-j", "list", "ruleset")["stdout"]
         stem = "iptables" if version == 4 else "ip6tables"
         return self.pod.run(f"{stem}-{self.backend}-save", "-c")["stdout"]
 
