@@ -1,0 +1,256 @@
+"""explain on native nftables rules without a kernel: the adapter (istio_iptables.explain_nft) from the
+configuration's nft model and from a recorded ``nft -j list ruleset``, and the CLI."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from istio_iptables.cli import command, raw_settings
+from istio_iptables.config import Config, parse
+from istio_iptables.explain import Flow, Tables, chain_path, explain
+from istio_iptables.explain_cli import explain_command
+from istio_iptables.explain_nft import ReadTable, read_json, read_model, to_tables
+from istio_iptables.model import Address, Family, Owner, Ports, Protocol, Tproxy, Unsupported
+from istio_iptables.nft.capture import build_nft_ruleset
+from istio_iptables.nft.render import render_script
+from tests.fakes import FakeHost
+
+RECORDED = Path(__file__).with_name("data") / "explain-nft-tproxy-dns.json"
+# The configuration RECORDED was listed from (nft -f of its dry-run script, then nft -j list ruleset).
+RECORDED_ARGS = (
+    "-p", "15001", "-z", "15006", "-u", "1337", "-m", "TPROXY", "-i", "*", "-x", "", "-b", "*",
+    "-d", "15090,15021,15020", "--redirect-dns", "-c", "not-istio-nic", "-k", "eth1", "-o", "22",
+    "--resolv-conf", "/resolv.conf", "--enable-ipv6",
+)  # fmt: skip
+SIDECAR = ("-p", "15001", "-z", "15006", "-u", "1337", "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020")
+POD = {4: "10.0.0.2", 6: "fd00::2"}
+
+
+def config(*args: str) -> Config:
+    ctx = command.make_context("istio-iptables", list(args))
+    host = FakeHost(files={"/resolv.conf": "nameserver 10.255.255.53\nnameserver fd00::53\n"})
+    return parse(raw_settings(ctx, ctx.params), host)
+
+
+def model_tables(cfg: Config, family: Family) -> Tables:
+    return to_tables(read_model(build_nft_ruleset(cfg)), family, "configuration")[0]
+
+
+def recorded(family: Family) -> Tables:
+    return to_tables(read_json(RECORDED.read_text()), family, "live", handles=True)[0]
+
+
+def flow(origin: str, dst: str, dport: int, proto: str = "tcp", uid: int = 1000, src: str | None = None) -> Flow:
+    address = ipaddress.ip_address(dst)
+    pod = ipaddress.ip_address(POD[address.version])
+    if src is None:
+        src = "203.0.113.10" if origin == "remote" and address.version == 4 else None
+        src = src or ("2001:db8:ffff::10" if origin == "remote" else str(address if address.is_loopback else pod))
+    return Flow(
+        origin,  # type: ignore[arg-type]
+        proto,
+        ipaddress.ip_address(src),
+        address,
+        40000,
+        dport,
+        None if origin == "remote" else uid,
+        None if origin == "remote" else uid,
+        local_addresses=(pod,),
+    )
+
+
+FLOWS = [
+    flow("remote", "10.0.0.2", 8080),
+    flow("remote", "10.0.0.2", 15021),
+    flow("local", "10.1.2.3", 80),
+    flow("local", "10.1.2.3", 22),
+    flow("local", "127.0.0.1", 8080),
+    flow("local", "10.0.0.2", 8080, uid=1337),
+    flow("local", "10.1.2.3", 80, uid=1337),
+    flow("local", "10.255.255.53", 53, proto="udp"),
+    flow("local", "10.255.255.53", 53, proto="udp", uid=1337),
+    flow("remote", "fd00::2", 8080),
+    flow("local", "2001:db8::1", 80),
+    flow("local", "fd00::53", 53, proto="udp"),
+    flow("local", "::1", 8080),
+]
+
+
+@pytest.mark.parametrize("probe", FLOWS, ids=[f"{f.origin}-{f.protocol}-{f.dst}-{f.dport}-{f.uid}" for f in FLOWS])
+def test_the_kernel_listing_explains_as_the_configuration_does(probe: Flow) -> None:
+    cfg = config(*RECORDED_ARGS)
+    from_model = explain(model_tables(cfg, probe.family), probe)
+    from_listing = explain(recorded(probe.family), probe)
+    assert from_listing.problems == ()
+    assert from_listing.landing == from_model.landing
+    assert from_listing.matched == from_model.matched
+    assert from_listing.effects == from_model.effects
+
+
+def test_the_traffic_types_read_like_istios_chain_paths() -> None:
+    tables = model_tables(config(*SIDECAR, "-m", "REDIRECT"), Family.V4)
+    counts = {key: len(rules) for key, rules in tables.chains.items()}
+
+    def path(probe: Flow) -> str:
+        return chain_path(explain(tables, probe), counts)
+
+    assert path(flow("local", "10.1.2.3", 80)) == (
+        "Local process → istio-proxy-nat OUTPUT → istio-output rule 9 → istio-redirect → 15001"
+    )
+    assert path(flow("remote", "10.0.0.2", 8080)) == (
+        "Remote host → istio-proxy-nat PREROUTING → istio-inbound rule 5 → istio-in-redirect → 15006"
+    )
+    metrics = path(flow("remote", "10.0.0.2", 15090))
+    assert metrics.endswith("istio-inbound rule 2 (RETURN) → delivered to 10.0.0.2:15090")
+    proxy_to_pod = explain(tables, flow("local", "10.0.0.2", 8080, uid=1337))
+    assert proxy_to_pod.landing.port == 15006 and proxy_to_pod.decision is not None
+    assert proxy_to_pod.decision.chain == "istio-in-redirect"
+
+
+def test_recorded_listing_hooks_priorities_and_handles() -> None:
+    tables = recorded(Family.V4)
+    assert [(base.table, base.priority, base.kind) for base in tables.hooks["PREROUTING"]] == [
+        ("istio-proxy-raw", -300, "filter"),
+        ("istio-proxy-mangle", -150, "filter"),
+        ("istio-proxy-nat", -100, "nat"),
+    ]
+    assert tables.policies[("istio-proxy-nat", "output")] == "ACCEPT"
+    tproxy = tables.chains[("istio-proxy-mangle", "istio-tproxy")]
+    assert tproxy[0].rule.target == Tproxy(15006, 1337)
+    assert tproxy[0].text.startswith("meta l4proto tcp ip daddr != 127.0.0.1/32 tproxy ip to :15006 meta mark set 1337")
+    assert "# handle" in tproxy[0].text
+
+
+def test_rules_of_the_other_family_keep_their_place_but_never_match() -> None:
+    ipv6 = recorded(Family.V6)
+    tproxy = ipv6.chains[("istio-proxy-mangle", "istio-tproxy")]
+    assert [rule.rule.target for rule in tproxy] == [Tproxy(15006, 1337), Tproxy(15006, 1337)]
+    landing = explain(ipv6, flow("remote", "fd00::2", 8080))
+    assert landing.landing.kind == "tproxy" and landing.decision is not None and landing.decision.number == 2
+
+
+def listing(*rules: dict, chain: dict | None = None, tables: tuple[tuple[str, str], ...] = ()) -> str:
+    objects: list[dict] = [{"table": {"family": "inet", "name": "istio-proxy-nat", "handle": 1}}]
+    objects.append(
+        {
+            "chain": chain
+            or {
+                "family": "inet",
+                "table": "istio-proxy-nat",
+                "name": "output",
+                "handle": 1,
+                "type": "nat",
+                "hook": "output",
+                "prio": -100,
+                "policy": "accept",
+            }
+        }
+    )
+    for handle, expr in enumerate(rules, 2):
+        objects.append(
+            {"rule": {"family": "inet", "table": "istio-proxy-nat", "chain": "output", "handle": handle, "expr": expr}}
+        )
+    objects += [{"table": {"family": family, "name": name, "handle": 9}} for family, name in tables]
+    return json.dumps({"nftables": [{"metainfo": {"version": "1.0.6"}}, *objects]})
+
+
+def match(op: str, left: dict, right: object) -> dict:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+COUNTER = {"counter": {"packets": 3, "bytes": 180}}
+
+
+def test_expressions_map_to_the_model() -> None:
+    text = listing(
+        [
+            match("!=", {"payload": {"protocol": "tcp", "field": "dport"}}, {"set": [53, {"range": [15000, 15002]}]}),
+            match("==", {"payload": {"protocol": "ip6", "field": "daddr"}}, {"prefix": {"addr": "fd00::", "len": 8}}),
+            match("==", {"meta": {"key": "oifname"}}, "eth*"),
+            match("!=", {"meta": {"key": "skgid"}}, 1337),
+            COUNTER,
+            {"redirect": {"port": 15001}},
+        ]
+    )
+    (table,) = read_json(text)
+    rule = table.chains["output"].rules[0]
+    assert rule.packets == 3 and rule.handle == 2
+    tables, index = to_tables([table], Family.V6, "t")
+    model = tables.chains[("istio-proxy-nat", "output")][0].rule
+    assert model.matches[:2] == (Protocol("tcp"), Ports("dst", (53, 15000, 15001, 15002), negate=True))
+    assert model.matches[2] == Address("dst", ipaddress.ip_network("fd00::/8"))
+    assert model.matches[3].name == "eth+"  # type: ignore[union-attr]
+    assert model.matches[4] == Owner("gid", "1337", negate=True)
+    assert index[("istio-proxy-nat", "output", 1)] is rule
+    # The IPv4 view: an ip6 address never matches, so the rule is there but guarded.
+    guarded = to_tables([table], Family.V4, "t")[0].chains[("istio-proxy-nat", "output")][0].rule
+    assert guarded.matches[0].network.version == 6  # type: ignore[union-attr]
+
+
+def test_what_is_not_understood_is_reported_never_skipped() -> None:
+    text = listing(
+        [match("==", {"fib": {"result": "type", "flags": ["daddr"]}}, "local"), {"redirect": {"port": 15001}}],
+        [COUNTER, {"masquerade": None}],
+    )
+    tables, _ = to_tables(read_json(text), Family.V4, "t")
+    assert len(tables.problems) == 2 and all("not understood" in problem for problem in tables.problems)
+    assert isinstance(tables.chains[("istio-proxy-nat", "output")][0].rule.matches[0], Unsupported)
+    explanation = explain(tables, flow("local", "10.1.2.3", 80))
+    assert explanation.landing.kind == "undetermined" and "fib" in explanation.landing.reason
+
+
+def test_foreign_tables_are_named_when_they_hold_rules() -> None:
+    tables = read_json(listing([{"accept": None}], tables=(("ip", "filter"),)))
+    assert to_tables(tables, Family.V4, "t")[0].problems == []  # empty: no effect
+    foreign = ReadTable("ip", "filter")
+    foreign.chains["input"] = read_json(listing([{"drop": None}]))[0].chains["output"]
+    problems = to_tables([*tables, foreign], Family.V4, "t")[0].problems
+    assert problems == ["table ip filter is not ours and is not evaluated"]
+
+
+def test_socket_owner_never_matches_a_packet_without_a_socket() -> None:
+    text = listing(
+        [match("!=", {"meta": {"key": "skuid"}}, 1337), {"redirect": {"port": 15001}}],
+        chain={
+            "family": "inet",
+            "table": "istio-proxy-nat",
+            "name": "output",
+            "type": "nat",
+            "hook": "prerouting",
+            "prio": -100,
+            "policy": "accept",
+        },
+    )
+    tables, _ = to_tables(read_json(text), Family.V4, "t")
+    assert explain(tables, flow("remote", "10.0.0.2", 8080)).landing.kind == "local"
+
+
+def test_cli_explains_native_nftables_from_the_configuration() -> None:
+    args = [*SIDECAR, "--native-nftables", "--disable-ipv6", "--dst", "10.1.2.3", "--dport", "80", "--json"]
+    done = CliRunner().invoke(explain_command, args)
+    assert done.exit_code == 0, done.output
+    data = json.loads(done.output)
+    assert data["rules"].startswith("configuration (native nftables")
+    assert data["verdict"]["landing"] == "redirect" and data["verdict"]["port"] == 15001
+    assert data["decision"]["table"] == "istio-proxy-nat" and data["decision"]["text"].endswith("redirect to :15001")
+
+
+def test_live_reads_native_nftables_rules(netns) -> None:  # type: ignore[no-untyped-def]
+    netns.run("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
+    netns.run("ip", "addr", "add", "10.0.0.2/24", "dev", "eth0")
+    netns.run("nft", "-f", "-", input=render_script(build_nft_ruleset(config(*SIDECAR, "-m", "REDIRECT"))))
+    args = ["--live", "--network-namespace", netns.name, "--origin", "remote", "--dst", "10.0.0.2", "--json"]
+    done = CliRunner().invoke(explain_command, [*args, "--dport", "15021"])
+    assert done.exit_code == 0, done.output
+    data = json.loads(done.output)
+    assert data["rules"] == f"installed rules (native nftables in namespace {netns.name})"
+    assert data["problems"] == []
+    assert data["verdict"]["landing"] == "local"
+    assert data["exclusions"][0]["text"].startswith("tcp dport 15021 return # handle ")
+    captured = json.loads(CliRunner().invoke(explain_command, [*args, "--dport", "8080"]).output)
+    assert captured["verdict"]["port"] == 15006
