@@ -223,7 +223,7 @@ def _run(*command: str) -> subprocess.CompletedProcess[str] | None:
 
 def _native_nftables(family: Family, namespace: str) -> Tables | None:
     """Our nft tables (``--native-nftables``), if the namespace holds any; None: use iptables."""
-    from istio_iptables.explain_nft import NftJsonError, read_json, to_tables
+    from istio_iptables.explain_nft import NftJsonError, listed_texts, read_json, to_tables
 
     done = _run("nft", "-j", "list", "ruleset")
     if done is None or done.returncode != 0:
@@ -234,8 +234,11 @@ def _native_nftables(family: Family, namespace: str) -> Tables | None:
         raise EnvironmentProblem(f"cannot read 'nft -j list ruleset': {error}") from None
     if not any(table.ours for table in read):
         return None
+    # The rules as nft prints them, for the user; a rule added in between falls back to our spelling.
+    listed = _run("nft", "-a", "list", "ruleset")
+    texts = listed_texts(listed.stdout) if listed is not None and listed.returncode == 0 else {}
     where = f"namespace {namespace}" if namespace else "this namespace"
-    return to_tables(read, family, f"installed rules (native nftables in {where})", handles=True)[0]
+    return to_tables(read, family, f"installed rules (native nftables in {where})", True, texts)[0]
 
 
 def _ipsets() -> dict[str, tuple[IPNetwork, ...] | tuple[int, ...]] | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
@@ -55,6 +56,7 @@ HOOKS: dict[str, Hook] = {
     "output": "OUTPUT",
     "postrouting": "POSTROUTING",
 }
+_COUNTS = re.compile(r"\bcounter packets \d+ bytes \d+")
 VERDICTS = {"return": "RETURN", "accept": "ACCEPT", "drop": "DROP"}
 
 
@@ -277,13 +279,37 @@ def _ports(value: Any) -> tuple[int, ...]:
 # --- into explain's Tables -----------------------------------------------------------------
 
 
+def listed_texts(listing: str) -> dict[tuple[str, str, int], str]:
+    """(table, chain, handle) -> the rule as ``nft -a list ruleset`` prints it (our ``inet`` tables only)."""
+    texts: dict[tuple[str, str, int], str] = {}
+    table = chain = ""
+    for line in listing.splitlines():
+        words = line.split()
+        if words[:1] == ["table"]:
+            table, chain = (words[2] if words[1:2] == ["inet"] and len(words) >= 3 else ""), ""
+        elif words[:1] == ["chain"] and len(words) >= 2:
+            chain = words[1]
+        elif table in OUR_TABLES and chain and "# handle " in line:
+            text, _, handle = line.strip().rpartition(" # handle ")
+            if handle.isdigit():
+                texts[(table, chain, int(handle))] = _COUNTS.sub("counter", text)  # counts change; the rule not
+    return texts
+
+
 def to_tables(
-    read: Iterable[ReadTable], family: Family, source: str, handles: bool = False
+    read: Iterable[ReadTable],
+    family: Family,
+    source: str,
+    handles: bool = False,
+    texts: Mapping[tuple[str, str, int], str] | None = None,
 ) -> tuple[Tables, dict[tuple[str, str, int], ReadRule]]:
     """``family``'s view of our tables, and each (table, chain, rule number)'s rule as read.
 
-    Other tables are not evaluated: each one that holds rules (or a dropping policy) is a warning.
+    ``handles`` adds each rule's handle to its text; ``texts`` (:func:`listed_texts`) gives the rules
+    as nft prints them, else they are spelled from the model. Other tables are not evaluated: each
+    one that holds rules (or a dropping policy) is a warning.
     """
+    texts = texts or {}
     chains: dict[tuple[str, str], list[ChainRule]] = {}
     policies: dict[tuple[str, str], str] = {}
     hooks: dict[Hook, list[BaseChain]] = {}
@@ -299,11 +325,12 @@ def to_tables(
             chains[key] = []
             for number, rule in enumerate(chain.rules, 1):
                 model_rule = to_rule(rule, table.name, chain.name, family)
-                text = rule_text(rule) + (f" # handle {rule.handle}" if handles and rule.handle is not None else "")
+                text = texts.get((table.name, chain.name, rule.handle or -1)) or rule_text(rule)
+                text += f" # handle {rule.handle}" if handles and rule.handle is not None else ""
                 chains[key].append(ChainRule(model_rule, text))
                 index[(table.name, chain.name, number)] = rule
                 problems += [
-                    f"{table.name} {chain.name} rule {number}: not understood: {part.text}"
+                    f"{table.name} {chain.name} rule {number}: not understood: {part.text} in '{text}'"
                     for part in rule.parts
                     if isinstance(part, Unsupported)
                 ]

@@ -14,7 +14,7 @@ from istio_iptables.cli import command, raw_settings
 from istio_iptables.config import Config, parse
 from istio_iptables.explain import Flow, Tables, chain_path, explain
 from istio_iptables.explain_cli import explain_command
-from istio_iptables.explain_nft import ReadTable, read_json, read_model, to_tables
+from istio_iptables.explain_nft import ReadTable, listed_texts, read_json, read_model, to_tables
 from istio_iptables.model import Address, Family, Owner, Ports, Protocol, Tproxy, Unsupported
 from istio_iptables.nft.capture import build_nft_ruleset
 from istio_iptables.nft.render import render_script
@@ -166,6 +166,16 @@ def match(op: str, left: dict, right: object) -> dict:
 COUNTER = {"counter": {"packets": 3, "bytes": 180}}
 
 
+def test_live_texts_are_nfts_own_by_handle() -> None:
+    listing_text = (
+        "table inet istio-proxy-nat { # handle 4\n\tchain output { # handle 2\n"
+        "\t\ttype nat hook output priority dstnat; policy accept;\n"
+        "\t\tfib daddr type local counter packets 3 bytes 180 return # handle 25\n\t}\n}\n"
+        "table ip nat { # handle 5\n\tchain OUTPUT { # handle 1\n\t\tcounter packets 1 bytes 2 # handle 3\n\t}\n}\n"
+    )
+    assert listed_texts(listing_text) == {("istio-proxy-nat", "output", 25): "fib daddr type local counter return"}
+
+
 def test_expressions_map_to_the_model() -> None:
     text = listing(
         [
@@ -251,6 +261,6 @@ def test_live_reads_native_nftables_rules(netns) -> None:  # type: ignore[no-unt
     assert data["rules"] == f"installed rules (native nftables in namespace {netns.name})"
     assert data["problems"] == []
     assert data["verdict"]["landing"] == "local"
-    assert data["exclusions"][0]["text"].startswith("tcp dport 15021 return # handle ")
+    assert data["exclusions"][0]["text"].startswith("tcp dport 15021 counter return # handle ")
     captured = json.loads(CliRunner().invoke(explain_command, [*args, "--dport", "8080"]).output)
     assert captured["verdict"]["port"] == 15006
