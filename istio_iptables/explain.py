@@ -15,7 +15,8 @@ The kernel facts modelled here (net/netfilter, net/ipv4):
 - ``-m owner`` only sees locally generated packets; a packet without a socket matches only ``!``
   (nft's ``skuid``/``skgid`` match it in neither form);
 - REDIRECT sends OUTPUT packets to the loopback address and PREROUTING packets to the first address
-  of the incoming interface; TPROXY hands the packet to a transparent listener, or drops it if none.
+  of the incoming interface; TPROXY hands the packet to a transparent listener, or drops it if none
+  (nft's tproxy: the rule does not match, and the packet goes on).
 """
 
 from __future__ import annotations
@@ -117,8 +118,10 @@ class Tables:
     sets: Mapping[str, tuple[IPNetwork, ...] | tuple[int, ...]] | None = None
     source: str = "configuration"
     problems: list[str] = field(default_factory=list)
-    # nft's skuid/skgid never match a packet without a socket, negated or not (xt_owner: only negated).
-    owner_needs_socket: bool = False
+    # Where nft's expressions differ from iptables' matches and targets: skuid/skgid never match a
+    # packet without a socket, negated or not (xt_owner: only negated), and a tproxy statement that
+    # finds no listener ends the rule, the packet going on (xt_TPROXY drops it).
+    dialect: Literal["iptables", "nft"] = "iptables"
 
     @classmethod
     def from_ruleset(cls, ruleset: RuleSet, source: str = "configuration") -> Tables:
@@ -300,7 +303,7 @@ class _Walker:
             return hit != match.negate
         if isinstance(match, Owner):
             if not (packet.has_socket and self.hook in ("OUTPUT", "POSTROUTING")):
-                return False if self.tables.owner_needs_socket else match.negate
+                return False if self.tables.dialect == "nft" else match.negate
             wanted = self._owner_id(match)
             if wanted is None:
                 return None
@@ -540,7 +543,8 @@ def _walk(walker: _Walker, flow: Flow) -> Landing:
 
 def _route_input(walker: _Walker, flow: Flow, packet: _Packet, original: str) -> Landing:
     if packet.tproxy is not None:
-        landing = Landing("tproxy", "transparent listener", packet.tproxy, original)
+        unheard = "dropped" if walker.tables.dialect == "iptables" else "the rule does not match and the packet goes on"
+        landing = Landing("tproxy", "transparent listener", packet.tproxy, original, reason=unheard)
     elif packet.redirect is not None:
         landing = Landing("redirect", packet.redirect[0], packet.redirect[1], original)
     elif flow.locally_generated or flow.local_addresses is None or flow.is_local_address(packet.dst):
@@ -642,7 +646,7 @@ def verdict_text(explanation: Explanation) -> str:
     if landing.kind == "tproxy":
         return (
             f"handed to the transparent listener on port {landing.port}{where} (TPROXY keeps the original "
-            f"destination {landing.original_destination}; dropped if nothing listens there)"
+            f"destination {landing.original_destination}; if nothing listens there: {landing.reason or 'dropped'})"
         )
     if landing.kind == "drop":
         return f"dropped{where}"

@@ -338,7 +338,7 @@ def to_tables(
                 policies[key] = chain.policy
                 hooks.setdefault(chain.hook, []).append(BaseChain(table.name, chain.name, chain.priority, chain.kind))  # type: ignore[arg-type]
     ordered = {hook: tuple(sorted(bases, key=lambda base: base.priority)) for hook, bases in hooks.items()}
-    tables = Tables(family, chains, policies, ordered, source=source, problems=problems, owner_needs_socket=True)
+    tables = Tables(family, chains, policies, ordered, source=source, problems=problems, dialect="nft")
     return tables, index
 
 

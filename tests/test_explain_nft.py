@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from istio_iptables.cli import command, raw_settings
 from istio_iptables.config import Config, parse
-from istio_iptables.explain import Flow, Tables, chain_path, explain
+from istio_iptables.explain import Flow, Tables, chain_path, explain, verdict_text
 from istio_iptables.explain_cli import explain_command
 from istio_iptables.explain_nft import ReadTable, listed_texts, read_json, read_model, to_tables
 from istio_iptables.model import Address, Family, Owner, Ports, Protocol, Tproxy, Unsupported
@@ -132,6 +132,7 @@ def test_rules_of_the_other_family_keep_their_place_but_never_match() -> None:
     assert [rule.rule.target for rule in tproxy] == [Tproxy(15006, 1337), Tproxy(15006, 1337)]
     landing = explain(ipv6, flow("remote", "fd00::2", 8080))
     assert landing.landing.kind == "tproxy" and landing.decision is not None and landing.decision.number == 2
+    assert "if nothing listens there: the rule does not match and the packet goes on" in verdict_text(landing)
 
 
 def listing(*rules: dict, chain: dict | None = None, tables: tuple[tuple[str, str], ...] = ()) -> str:
