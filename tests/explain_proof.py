@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from tests.flowsender import FORWARDED_V4, FORWARDED_V6, FlowBed, Landing
 from tests.netns import NetNS
 
 RuleKey = tuple[str, str, int]  # (table, chain, rule number)
+SETTLE_ATTEMPTS = 6
 APP = 1000
 
 
@@ -158,7 +160,9 @@ def link_of(address: str) -> str:
     return "eth0"
 
 
-SOURCE_PORTS = itertools.count(61000)  # one per flow, outside the ephemeral range: entries never collide
+# One per flow, above the ephemeral range so entries never collide; cycling, because one process may run
+# both proofs (2,322 flows each) and a port past 65535 is an error, not a flow.
+SOURCE_PORTS = itertools.cycle(range(61000, 65536))
 
 
 def flow_of(probe: Probe, bed: FlowBed) -> Flow:
@@ -359,12 +363,19 @@ def prove(case: Case, config: Config, bed: FlowBed, backend: Backend) -> None:
                 gid=probe.gid,
                 timeout=0.1 if forwarded else 1.0,
             )
-            after = backend.snapshot(family)[1]
-            hit = {key for key, packets in after.items() if packets > before.get(key, 0)}
-            before = after
             sent += 1
-            problems = compare(probe, from_model, from_live, landing, hit, exact, backend.nat_tables)
-            problems += unpredicted_decisions(live_tables, from_live, hit)
+            # A packet nothing answers may still wait in a backlog when the sender gives up (on a busy
+            # machine): let the counters settle before calling it a disagreement. Counters only grow,
+            # so waiting can add hits but never hide one.
+            for attempt in range(SETTLE_ATTEMPTS):
+                after = backend.snapshot(family)[1]
+                hit = {key for key, packets in after.items() if packets > before.get(key, 0)}
+                problems = compare(probe, from_model, from_live, landing, hit, exact, backend.nat_tables)
+                problems += unpredicted_decisions(live_tables, from_live, hit)
+                if not problems or landing.where is not None:
+                    break
+                time.sleep(0.05 * (attempt + 1))
+            before = after
             if exact:
                 problems += compare_zone(flow, from_live, bed.conntrack_zones(family.value))
             disagreements += [f"{case.name} {probe}: {problem}" for problem in problems]
