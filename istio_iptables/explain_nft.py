@@ -139,28 +139,35 @@ def read_json(text: str) -> list[ReadTable]:
     except (ValueError, KeyError, TypeError) as error:
         raise NftJsonError(f"not an 'nft -j' listing: {error}") from None
     tables: dict[tuple[str, str], ReadTable] = {}
-    for item in objects:
-        if not isinstance(item, dict):
-            continue
-        if "table" in item:
-            table = item["table"]
-            tables[(table["family"], table["name"])] = ReadTable(table["family"], table["name"])
-        elif "chain" in item:
-            chain = item["chain"]
-            owner = tables.setdefault((chain["family"], chain["table"]), ReadTable(chain["family"], chain["table"]))
-            owner.chains[chain["name"]] = ReadChain(
-                chain["name"],
-                HOOKS.get(chain.get("hook", "")),
-                "nat" if chain.get("type") == "nat" else "filter",
-                int(chain.get("prio", 0)),
-                str(chain.get("policy", "accept")).upper(),
-            )
-        elif "rule" in item:
-            rule = item["rule"]
-            table = tables.setdefault((rule["family"], rule["table"]), ReadTable(rule["family"], rule["table"]))
-            chain = table.chains.setdefault(rule["chain"], ReadChain(rule["chain"]))
-            chain.rules.append(_read_rule(rule))
+    try:
+        for item in objects:
+            _read_object(item, tables)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise NftJsonError(f"unexpected object in the 'nft -j' listing: {error!r}") from None
     return list(tables.values())
+
+
+def _read_object(item: Any, tables: dict[tuple[str, str], ReadTable]) -> None:
+    def table_of(family: str, name: str) -> ReadTable:
+        return tables.setdefault((family, name), ReadTable(family, name))
+
+    if not isinstance(item, dict):
+        return
+    if "table" in item:
+        table_of(item["table"]["family"], item["table"]["name"])
+    elif "chain" in item:
+        chain = item["chain"]
+        table_of(chain["family"], chain["table"]).chains[chain["name"]] = ReadChain(
+            chain["name"],
+            HOOKS.get(chain.get("hook", "")),
+            "nat" if chain.get("type") == "nat" else "filter",
+            int(chain.get("prio", 0)),
+            str(chain.get("policy", "accept")).upper(),
+        )
+    elif "rule" in item:
+        rule = item["rule"]
+        chains = table_of(rule["family"], rule["table"]).chains
+        chains.setdefault(rule["chain"], ReadChain(rule["chain"])).rules.append(_read_rule(rule))
 
 
 def _read_rule(rule: Mapping[str, Any]) -> ReadRule:

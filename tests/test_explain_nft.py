@@ -14,7 +14,7 @@ from istio_iptables.cli import command, raw_settings
 from istio_iptables.config import Config, parse
 from istio_iptables.explain import Flow, Tables, chain_path, explain, verdict_text
 from istio_iptables.explain_cli import explain_command
-from istio_iptables.explain_nft import ReadTable, listed_texts, read_json, read_model, to_tables
+from istio_iptables.explain_nft import NftJsonError, ReadTable, listed_texts, read_json, read_model, to_tables
 from istio_iptables.model import Address, Family, Owner, Ports, Protocol, Tproxy, Unsupported
 from istio_iptables.nft.capture import build_nft_ruleset
 from istio_iptables.nft.render import render_script
@@ -213,6 +213,12 @@ def test_what_is_not_understood_is_reported_never_skipped() -> None:
     assert isinstance(tables.chains[("istio-proxy-nat", "output")][0].rule.matches[0], Unsupported)
     explanation = explain(tables, flow("local", "10.1.2.3", 80))
     assert explanation.landing.kind == "undetermined" and "fib" in explanation.landing.reason
+
+
+@pytest.mark.parametrize("text", ["", "[]", '{"nftables": [{"rule": {"family": "inet"}}]}', '{"nftables": 3}'])
+def test_a_listing_that_is_not_one_is_an_error(text: str) -> None:
+    with pytest.raises(NftJsonError):
+        read_json(text)
 
 
 def test_foreign_tables_are_named_when_they_hold_rules() -> None:
