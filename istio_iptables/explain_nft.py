@@ -338,7 +338,7 @@ def to_tables(
                 index[(table.name, chain.name, number)] = rule
                 problems += [
                     f"{table.name} {chain.name} rule {number}: not understood: {part.text} in '{text}'"
-                    for part in rule.parts
+                    for part in (*model_rule.matches, model_rule.target)
                     if isinstance(part, Unsupported)
                 ]
             if chain.hook is not None:
@@ -366,8 +366,8 @@ def to_rule(read: ReadRule, table: str, chain: str, family: Family) -> Rule:
         elif isinstance(part, nft.TproxyTo):
             other_family |= part.version != family.value
             statements.append(part)
-        elif isinstance(part, Unsupported) and not statements:
-            matches.append(part)  # an unread part before the first statement reads as a match
+        elif isinstance(part, Unsupported) and part.text.startswith('{"match"'):
+            matches.append(part)  # an unread match expression (its JSON, as _part keeps it)
         elif isinstance(part, nft.Statement | Unsupported):
             statements.append(part)
         else:

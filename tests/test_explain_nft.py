@@ -210,6 +210,11 @@ def test_what_is_not_understood_is_reported_never_skipped() -> None:
     )
     tables, _ = to_tables(read_json(text), Family.V4, "t")
     assert len(tables.problems) == 2 and all("not understood" in problem for problem in tables.problems)
+    # Statements we know, in a combination our model has no single target for, are reported too.
+    mark_and_accept = [{"mangle": {"key": {"meta": {"key": "mark"}}, "value": 7}}, {"accept": None}]
+    combined = to_tables(read_json(listing(mark_and_accept)), Family.V4, "t")[0]
+    assert combined.problems == ["istio-proxy-nat output rule 1: not understood: meta mark set 7 accept in "
+                                 "'meta mark set 7 accept'"]
     assert isinstance(tables.chains[("istio-proxy-nat", "output")][0].rule.matches[0], Unsupported)
     explanation = explain(tables, flow("local", "10.1.2.3", 80))
     assert explanation.landing.kind == "undetermined" and "fib" in explanation.landing.reason
