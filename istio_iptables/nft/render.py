@@ -13,6 +13,7 @@ from collections.abc import Collection, Sequence
 from istio_iptables.nft.model import (
     OUR_TABLES,
     Addr,
+    AddrInSet,
     Chain,
     CtMarkIs,
     CtState,
@@ -23,7 +24,9 @@ from istio_iptables.nft.model import (
     NftMatch,
     NftRule,
     NftRuleset,
+    NftSet,
     Port,
+    PortInSet,
     RedirectTo,
     RestoreMarkFromConnection,
     SaveMarkToConnection,
@@ -35,6 +38,7 @@ from istio_iptables.nft.model import (
     Verdict,
 )
 from istio_iptables.render import RenderError, check_token
+from istio_iptables.sets import is_own_set, member_text, port_ranges
 
 HEADER = "# istio-iptables --native-nftables: load with 'nft -f FILE'; applied as one transaction\n"
 MAX_U32 = 2**32 - 1
@@ -68,6 +72,13 @@ def _network(network: object) -> str:
     return str(network)
 
 
+def _set_reference(name: str) -> str:
+    # Only names our set step makes (istio-v4-out-excl-1c9a02f3): nothing else can follow the '@'.
+    if not is_own_set(name):
+        raise RenderError(f"refusing to render set {name!r}: not one of ours")
+    return f"@{name}"
+
+
 def _not(negate: bool) -> str:
     return "!= " if negate else ""
 
@@ -87,6 +98,11 @@ def match_text(match: NftMatch) -> str:
         ports = [_port(port) for port in match.ports]
         value = ports[0] if len(ports) == 1 else "{ " + ", ".join(ports) + " }"
         return f"{check_token(match.protocol)} {check_token(match.direction)} {_not(match.negate)}{value}"
+    if isinstance(match, AddrInSet):
+        family = "ip" if match.version == 4 else "ip6"
+        return f"{family} {check_token(match.direction)} {_set_reference(match.set_name)}"
+    if isinstance(match, PortInSet):
+        return f"{check_token(match.protocol)} {check_token(match.direction)} {_set_reference(match.set_name)}"
     if isinstance(match, SocketOwner):
         keyword = "skuid" if match.kind == "uid" else "skgid"
         owner = _number(int(match.id), 0, MAX_U32) if match.id.isdigit() else _name(match.id)
@@ -137,6 +153,40 @@ def chain_declaration(table: str, chain: Chain) -> str:
     return f"{head} {{ type {hook.type} hook {hook.hook} priority {_number(hook.priority, -1000, 1000)} ; }}"
 
 
+SET_VERSIONS = {"ipv4_addr": 4, "ipv6_addr": 6}
+
+
+def set_elements(named: NftSet) -> str:
+    """``{ 10.0.0.0/8, ... }`` or ``{ 80, 20000-20099 }``: each member checked for type and range first."""
+    version = SET_VERSIONS.get(named.type)
+    for member in named.members:
+        if version is None:
+            _port(member)  # type: ignore[arg-type]
+        elif not isinstance(member, ipaddress.IPv4Network | ipaddress.IPv6Network) or member.version != version:
+            raise RenderError(f"refusing to render {member!r} in set {named.name}: not an IPv{version} network")
+    if version is None:
+        # Runs of consecutive ports as FIRST-LAST, as for ipset: fewer intervals for the kernel.
+        entries = port_ranges(named.members)  # type: ignore[arg-type]
+    else:
+        entries = [member_text(member) for member in named.members]  # type: ignore[arg-type]
+    return "{ " + ", ".join(entries) + " }"
+
+
+def set_lines(table: str, named: NftSet) -> list[str]:
+    """Declare, empty (if it survived in a table that was only flushed) and fill one set.
+
+    ``auto-merge`` lets overlapping CIDRs (10.0.0.0/8 and 10.1.0.0/16) share an interval set.
+    """
+    if named.type not in (*SET_VERSIONS, "inet_service"):
+        raise RenderError(f"refusing to render a set of type {named.type!r}")
+    target = f"inet {check_token(table)} {_set_reference(named.name)[1:]}"
+    return [
+        f"add set {target} {{ type {named.type} ; flags interval ; auto-merge ; }}",
+        f"flush set {target}",
+        f"add element {target} {set_elements(named)}",
+    ]
+
+
 def remove_tables_lines(tables: Collection[str] = OUR_TABLES) -> list[str]:
     """Delete these of our tables whether or not they exist (``add`` first makes ``delete`` always valid)."""
     lines = []
@@ -152,6 +202,7 @@ def ruleset_lines(ruleset: NftRuleset) -> list[str]:
         name = check_token(table.name)
         chains = table.used_chains()
         lines.append(f"add table inet {name}")
+        lines += [line for named in table.sets.values() for line in set_lines(name, named)]
         lines += [chain_declaration(name, chain) for chain in chains]
         lines += [f"add rule inet {name} {chain.name} {rule_text(rule)}" for chain in chains for rule in chain.rules]
     return lines

@@ -107,6 +107,10 @@ def parse_nft_listing(objects: list[dict], state: NamespaceState) -> None:
             if table["family"] == "inet" and table["name"] in OUR_TABLES:
                 state.our_tables.append(table["name"])
                 state.our_objects.append(entry)
+        elif "set" in entry:
+            named = entry["set"]
+            if named["family"] == "inet" and named["table"] in OUR_TABLES:
+                state.our_objects.append(entry)  # listed before the rules that match it, as a restore needs
         elif "chain" in entry:
             chain = entry["chain"]
             if chain["family"] == "inet" and chain["table"] in OUR_TABLES:
