@@ -13,13 +13,12 @@ for the iptables backends (:func:`istio_iptables.sets.use_set`, ``--use-sets``),
 
 from __future__ import annotations
 
-from istio_iptables.capture import dns_servers, loopback_cidr, of_family
 from collections.abc import Sequence
 from typing import Literal
 
+from istio_iptables.capture import dns_servers, loopback_cidr, of_family
 from istio_iptables.config import DNS_CAPTURE_PORT, OUTBOUND_MARK, Config
 from istio_iptables.model import Family, IPNetwork
-from istio_iptables.sets import SET_THRESHOLD, CidrPurpose, PortPurpose, set_members, set_name, use_set
 from istio_iptables.nft.model import (
     ACCEPT,
     DROP,
@@ -58,6 +57,7 @@ from istio_iptables.nft.model import (
     SocketOwner,
     TproxyTo,
 )
+from istio_iptables.sets import SET_THRESHOLD, CidrPurpose, PortPurpose, set_members, set_name, use_set
 
 TCP = L4Proto("tcp")
 LOOPBACK_OUT = IfName("out", "lo")

@@ -1,0 +1,125 @@
+"""Long lists as named sets in the native nftables backend, without a kernel."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from istio_iptables.config import CidrSelection, PortSelection
+from istio_iptables.nft import system
+from istio_iptables.nft.capture import build_nft_ruleset
+from istio_iptables.nft.model import MANGLE, NAT, AddrInSet, NftSet, PortInSet
+from istio_iptables.nft.render import match_text, render_script, set_lines
+from istio_iptables.render import RenderError
+from istio_iptables.sets import SET_THRESHOLD
+from tests.conformance import Case
+from tests.test_nft_text import CASES, nft_dry_run
+from tests.test_sets import cidrs, config
+
+V6_CIDRS = tuple(ipaddress.ip_network(f"fd00:{i:x}::/32") for i in range(100))
+
+
+def script(**values: object) -> str:
+    return render_script(build_nft_ruleset(config(**values)))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_istio_cases_are_unchanged_by_auto_sets(case: Case) -> None:
+    auto = nft_dry_run(case)
+    assert auto == nft_dry_run(case, "--use-sets=never")
+    assert "@" not in auto and "add set" not in auto
+
+
+def test_long_cidr_lists_become_one_interval_set_per_family() -> None:
+    text = script(outbound_exclude=(*cidrs(100), *V6_CIDRS), enable_ipv6=True)
+    v4 = [line for line in text.splitlines() if "istio-v4-out-excl-" in line]
+    v6 = [line for line in text.splitlines() if "istio-v6-out-excl-" in line]
+    assert v4[0].startswith("add set inet istio-proxy-nat istio-v4-out-excl-")
+    assert v4[0].endswith("{ type ipv4_addr ; flags interval ; auto-merge ; }")
+    assert v4[2].startswith("add element inet istio-proxy-nat istio-v4-out-excl-") and "10.0.99.0/24 }" in v4[2]
+    assert v4[3].endswith("istio-output ip daddr @" + v4[0].split()[4] + " counter return")
+    assert "type ipv6_addr" in v6[0] and "fd00:63::/32 }" in v6[2] and " ip6 daddr @istio-v6-out-excl-" in v6[3]
+    assert text.count("ip daddr 10.") == 0 and len(v4) == 4  # declare, flush, fill, one rule
+
+
+def test_short_lists_keep_one_rule_per_entry_unless_always() -> None:
+    short = cidrs(SET_THRESHOLD)
+    assert script(outbound_exclude=short).count("ip daddr 10.") == SET_THRESHOLD
+    assert "add set" not in script(outbound_exclude=short)
+    assert "@istio-v4-out-excl-" in script(outbound_exclude=cidrs(1), use_sets="always")
+    never = script(outbound_exclude=cidrs(5000), use_sets="never")
+    assert never.count("ip daddr 10.") == 5000 and "add set" not in never
+
+
+def test_port_lists_become_inet_service_sets_shared_by_tcp_and_udp() -> None:
+    ports = tuple(range(20000, 20100))
+    text = script(outbound_ports_exclude=ports, outbound_ports_include=(*ports, 8080), inbound_exclude_ports=ports)
+    assert "{ type inet_service ; flags interval ; auto-merge ; }" in text
+    assert "{ 20000-20099 }" in text and "{ 8080, 20000-20099 }" in text
+    excluded = next(line.split()[4] for line in text.splitlines() if "add set" in line and "port-out-excl" in line)
+    assert f"tcp dport @{excluded} counter return" in text and f"udp dport @{excluded} counter return" in text
+    assert "tcp dport @istio-port-out-" in text and "tcp dport @istio-port-in-excl-" in text
+
+
+def test_included_cidrs_and_inbound_ports_sets_sit_in_the_table_that_matches_them() -> None:
+    text = script(
+        outbound_include=CidrSelection(cidrs=cidrs(100)),
+        virt_interfaces=("veth0",),
+        inbound_ports=PortSelection(ports=tuple(range(1000, 1100))),
+        mode="TPROXY",
+    )
+    assert 'iifname "veth0" ip daddr @istio-v4-out-incl-' in text
+    assert "istio-output ip daddr @istio-v4-out-incl-" in text
+    assert f"add set inet {MANGLE} istio-port-in-" in text
+    assert text.count("tcp dport @istio-port-in-") == 2  # established -> divert, new -> tproxy
+    assert f"add set inet {NAT} istio-port-in-" not in text
+
+
+def test_multiport_writes_a_long_port_list_as_one_anonymous_set() -> None:
+    text = script(outbound_ports_include=tuple(range(2000, 2100)), outbound_exclude=cidrs(100), use_sets="multiport")
+    assert "add set" not in text and "@" not in text
+    assert text.count("tcp dport { 2000, 2001,") == 1 and text.count("ip daddr 10.") == 100
+
+
+@pytest.mark.parametrize(
+    "named",
+    [
+        NftSet("istio-v4-out-excl-0000000g", "ipv4_addr", cidrs(1)),  # not a name of ours
+        NftSet("x; delete table inet filter", "ipv4_addr", cidrs(1)),
+        NftSet("istio-v4-out-excl-00000001", "ipv4_addr", ("10.0.0.0/8 } ; flush ruleset ; {",)),  # type: ignore[arg-type]
+        NftSet("istio-v4-out-excl-00000001", "ipv4_addr", V6_CIDRS[:1]),  # the wrong family
+        NftSet("istio-port-in-00000001", "inet_service", (0,)),
+        NftSet("istio-port-in-00000001", "inet_service", ("80 }",)),  # type: ignore[arg-type]
+        NftSet("istio-port-in-00000001", "ipv4_addr; flush ruleset", (80,)),  # type: ignore[arg-type]
+    ],
+)
+def test_sets_render_only_our_names_and_typed_members(named: NftSet) -> None:
+    with pytest.raises(RenderError):
+        set_lines(NAT, named)
+
+
+@pytest.mark.parametrize(
+    "match",
+    [AddrInSet("daddr", 4, "filter-set"), AddrInSet("daddr", 4, "@x"), PortInSet("tcp", "dport", "istio-port-in-1 }")],
+)
+def test_set_matches_name_only_our_sets(match: AddrInSet | PortInSet) -> None:
+    with pytest.raises(RenderError):
+        match_text(match)
+
+
+def test_our_sets_are_kept_to_put_them_back_and_foreign_ones_left_alone() -> None:
+    state = system.NamespaceState()
+    listing = [
+        {"table": {"family": "inet", "name": NAT, "handle": 1}},
+        {"set": {"family": "inet", "table": NAT, "name": "istio-port-in-00000001", "type": "inet_service"}},
+        {"set": {"family": "inet", "table": "filter", "name": "blocked", "type": "ipv4_addr"}},
+    ]
+    system.parse_nft_listing(listing, state)
+    assert [next(iter(entry)) for entry in state.our_objects] == ["table", "set"]
+
+
+def test_the_family_of_a_cidr_set_follows_the_family() -> None:
+    ruleset = build_nft_ruleset(config(outbound_exclude=V6_CIDRS, enable_ipv6=True))
+    [named] = ruleset.tables[NAT].sets.values()
+    assert named.type == "ipv6_addr" and named.name.startswith("istio-v6-")
