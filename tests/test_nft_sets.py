@@ -7,6 +7,7 @@ import ipaddress
 import pytest
 
 from istio_iptables.config import CidrSelection, PortSelection
+from istio_iptables.errors import ApplyError
 from istio_iptables.nft import system
 from istio_iptables.nft.capture import build_nft_ruleset
 from istio_iptables.nft.model import MANGLE, NAT, AddrInSet, NftSet, PortInSet
@@ -33,13 +34,13 @@ def test_istio_cases_are_unchanged_by_auto_sets(case: Case) -> None:
 
 def test_long_cidr_lists_become_one_interval_set_per_family() -> None:
     text = script(outbound_exclude=(*cidrs(100), *V6_CIDRS), enable_ipv6=True)
-    v4 = [line for line in text.splitlines() if "istio-v4-out-excl-" in line]
-    v6 = [line for line in text.splitlines() if "istio-v6-out-excl-" in line]
-    assert v4[0].startswith("add set inet istio-proxy-nat istio-v4-out-excl-")
+    v4 = [line for line in text.splitlines() if "istio-v4-out-excl" in line]
+    v6 = [line for line in text.splitlines() if "istio-v6-out-excl" in line]
+    assert v4[0].startswith("add set inet istio-proxy-nat istio-v4-out-excl")
     assert v4[0].endswith("{ type ipv4_addr ; flags interval ; auto-merge ; }")
-    assert v4[2].startswith("add element inet istio-proxy-nat istio-v4-out-excl-") and "10.0.99.0/24 }" in v4[2]
+    assert v4[2].startswith("add element inet istio-proxy-nat istio-v4-out-excl") and "10.0.99.0/24 }" in v4[2]
     assert v4[3].endswith("istio-output ip daddr @" + v4[0].split()[4] + " counter return")
-    assert "type ipv6_addr" in v6[0] and "fd00:63::/32 }" in v6[2] and " ip6 daddr @istio-v6-out-excl-" in v6[3]
+    assert "type ipv6_addr" in v6[0] and "fd00:63::/32 }" in v6[2] and " ip6 daddr @istio-v6-out-excl" in v6[3]
     assert text.count("ip daddr 10.") == 0 and len(v4) == 4  # declare, flush, fill, one rule
 
 
@@ -47,7 +48,7 @@ def test_short_lists_keep_one_rule_per_entry_unless_always() -> None:
     short = cidrs(SET_THRESHOLD)
     assert script(outbound_exclude=short).count("ip daddr 10.") == SET_THRESHOLD
     assert "add set" not in script(outbound_exclude=short)
-    assert "@istio-v4-out-excl-" in script(outbound_exclude=cidrs(1), use_sets="always")
+    assert "@istio-v4-out-excl" in script(outbound_exclude=cidrs(1), use_sets="always")
     never = script(outbound_exclude=cidrs(5000), use_sets="never")
     assert never.count("ip daddr 10.") == 5000 and "add set" not in never
 
@@ -59,7 +60,7 @@ def test_port_lists_become_inet_service_sets_shared_by_tcp_and_udp() -> None:
     assert "{ 20000-20099 }" in text and "{ 8080, 20000-20099 }" in text
     excluded = next(line.split()[4] for line in text.splitlines() if "add set" in line and "port-out-excl" in line)
     assert f"tcp dport @{excluded} counter return" in text and f"udp dport @{excluded} counter return" in text
-    assert "tcp dport @istio-port-out-" in text and "tcp dport @istio-port-in-excl-" in text
+    assert "tcp dport @istio-port-out counter jump" in text and "tcp dport @istio-port-in-excl" in text
 
 
 def test_included_cidrs_and_inbound_ports_sets_sit_in_the_table_that_matches_them() -> None:
@@ -69,11 +70,11 @@ def test_included_cidrs_and_inbound_ports_sets_sit_in_the_table_that_matches_the
         inbound_ports=PortSelection(ports=tuple(range(1000, 1100))),
         mode="TPROXY",
     )
-    assert 'iifname "veth0" ip daddr @istio-v4-out-incl-' in text
-    assert "istio-output ip daddr @istio-v4-out-incl-" in text
-    assert f"add set inet {MANGLE} istio-port-in-" in text
-    assert text.count("tcp dport @istio-port-in-") == 2  # established -> divert, new -> tproxy
-    assert f"add set inet {NAT} istio-port-in-" not in text
+    assert 'iifname "veth0" ip daddr @istio-v4-out-incl ' in text
+    assert "istio-output ip daddr @istio-v4-out-incl" in text
+    assert f"add set inet {MANGLE} istio-port-in" in text
+    assert text.count("tcp dport @istio-port-in") == 2  # established -> divert, new -> tproxy
+    assert f"add set inet {NAT} istio-port-in" not in text
 
 
 def test_multiport_writes_a_long_port_list_as_one_anonymous_set() -> None:
@@ -85,13 +86,13 @@ def test_multiport_writes_a_long_port_list_as_one_anonymous_set() -> None:
 @pytest.mark.parametrize(
     "named",
     [
-        NftSet("istio-v4-out-excl-0000000g", "ipv4_addr", cidrs(1)),  # not a name of ours
+        NftSet("istio-v4-out-excl-1c9a02f3", "ipv4_addr", cidrs(1)),  # not a name of ours
         NftSet("x; delete table inet filter", "ipv4_addr", cidrs(1)),
-        NftSet("istio-v4-out-excl-00000001", "ipv4_addr", ("10.0.0.0/8 } ; flush ruleset ; {",)),  # type: ignore[arg-type]
-        NftSet("istio-v4-out-excl-00000001", "ipv4_addr", V6_CIDRS[:1]),  # the wrong family
-        NftSet("istio-port-in-00000001", "inet_service", (0,)),
-        NftSet("istio-port-in-00000001", "inet_service", ("80 }",)),  # type: ignore[arg-type]
-        NftSet("istio-port-in-00000001", "ipv4_addr; flush ruleset", (80,)),  # type: ignore[arg-type]
+        NftSet("istio-v4-out-excl", "ipv4_addr", ("10.0.0.0/8 } ; flush ruleset ; {",)),  # type: ignore[arg-type]
+        NftSet("istio-v4-out-excl", "ipv4_addr", V6_CIDRS[:1]),  # the wrong family
+        NftSet("istio-port-in", "inet_service", (0,)),
+        NftSet("istio-port-in", "inet_service", ("80 }",)),  # type: ignore[arg-type]
+        NftSet("istio-port-in", "ipv4_addr; flush ruleset", (80,)),  # type: ignore[arg-type]
     ],
 )
 def test_sets_render_only_our_names_and_typed_members(named: NftSet) -> None:
@@ -101,7 +102,7 @@ def test_sets_render_only_our_names_and_typed_members(named: NftSet) -> None:
 
 @pytest.mark.parametrize(
     "match",
-    [AddrInSet("daddr", 4, "filter-set"), AddrInSet("daddr", 4, "@x"), PortInSet("tcp", "dport", "istio-port-in-1 }")],
+    [AddrInSet("daddr", 4, "filter-set"), AddrInSet("daddr", 4, "@x"), PortInSet("tcp", "dport", "istio-port-in }")],
 )
 def test_set_matches_name_only_our_sets(match: AddrInSet | PortInSet) -> None:
     with pytest.raises(RenderError):
@@ -112,11 +113,46 @@ def test_our_sets_are_kept_to_put_them_back_and_foreign_ones_left_alone() -> Non
     state = system.NamespaceState()
     listing = [
         {"table": {"family": "inet", "name": NAT, "handle": 1}},
-        {"set": {"family": "inet", "table": NAT, "name": "istio-port-in-00000001", "type": "inet_service"}},
+        {"set": {"family": "inet", "table": NAT, "name": "istio-port-in", "type": "inet_service"}},
         {"set": {"family": "inet", "table": "filter", "name": "blocked", "type": "ipv4_addr"}},
     ]
     system.parse_nft_listing(listing, state)
     assert [next(iter(entry)) for entry in state.our_objects] == ["table", "set"]
+
+
+def test_a_rerun_keeps_a_live_table_with_sets_and_refills_them_in_place() -> None:
+    ruleset = build_nft_ruleset(config(outbound_exclude=cidrs(100)))
+    held = {NAT: (["prerouting", "output", "istio-output", "istio-old"], ["istio-v4-out-excl", "istio-port-out"])}
+    lines = render_script(ruleset, present=[NAT, MANGLE], held=held).splitlines()[1:]
+    assert lines[:6] == [
+        f"add table inet {MANGLE}",
+        f"delete table inet {MANGLE}",  # no sets in it: replaced whole, as before
+        f"flush table inet {NAT}",
+        f"delete chain inet {NAT} istio-old",
+        f"delete set inet {NAT} istio-port-out",
+        f"add table inet {NAT}",
+    ]
+    assert f"delete table inet {NAT}" not in lines
+    assert lines[6:9] == [
+        f"add set inet {NAT} istio-v4-out-excl {{ type ipv4_addr ; flags interval ; auto-merge ; }}",
+        f"flush set inet {NAT} istio-v4-out-excl",
+        lines[8],
+    ]
+    # Without sets in the new rules the table goes as a whole, whatever it held.
+    plain = render_script(build_nft_ruleset(config()), present=[NAT], held=held)
+    assert f"delete table inet {NAT}" in plain and "flush table" not in plain
+
+
+def test_names_read_back_from_the_kernel_are_checked_before_use() -> None:
+    state = system.NamespaceState(our_tables=[NAT])
+    state.our_objects = [
+        {"chain": {"family": "inet", "table": NAT, "name": "istio-output"}},
+        {"set": {"family": "inet", "table": NAT, "name": "istio-port-out"}},
+    ]
+    assert state.held() == {NAT: (["istio-output"], ["istio-port-out"])}
+    state.our_objects.append({"set": {"family": "inet", "table": NAT, "name": "x ; flush ruleset"}})
+    with pytest.raises(ApplyError):
+        state.held()
 
 
 def test_the_family_of_a_cidr_set_follows_the_family() -> None:

@@ -57,7 +57,7 @@ from istio_iptables.nft.model import (
     SocketOwner,
     TproxyTo,
 )
-from istio_iptables.sets import SET_THRESHOLD, CidrPurpose, PortPurpose, set_members, set_name, use_set
+from istio_iptables.sets import SET_THRESHOLD, CidrPurpose, PortPurpose, set_members, use_set
 
 TCP = L4Proto("tcp")
 LOOPBACK_OUT = IfName("out", "lo")
@@ -324,7 +324,7 @@ def cidr_matches(
     if not use_set(config.use_sets, len(cidrs)):
         return [Addr("daddr", cidr) for cidr in cidrs]
     members = set_members(cidrs)
-    name = set_name(purpose, members, family)
+    name = nft_set_name(purpose, family)
     nft.declare_set(table, NftSet(name, "ipv4_addr" if family is Family.V4 else "ipv6_addr", members))
     return [AddrInSet("daddr", family.value, name)]  # type: ignore[arg-type]
 
@@ -342,9 +342,16 @@ def port_choices(
     if not use_set(config.use_sets, len(ports)):
         return [(port,) for port in ports]
     members = tuple(ports)
-    name = set_name(purpose, members, None)
+    name = nft_set_name(purpose, None)
     nft.declare_set(table, NftSet(name, "inet_service", members))
     return [name]
+
+
+def nft_set_name(purpose: str, family: Family | None) -> str:
+    """``istio-[v4-|v6-]PURPOSE``: unlike ipsets, no digest of the members. A rerun refills the
+    set of that name in the transaction that replaces the rules (see render_script), and the
+    kernel keeps no state a digest would need to tell apart."""
+    return f"istio-{'' if family is None else f'v{family.value}-'}{purpose}"
 
 
 def dport(protocol: Literal["tcp", "udp"], choice: PortChoice) -> NftMatch:

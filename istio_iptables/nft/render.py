@@ -8,7 +8,8 @@ then double-quoted, so no value can end a statement, open a block or name anothe
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Collection, Sequence
+import re
+from collections.abc import Collection, Mapping, Sequence
 
 from istio_iptables.nft.model import (
     OUR_TABLES,
@@ -34,11 +35,12 @@ from istio_iptables.nft.model import (
     SetMark,
     SocketOwner,
     Statement,
+    Table,
     TproxyTo,
     Verdict,
 )
 from istio_iptables.render import RenderError, check_token
-from istio_iptables.sets import is_own_set, member_text, port_ranges
+from istio_iptables.sets import member_text, port_ranges
 
 HEADER = "# istio-iptables --native-nftables: load with 'nft -f FILE'; applied as one transaction\n"
 MAX_U32 = 2**32 - 1
@@ -72,9 +74,13 @@ def _network(network: object) -> str:
     return str(network)
 
 
+# Our set names (istio_iptables.nft.capture.nft_set_name): one per purpose and family, no digest.
+OWN_NFT_SET_NAME = re.compile(r"istio-(?:v4-|v6-)?(?:out-excl|out-incl|port-out|port-out-excl|port-in|port-in-excl)")
+
+
 def _set_reference(name: str) -> str:
-    # Only names our set step makes (istio-v4-out-excl-1c9a02f3): nothing else can follow the '@'.
-    if not is_own_set(name):
+    # Only names our set step makes (istio-v4-out-excl): nothing else can follow the '@'.
+    if not OWN_NFT_SET_NAME.fullmatch(name):
         raise RenderError(f"refusing to render set {name!r}: not one of ours")
     return f"@{name}"
 
@@ -208,21 +214,51 @@ def ruleset_lines(ruleset: NftRuleset) -> list[str]:
     return lines
 
 
-def render_script(ruleset: NftRuleset, present: Collection[str] = OUR_TABLES, also: Sequence[str] = ()) -> str:
+def render_script(
+    ruleset: NftRuleset,
+    present: Collection[str] = OUR_TABLES,
+    also: Sequence[str] = (),
+    held: Mapping[str, TableObjects] | None = None,
+) -> str:
     """The whole transaction: drop what our tables held, then build them anew (no window without rules).
 
     ``present`` names our tables known to exist; the others are only flushed before use, since a
     table deletion costs the kernel ~10 ms (an RCU grace period) even for an empty table. Flushing
     keeps a run correct if such a table appears meanwhile. ``also`` joins the same transaction
     (with --reconcile: removing iptables-nft's form of our rules).
+
+    ``held`` lists the chains and sets of present tables. A present table whose new rules match
+    named sets is kept and emptied instead of deleted, so its sets keep their names and are
+    refilled in place: the kernel publishes the members of an interval set created in a
+    transaction a moment after the rules that match it go live (seen on Linux 6.18: a few
+    packets in 10 000 missed the set), while a refilled set answers old or new, never neither.
     """
+    held = held or {}
+    kept = [table for table in ruleset.used_tables() if table.sets and table.name in held and table.name in present]
+    kept_names = {table.name for table in kept}
+    emptied = [line for table in kept for line in empty_table_lines(table, held[table.name])]
     fresh = [
         line
         for table in ruleset.used_tables()
         if table.name not in present
         for line in (f"add table inet {table.name}", f"flush table inet {table.name}")
     ]
-    return HEADER + "\n".join([*remove_tables_lines(present), *fresh, *ruleset_lines(ruleset), *also]) + "\n"
+    removed = remove_tables_lines([table for table in present if table not in kept_names])
+    return HEADER + "\n".join([*removed, *emptied, *fresh, *ruleset_lines(ruleset), *also]) + "\n"
+
+
+TableObjects = tuple[Sequence[str], Sequence[str]]  # the chains and sets a live table holds, by name
+
+
+def empty_table_lines(table: Table, held: TableObjects) -> list[str]:
+    """Empty a live table for its new contents: no rules, and no chain or set the new ones do not declare."""
+    name = check_token(table.name)
+    chains, sets = held
+    keep_chains = {chain.name for chain in table.used_chains()}
+    lines = [f"flush table inet {name}"]
+    lines += [f"delete chain inet {name} {check_token(chain)}" for chain in chains if chain not in keep_chains]
+    lines += [f"delete set inet {name} {check_token(named)}" for named in sets if named not in table.sets]
+    return lines
 
 
 def render_cleanup(tables: Collection[str] = OUR_TABLES) -> str:
