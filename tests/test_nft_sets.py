@@ -32,23 +32,38 @@ def test_istio_cases_are_unchanged_by_auto_sets(case: Case) -> None:
     assert "@" not in auto and "add set" not in auto
 
 
-def test_long_cidr_lists_become_one_interval_set_per_family() -> None:
-    text = script(outbound_exclude=(*cidrs(100), *V6_CIDRS), enable_ipv6=True)
-    v4 = [line for line in text.splitlines() if "istio-v4-out-excl" in line]
-    v6 = [line for line in text.splitlines() if "istio-v6-out-excl" in line]
-    assert v4[0].startswith("add set inet istio-proxy-nat istio-v4-out-excl")
-    assert v4[0].endswith("{ type ipv4_addr ; flags interval ; auto-merge ; }")
-    assert v4[2].startswith("add element inet istio-proxy-nat istio-v4-out-excl") and "10.0.99.0/24 }" in v4[2]
-    assert v4[3].endswith("istio-output ip daddr @" + v4[0].split()[4] + " counter return")
-    assert "type ipv6_addr" in v6[0] and "fd00:63::/32 }" in v6[2] and " ip6 daddr @istio-v6-out-excl" in v6[3]
-    assert text.count("ip daddr 10.") == 0 and len(v4) == 4  # declare, flush, fill, one rule
+def test_long_cidr_lists_become_one_hash_set_per_family_and_prefix_length() -> None:
+    mixed = (*cidrs(100), ipaddress.ip_network("192.0.2.0/28"), ipaddress.ip_network("10.0.0.0/8"))
+    text = script(outbound_exclude=(*mixed, *V6_CIDRS), enable_ipv6=True)
+    v4 = [line for line in text.splitlines() if "istio-v4-out-excl-24" in line]
+    assert v4[0] == f"add set inet {NAT} istio-v4-out-excl-24 {{ type ipv4_addr ; }}"
+    assert v4[1] == f"flush set inet {NAT} istio-v4-out-excl-24"
+    assert v4[2].startswith(f"add element inet {NAT} istio-v4-out-excl-24 {{ 10.0.0.0, 10.0.1.0,")
+    assert v4[2].endswith("10.0.99.0 }") and len(v4) == 4  # declare, flush, fill, one rule
+    rules = [line.split(" istio-output ")[1] for line in text.splitlines() if "out-excl" in line and "add rule" in line]
+    assert rules == [
+        "ip daddr & 255.0.0.0 @istio-v4-out-excl-8 counter return",
+        "ip daddr & 255.255.255.0 @istio-v4-out-excl-24 counter return",
+        "ip daddr & 255.255.255.240 @istio-v4-out-excl-28 counter return",
+        "ip6 daddr & ffff:ffff:: @istio-v6-out-excl-32 counter return",
+    ]
+    assert "add element inet istio-proxy-nat istio-v6-out-excl-32 { fd00::, fd00:1::," in text
+    assert "ip daddr 10." not in text
+
+
+def test_a_host_route_needs_no_mask_and_a_catch_all_becomes_two_halves() -> None:
+    hosts = tuple(ipaddress.ip_network(f"10.0.0.{i}/32") for i in range(100))
+    text = script(outbound_exclude=(*hosts, ipaddress.ip_network("0.0.0.0/0")))
+    assert "istio-output ip daddr @istio-v4-out-excl-32 counter return" in text
+    assert "ip daddr & 128.0.0.0 @istio-v4-out-excl-1 counter return" in text
+    assert "istio-v4-out-excl-1 { 0.0.0.0, 128.0.0.0 }" in text
 
 
 def test_short_lists_keep_one_rule_per_entry_unless_always() -> None:
     short = cidrs(SET_THRESHOLD)
     assert script(outbound_exclude=short).count("ip daddr 10.") == SET_THRESHOLD
     assert "add set" not in script(outbound_exclude=short)
-    assert "@istio-v4-out-excl" in script(outbound_exclude=cidrs(1), use_sets="always")
+    assert "@istio-v4-out-excl-24" in script(outbound_exclude=cidrs(1), use_sets="always")
     never = script(outbound_exclude=cidrs(5000), use_sets="never")
     assert never.count("ip daddr 10.") == 5000 and "add set" not in never
 
@@ -56,11 +71,11 @@ def test_short_lists_keep_one_rule_per_entry_unless_always() -> None:
 def test_port_lists_become_inet_service_sets_shared_by_tcp_and_udp() -> None:
     ports = tuple(range(20000, 20100))
     text = script(outbound_ports_exclude=ports, outbound_ports_include=(*ports, 8080), inbound_exclude_ports=ports)
-    assert "{ type inet_service ; flags interval ; auto-merge ; }" in text
-    assert "{ 20000-20099 }" in text and "{ 8080, 20000-20099 }" in text
-    excluded = next(line.split()[4] for line in text.splitlines() if "add set" in line and "port-out-excl" in line)
-    assert f"tcp dport @{excluded} counter return" in text and f"udp dport @{excluded} counter return" in text
-    assert "tcp dport @istio-port-out counter jump" in text and "tcp dport @istio-port-in-excl" in text
+    assert f"add set inet {NAT} istio-port-out-excl {{ type inet_service ; }}" in text
+    assert "istio-port-out { 20000, 20001," in text and "20099, 8080 }" in text
+    assert "tcp dport @istio-port-out-excl counter return" in text
+    assert "udp dport @istio-port-out-excl counter return" in text
+    assert "tcp dport @istio-port-out counter jump" in text and "tcp dport @istio-port-in-excl counter" in text
 
 
 def test_included_cidrs_and_inbound_ports_sets_sit_in_the_table_that_matches_them() -> None:
@@ -70,11 +85,11 @@ def test_included_cidrs_and_inbound_ports_sets_sit_in_the_table_that_matches_the
         inbound_ports=PortSelection(ports=tuple(range(1000, 1100))),
         mode="TPROXY",
     )
-    assert 'iifname "veth0" ip daddr @istio-v4-out-incl ' in text
-    assert "istio-output ip daddr @istio-v4-out-incl" in text
-    assert f"add set inet {MANGLE} istio-port-in" in text
-    assert text.count("tcp dport @istio-port-in") == 2  # established -> divert, new -> tproxy
-    assert f"add set inet {NAT} istio-port-in" not in text
+    assert 'iifname "veth0" ip daddr & 255.255.255.0 @istio-v4-out-incl-24 ' in text
+    assert "istio-output ip daddr & 255.255.255.0 @istio-v4-out-incl-24 counter jump" in text
+    assert f"add set inet {MANGLE} istio-port-in " in text
+    assert text.count("tcp dport @istio-port-in ") == 2  # established -> divert, new -> tproxy
+    assert f"add set inet {NAT} istio-port-in " not in text
 
 
 def test_multiport_writes_a_long_port_list_as_one_anonymous_set() -> None:
@@ -87,9 +102,12 @@ def test_multiport_writes_a_long_port_list_as_one_anonymous_set() -> None:
     "named",
     [
         NftSet("istio-v4-out-excl-1c9a02f3", "ipv4_addr", cidrs(1)),  # not a name of ours
+        NftSet("istio-v4-out-excl", "ipv4_addr", cidrs(1)),
         NftSet("x; delete table inet filter", "ipv4_addr", cidrs(1)),
-        NftSet("istio-v4-out-excl", "ipv4_addr", ("10.0.0.0/8 } ; flush ruleset ; {",)),  # type: ignore[arg-type]
-        NftSet("istio-v4-out-excl", "ipv4_addr", V6_CIDRS[:1]),  # the wrong family
+        NftSet("istio-v4-out-excl-24", "ipv4_addr", ("10.0.0.0/8 } ; flush ruleset ; {",)),  # type: ignore[arg-type]
+        NftSet("istio-v4-out-excl-32", "ipv4_addr", V6_CIDRS[:1]),  # the wrong family
+        NftSet("istio-v4-out-excl-24", "ipv4_addr", (*cidrs(1), ipaddress.ip_network("10.0.0.0/8"))),  # two lengths
+        NftSet("istio-v4-out-excl-24", "ipv4_addr", ()),
         NftSet("istio-port-in", "inet_service", (0,)),
         NftSet("istio-port-in", "inet_service", ("80 }",)),  # type: ignore[arg-type]
         NftSet("istio-port-in", "ipv4_addr; flush ruleset", (80,)),  # type: ignore[arg-type]
@@ -102,7 +120,13 @@ def test_sets_render_only_our_names_and_typed_members(named: NftSet) -> None:
 
 @pytest.mark.parametrize(
     "match",
-    [AddrInSet("daddr", 4, "filter-set"), AddrInSet("daddr", 4, "@x"), PortInSet("tcp", "dport", "istio-port-in }")],
+    [
+        AddrInSet("daddr", 4, 24, "filter-set"),
+        AddrInSet("daddr", 4, 24, "@x"),
+        AddrInSet("daddr", 4, 33, "istio-v4-out-excl-24"),
+        AddrInSet("daddr", 4, 0, "istio-v4-out-excl-24"),
+        PortInSet("tcp", "dport", "istio-port-in }"),
+    ],
 )
 def test_set_matches_name_only_our_sets(match: AddrInSet | PortInSet) -> None:
     with pytest.raises(RenderError):
@@ -122,7 +146,7 @@ def test_our_sets_are_kept_to_put_them_back_and_foreign_ones_left_alone() -> Non
 
 def test_a_rerun_keeps_a_live_table_with_sets_and_refills_them_in_place() -> None:
     ruleset = build_nft_ruleset(config(outbound_exclude=cidrs(100)))
-    held = {NAT: (["prerouting", "output", "istio-output", "istio-old"], ["istio-v4-out-excl", "istio-port-out"])}
+    held = {NAT: (["prerouting", "output", "istio-output", "istio-old"], ["istio-v4-out-excl-24", "istio-port-out"])}
     lines = render_script(ruleset, present=[NAT, MANGLE], held=held).splitlines()[1:]
     assert lines[:6] == [
         f"add table inet {MANGLE}",
@@ -134,8 +158,8 @@ def test_a_rerun_keeps_a_live_table_with_sets_and_refills_them_in_place() -> Non
     ]
     assert f"delete table inet {NAT}" not in lines
     assert lines[6:9] == [
-        f"add set inet {NAT} istio-v4-out-excl {{ type ipv4_addr ; flags interval ; auto-merge ; }}",
-        f"flush set inet {NAT} istio-v4-out-excl",
+        f"add set inet {NAT} istio-v4-out-excl-24 {{ type ipv4_addr ; }}",
+        f"flush set inet {NAT} istio-v4-out-excl-24",
         lines[8],
     ]
     # Without sets in the new rules the table goes as a whole, whatever it held.

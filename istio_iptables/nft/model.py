@@ -114,10 +114,12 @@ class Port:
 
 @dataclass(frozen=True)
 class AddrInSet:
-    """``ip daddr @NAME``: membership in a named address set of this table (:class:`NftSet`)."""
+    """``ip daddr & 255.255.255.0 @NAME``: the address, cut to ``prefixlen`` bits, is in a named
+    set of this table (:class:`NftSet`) that holds networks of that length (no mask at /32, /128)."""
 
     direction: Literal["saddr", "daddr"]
     version: Literal[4, 6]
+    prefixlen: int
     set_name: str
 
 
@@ -169,7 +171,8 @@ NftMatch: TypeAlias = (
 
 @dataclass(frozen=True)
 class NftSet:
-    """A named interval set in one of our tables: CIDRs of one family, or ports (for both families).
+    """A named hash set in one of our tables: networks of one family and one prefix length (held
+    as their network addresses), or ports (for both families).
 
     It lives and dies with its table, so ``nft -f`` creates and replaces it in the transaction
     that replaces the rules matching it, and deleting the table removes it.

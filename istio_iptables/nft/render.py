@@ -40,7 +40,7 @@ from istio_iptables.nft.model import (
     Verdict,
 )
 from istio_iptables.render import RenderError, check_token
-from istio_iptables.sets import member_text, port_ranges
+from istio_iptables.sets import member_text
 
 HEADER = "# istio-iptables --native-nftables: load with 'nft -f FILE'; applied as one transaction\n"
 MAX_U32 = 2**32 - 1
@@ -75,14 +75,21 @@ def _network(network: object) -> str:
 
 
 # Our set names (istio_iptables.nft.capture.nft_set_name): one per purpose and family, no digest.
-OWN_NFT_SET_NAME = re.compile(r"istio-(?:v4-|v6-)?(?:out-excl|out-incl|port-out|port-out-excl|port-in|port-in-excl)")
+OWN_NFT_SET_NAME = re.compile(
+    r"istio-(?:(?:v4|v6)-(?:out-excl|out-incl)-[0-9]{1,3}|port-out|port-out-excl|port-in|port-in-excl)"
+)
 
 
 def _set_reference(name: str) -> str:
-    # Only names our set step makes (istio-v4-out-excl): nothing else can follow the '@'.
+    # Only names our set step makes (istio-v4-out-excl-24): nothing else can follow the '@'.
     if not OWN_NFT_SET_NAME.fullmatch(name):
         raise RenderError(f"refusing to render set {name!r}: not one of ours")
     return f"@{name}"
+
+
+def _netmask(version: int, prefixlen: int) -> str:
+    network = ipaddress.IPv4Network((0, prefixlen)) if version == 4 else ipaddress.IPv6Network((0, prefixlen))
+    return str(network.netmask)
 
 
 def _not(negate: bool) -> str:
@@ -105,8 +112,10 @@ def match_text(match: NftMatch) -> str:
         value = ports[0] if len(ports) == 1 else "{ " + ", ".join(ports) + " }"
         return f"{check_token(match.protocol)} {check_token(match.direction)} {_not(match.negate)}{value}"
     if isinstance(match, AddrInSet):
-        family = "ip" if match.version == 4 else "ip6"
-        return f"{family} {check_token(match.direction)} {_set_reference(match.set_name)}"
+        family, bits = ("ip", 32) if match.version == 4 else ("ip6", 128)
+        _number(match.prefixlen, 1, bits)
+        mask = "" if match.prefixlen == bits else f"& {_netmask(match.version, match.prefixlen)} "
+        return f"{family} {check_token(match.direction)} {mask}{_set_reference(match.set_name)}"
     if isinstance(match, PortInSet):
         return f"{check_token(match.protocol)} {check_token(match.direction)} {_set_reference(match.set_name)}"
     if isinstance(match, SocketOwner):
@@ -163,31 +172,33 @@ SET_VERSIONS = {"ipv4_addr": 4, "ipv6_addr": 6}
 
 
 def set_elements(named: NftSet) -> str:
-    """``{ 10.0.0.0/8, ... }`` or ``{ 80, 20000-20099 }``: each member checked for type and range first."""
+    """``{ 10.0.0.0, 10.0.1.0 }`` (networks of one length, as addresses) or ``{ 80, 443 }``.
+
+    Each member is checked for type and range first; what is written is then digits, hex
+    digits, '.' and ':' only.
+    """
     version = SET_VERSIONS.get(named.type)
-    for member in named.members:
-        if version is None:
-            _port(member)  # type: ignore[arg-type]
-        elif not isinstance(member, ipaddress.IPv4Network | ipaddress.IPv6Network) or member.version != version:
-            raise RenderError(f"refusing to render {member!r} in set {named.name}: not an IPv{version} network")
     if version is None:
-        # Runs of consecutive ports as FIRST-LAST, as for ipset: fewer intervals for the kernel.
-        entries = port_ranges(named.members)  # type: ignore[arg-type]
-    else:
-        entries = [member_text(member) for member in named.members]  # type: ignore[arg-type]
-    return "{ " + ", ".join(entries) + " }"
+        return "{ " + ", ".join(_port(member) for member in named.members) + " }"  # type: ignore[arg-type]
+    lengths = set()
+    for member in named.members:
+        if not isinstance(member, ipaddress.IPv4Network | ipaddress.IPv6Network) or member.version != version:
+            raise RenderError(f"refusing to render {member!r} in set {named.name}: not an IPv{version} network")
+        lengths.add(member.prefixlen)
+    if len(lengths) > 1:
+        raise RenderError(f"refusing to render set {named.name}: it mixes prefix lengths {sorted(lengths)}")
+    return "{ " + ", ".join(member_text(member).partition("/")[0] for member in named.members) + " }"  # type: ignore[arg-type]
 
 
 def set_lines(table: str, named: NftSet) -> list[str]:
-    """Declare, empty (if it survived in a table that was only flushed) and fill one set.
-
-    ``auto-merge`` lets overlapping CIDRs (10.0.0.0/8 and 10.1.0.0/16) share an interval set.
-    """
+    """Declare, empty (if it survived in a table that was only flushed) and fill one set."""
     if named.type not in (*SET_VERSIONS, "inet_service"):
         raise RenderError(f"refusing to render a set of type {named.type!r}")
+    if not named.members:
+        raise RenderError(f"refusing to render set {named.name}: it has no members")
     target = f"inet {check_token(table)} {_set_reference(named.name)[1:]}"
     return [
-        f"add set {target} {{ type {named.type} ; flags interval ; auto-merge ; }}",
+        f"add set {target} {{ type {named.type} ; }}",
         f"flush set {target}",
         f"add element {target} {set_elements(named)}",
     ]
