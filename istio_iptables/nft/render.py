@@ -40,7 +40,7 @@ from istio_iptables.nft.model import (
     Verdict,
 )
 from istio_iptables.render import RenderError, check_token
-from istio_iptables.sets import member_text
+from istio_iptables.sets import member_text, port_ranges
 
 HEADER = "# istio-iptables --native-nftables: load with 'nft -f FILE'; applied as one transaction\n"
 MAX_U32 = 2**32 - 1
@@ -172,14 +172,16 @@ SET_VERSIONS = {"ipv4_addr": 4, "ipv6_addr": 6}
 
 
 def set_elements(named: NftSet) -> str:
-    """``{ 10.0.0.0, 10.0.1.0 }`` (networks of one length, as addresses) or ``{ 80, 443 }``.
+    """``{ 10.0.0.0, 10.0.1.0 }`` (networks of one length, as addresses) or ``{ 80, 15020-15021 }``.
 
     Each member is checked for type and range first; what is written is then digits, hex
     digits, '.' and ':' only.
     """
     version = SET_VERSIONS.get(named.type)
     if version is None:
-        return "{ " + ", ".join(_port(member) for member in named.members) + " }"  # type: ignore[arg-type]
+        for member in named.members:
+            _port(member)  # type: ignore[arg-type]
+        return "{ " + ", ".join(port_ranges(named.members)) + " }"  # type: ignore[arg-type]
     lengths = set()
     for member in named.members:
         if not isinstance(member, ipaddress.IPv4Network | ipaddress.IPv6Network) or member.version != version:
@@ -197,8 +199,11 @@ def set_lines(table: str, named: NftSet) -> list[str]:
     if not named.members:
         raise RenderError(f"refusing to render set {named.name}: it has no members")
     target = f"inet {check_token(table)} {_set_reference(named.name)[1:]}"
+    # Ports as intervals (disjoint runs, see port_ranges): a plain set of 16-bit keys is a bitmap
+    # set, whose every insertion walks the members already in it (10 000 ports load in ~0.6 s).
+    flags = " flags interval ;" if named.type == "inet_service" else ""
     return [
-        f"add set {target} {{ type {named.type} ; }}",
+        f"add set {target} {{ type {named.type} ;{flags} }}",
         f"flush set {target}",
         f"add element {target} {set_elements(named)}",
     ]
