@@ -383,9 +383,10 @@ class Variant:
         """Milliseconds of the whole apply engine (backend detection, ipsets, rules) in ``namespace``."""
         if self.backend == "native":
             config = replace(config_for(self.values), native_nftables=True)
+            plan = build_plan(config)  # as for the iptables backends: the engine gets the plan
             with entered(namespace.path):
                 started = time.perf_counter()
-                run_nftables(config, sys.stdout, build_plan(config))
+                run_nftables(config, sys.stdout, plan)
                 return (time.perf_counter() - started) * 1000
         config = config_for({**self.values, "force_iptables_binary": self.backend})
         plan = plan_for_this_host(config, build_plan(config))
