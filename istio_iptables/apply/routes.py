@@ -77,18 +77,23 @@ def ensure(routes: TproxyRoutes | None, passthrough_v6: bool) -> None:
                     fwmark=routes.mark,
                     table=routes.table,
                 )
-            _tolerate(
-                errno.EEXIST,
-                f"ip route add local {_DEFAULT[family]} dev lo table {routes.table}",
-                ipr.route,
-                "add",
-                family=af,
-                dst=_DEFAULT[family],
-                type="local",
-                scope=_RT_SCOPE_HOST,
-                oif=lo,
-                table=routes.table,
-            )
+            _local_default_route(ipr, "add", family, lo, routes.table)
+
+
+def _local_default_route(ipr: Any, command: str, family: Family, lo: int, table: int) -> None:
+    """``ip route add|del local default dev lo table TABLE``; already there / already gone is fine."""
+    _tolerate(
+        errno.EEXIST if command == "add" else errno.ESRCH,
+        f"ip route {command} local {_DEFAULT[family]} dev lo table {table}",
+        ipr.route,
+        command,
+        family=_ADDRESS_FAMILY[family],
+        dst=_DEFAULT[family],
+        type="local",
+        scope=_RT_SCOPE_HOST,
+        oif=lo,
+        table=table,
+    )
 
 
 def _rules(ipr: Any, af: int, mark: int) -> list[Any]:
@@ -131,15 +136,4 @@ def remove(mark: int | None, passthrough_v6: bool) -> None:
                         raise ApplyError(f"ip rule del fwmark {mark} lookup {table} failed: {error}") from None
                 for route in ipr.get_routes(family=af, table=table):
                     if route["type"] == _RTN_LOCAL and route["dst_len"] == 0 and route.get_attr("RTA_OIF") == lo:
-                        _tolerate(
-                            errno.ESRCH,
-                            f"ip route del local {_DEFAULT[family]} table {table}",
-                            ipr.route,
-                            "del",
-                            family=af,
-                            dst=_DEFAULT[family],
-                            type="local",
-                            scope=_RT_SCOPE_HOST,
-                            oif=lo,
-                            table=table,
-                        )
+                        _local_default_route(ipr, "del", family, lo, table)
