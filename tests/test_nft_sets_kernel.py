@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from istio_iptables.nft.names import NAT, OUR_TABLES
+from tests.netns import NetNS
 from tests.sets_support import EXCLUDED, Pair, filler_cidrs
 
 # Asks EXCLUDED:80 again and again until the stop file appears (at most 10 s), then prints the tally.
@@ -79,3 +80,19 @@ def test_a_changed_list_refills_the_set_atomically_and_cleanup_removes_it(pair: 
     assert our_sets(pair) == []
     assert "istio" not in pair.client.run("nft", "list", "ruleset").stdout
     assert pair.ask(EXCLUDED, 80) == "direct"
+
+
+def test_a_rollback_puts_the_sets_back_with_the_tables(netns: NetNS) -> None:
+    cidrs = ",".join([*filler_cidrs(100), "10.200.0.0/16", "192.0.2.1/32", "fd00::/8"])
+    argv = ["-i", "*", "-b", "8080,9090", "-m", "TPROXY", "-x", cidrs, "-q", "80,81,82,443", "--use-sets=always"]
+    netns.run(sys.executable, "-m", "istio_iptables", "--native-nftables", "--enable-ipv6", *argv)
+    before = netns.run("nft", "list", "ruleset").stdout
+    assert before.count("@istio-") == 7  # v4 /24, /16, /32; v6 /8; outbound ports; inbound ports x2
+    roundtrip = (
+        "from istio_iptables.nft import system\n"
+        "state = system.read_state()\n"
+        "system.remove_our_tables(state.our_tables)\n"
+        "system.restore_our_tables(state)\n"
+    )
+    netns.run(sys.executable, "-c", roundtrip)
+    assert netns.run("nft", "list", "ruleset").stdout == before
