@@ -74,7 +74,7 @@ def _network(network: object) -> str:
     return str(network)
 
 
-# Our set names (istio_iptables.nft.capture.nft_set_name): one per purpose and family, no digest.
+# Our set names (istio_iptables.nft.capture.nft_set_name): per purpose, family and prefix length; no digest.
 OWN_NFT_SET_NAME = re.compile(
     r"istio-(?:(?:v4|v6)-(?:out-excl|out-incl)-[0-9]{1,3}|port-out|port-out-excl|port-in|port-in-excl)"
 )
@@ -245,9 +245,9 @@ def render_script(
 
     ``held`` lists the chains and sets of present tables. A present table whose new rules match
     named sets is kept and emptied instead of deleted, so its sets keep their names and are
-    refilled in place: the kernel publishes the members of an interval set created in a
-    transaction a moment after the rules that match it go live (seen on Linux 6.18: a few
-    packets in 10 000 missed the set), while a refilled set answers old or new, never neither.
+    refilled in place: a set created in a transaction can miss packets for a moment after the
+    rules that match it go live (seen on Linux 6.18 with interval sets: a few connections in
+    10 000), while a refilled set answers with the old members or the new, never neither.
     """
     held = held or {}
     kept = [table for table in ruleset.used_tables() if table.sets and table.name in held and table.name in present]
