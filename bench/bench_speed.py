@@ -1,13 +1,14 @@
 """Speed and scale, side by side in one run (docs/speed.md explains every row).
 
-    sudo .venv/bin/python bench/bench_speed.py [--rounds 15] [--sizes 0,100,1000,10000] [--skip-scale]
+    sudo .venv/bin/python bench/bench_speed.py [--rounds 15] [--sizes 0,100,1000,10000] [--skip-scale|--only-scale]
 
 (a) init run: the injector's argv applied in a fresh namespace, against the floor (python with
     click + one iptables-restore of the same text per family) and against bare Python;
 (b) the same for TPROXY + DNS capture (floor: python with click and pyroute2 + restore);
 (c) dry run against ``python -I -c 'import click'``;
 (d) N excluded CIDRs and N included ports: load time and per-new-connection cost, our rules
-    (sets above the threshold) against one rule per entry, on both iptables backends.
+    (sets above the threshold) against one rule per entry, on both iptables backends and with
+    native nftables (``--native-nftables``: named sets in our tables, one ``nft -f`` transaction).
 Process timings are medians over interleaved rounds, so a busy machine slows all sides alike.
 """
 
@@ -24,7 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from common import CLI, INJECTOR_ARGV, PYTHON, REPO
 
@@ -37,6 +38,14 @@ from istio_iptables.model import Plan, RuleSet
 from istio_iptables.render import render_documents
 from tests.netns import NetNS
 
+try:
+    from istio_iptables.nft.capture import build_nft_ruleset
+    from istio_iptables.nft.render import render_script
+    from istio_iptables.nft.run import run_nftables
+
+    BACKENDS: tuple[str, ...] = ("legacy", "nft", "native")
+except ImportError:  # a tree from before the native nftables backend
+    BACKENDS = ("legacy", "nft")
 try:
     from istio_iptables.ipset import plan_for_this_host
     from istio_iptables.sets import SET_THRESHOLD, render_ipset_document
@@ -220,8 +229,11 @@ def config_for(values: dict[str, str]) -> Config:
     return parse(raw, BenchHost())
 
 
-def plan_text(values: dict[str, str]) -> str:
-    """What the dry run would print for these settings."""
+def plan_text(values: dict[str, str], backend: str = "") -> str:
+    """What the dry run would print for these settings; for native nftables, the ``nft -f`` script
+    an apply sends into a namespace without our tables (the dry run's also deletes them: ~10 ms each)."""
+    if backend == "native":
+        return render_script(build_nft_ruleset(config_for(values)), present=())
     plan = build_plan(config_for(values))
     return render_ipset_document(plan.rulesets) + render_documents(plan.rulesets)
 
@@ -354,12 +366,13 @@ class Variant:
 
     @property
     def rules(self) -> int:
-        return sum(line.startswith(("-A", "-I")) for line in self.printed.splitlines())
+        return sum(line.startswith(("-A", "-I", "add rule", "insert rule")) for line in self.printed.splitlines())
 
     def load(self, namespace: NetNS) -> float:
         """Milliseconds to load the ipsets (if any) and the rules into ``namespace``, as an applier would."""
         total = 0.0
-        for step in restore_steps(self.printed, self.backend):
+        native = [Step(["nft", "-f", "-"], self.printed)]
+        for step in native if self.backend == "native" else restore_steps(self.printed, self.backend):
             wall, code, _rss, message = spawn(step, namespace)
             if code != 0:
                 raise RuntimeError(f"{step.argv[0]} failed: {message.strip()}")
@@ -368,6 +381,13 @@ class Variant:
 
     def apply(self, namespace: NetNS) -> float:
         """Milliseconds of the whole apply engine (backend detection, ipsets, rules) in ``namespace``."""
+        if self.backend == "native":
+            config = replace(config_for(self.values), native_nftables=True)
+            plan = build_plan(config)  # as for the iptables backends: the engine gets the plan
+            with entered(namespace.path):
+                started = time.perf_counter()
+                run_nftables(config, sys.stdout, plan)
+                return (time.perf_counter() - started) * 1000
         config = config_for({**self.values, "force_iptables_binary": self.backend})
         plan = plan_for_this_host(config, build_plan(config))
         with entered(namespace.path):
@@ -378,12 +398,12 @@ class Variant:
 
 def scale_section(sizes: Sequence[int], rounds: int) -> None:
     variants = []
-    for backend in ("legacy", "nft"):
+    for backend in BACKENDS:
         for count in sizes:
             for form, use_sets in (("ours", "auto"), ("per-entry", "never")):
                 if count or form == "ours":
                     values = {**scale_values(count), "use_sets": use_sets}
-                    variants.append(Variant(backend, count, form, values, plan_text(values)))
+                    variants.append(Variant(backend, count, form, values, plan_text(values, backend)))
     for _ in range(max(3, rounds // 3)):
         for variant in variants:
             for measure_into, how in ((variant.loads, variant.load), (variant.applies, variant.apply)):
@@ -420,8 +440,9 @@ def scale_section(sizes: Sequence[int], rounds: int) -> None:
             f"{variant.cost_us:>9.1f}"
             f"{variant.cost_us - baseline:>7.1f}{variant.cost_us / baseline:>7.2f}x"
         )
-    print("  load: ipset restore + iptables-restore of the text into an empty namespace; apply: the whole")
-    print("  engine in-process (backend detection, ipsets, rules); µs/conn: best of "
+    print("  load: ipset restore + iptables-restore of the text (native: nft -f) into an empty namespace;")
+    print("  apply: the whole engine in-process (backend detection, ipsets, rules; native: read the")
+    print("  namespace, one nft transaction); µs/conn: best of "
           f"{ROUNDS} rounds of {CONNECTIONS} new connections; +µs: over N=0")
     print("  goal at N = 10 000 (ours): apply <= 100 ms on either backend, µs/conn <= 1.2x N=0")
 
@@ -431,13 +452,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--sizes", default="0,100,1000,10000")
     parser.add_argument("--skip-scale", action="store_true", help="only (a), (b) and (c)")
+    parser.add_argument("--only-scale", action="store_true", help="only (d)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_speed.py needs root: it creates network namespaces")
     # Byte-compile first: with PYTHONDONTWRITEBYTECODE set, every run would compile our modules.
     subprocess.run([PYTHON, "-m", "compileall", "-q", str(REPO / "istio_iptables")], check=True)
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, medians of {args.rounds} interleaved rounds")
-    process_section(args.rounds)
+    if not args.only_scale:
+        process_section(args.rounds)
     if not args.skip_scale:
         scale_section([int(size) for size in args.sizes.split(",")], args.rounds)
 

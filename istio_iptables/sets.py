@@ -137,8 +137,13 @@ def ipset_entries(named: NamedSet) -> list[str]:
     """The members as ``add`` arguments: runs of consecutive ports as one ``FIRST-LAST`` range."""
     if named.kind == "net":
         return [member_text(member) for member in named.members]  # type: ignore[arg-type]
+    return port_ranges(named.members)  # type: ignore[arg-type]
+
+
+def port_ranges(members: Iterable[int]) -> list[str]:
+    """Ports as ``FIRST-LAST`` runs (ipset and nft both read that form); a lone port as itself."""
     entries: list[str] = []
-    ports = sorted(set(named.members))  # type: ignore[type-var]
+    ports = sorted(set(members))
     start = 0
     for index, port in enumerate(ports):
         if index + 1 == len(ports) or ports[index + 1] != port + 1:

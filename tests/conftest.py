@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from tests.netns import NetNS
+from tests.sets_support import Pair
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -52,6 +53,14 @@ def netns_factory() -> Iterator:
     yield make
     for namespace in made:
         namespace.delete()
+
+
+@pytest.fixture
+def pair(netns_factory: Callable[[str], NetNS]) -> Iterator[Pair]:
+    """A client namespace (rules, stand-in proxy) and a server one (tests/sets_support.py)."""
+    made = Pair(netns_factory)
+    yield made
+    made.close()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,15 +1,10 @@
-"""Set-based rules in a kernel: excluded destinations bypass the proxy, included ones reach it.
-
-Two namespaces joined by a veth: ``client`` holds the rules and a stand-in proxy on 15001 that
-answers "proxy"; ``server`` owns the destination addresses and answers "direct" on 80 and 8080.
-The rules are applied by the CLI, as the injector runs it.
+"""Set-based rules in a kernel (iptables backends): excluded destinations bypass the proxy, included
+ones reach it; sets live and die with the rules. The namespaces: tests/sets_support.py.
 """
 
 from __future__ import annotations
 
-import subprocess
 import sys
-from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import pytest
@@ -20,97 +15,25 @@ from istio_iptables.errors import IstioIptablesError
 from istio_iptables.model import ISTIO_OUTPUT, CtZone, Family, Rule, RuleSet
 from tests.apply_support import config_of, inside
 from tests.netns import NetNS
-
-EXCLUDED, INCLUDED = "198.51.100.1", "203.0.113.1"
-SERVE = """
-import selectors, socket, sys, time
-tag = sys.argv[1].encode()
-selector = selectors.DefaultSelector()
-for port in map(int, sys.argv[2:]):
-    listener = socket.create_server(("0.0.0.0", port), reuse_port=True)
-    listener.setblocking(False)
-    selector.register(listener, selectors.EVENT_READ)
-print("ready", flush=True)
-deadline = time.monotonic() + 30
-while time.monotonic() < deadline:
-    for key, _ in selector.select(timeout=0.5):
-        connection, _ = key.fileobj.accept()
-        connection.sendall(tag)
-        connection.close()
-"""
-ASK = """
-import socket, sys
-with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3) as connection:
-    print(connection.recv(16).decode())
-"""
+from tests.sets_support import EXCLUDED, INCLUDED, Pair, filler_cidrs, filler_ports
 
 
-def filler_cidrs(count: int) -> list[str]:
-    return [f"10.{i // 256}.{i % 256}.0/24" for i in range(count)]
-
-
-def filler_ports(count: int) -> list[str]:
-    return [str(port) for port in range(20000, 20000 + count)]
-
-
-class Pair:
-    def __init__(self, make: Callable[[str], NetNS]) -> None:
-        self.client, self.server = make("iit-setc"), make("iit-sets")
-        self.servers: list[subprocess.Popen[str]] = []
-        self.client.run("ip", "link", "add", "vc", "type", "veth", "peer", "name", "vs", "netns", self.server.name)
-        self.client.run("ip", "addr", "add", "10.99.0.1/24", "dev", "vc")
-        self.client.run("ip", "link", "set", "vc", "up")
-        self.server.run("ip", "addr", "add", "10.99.0.2/24", "dev", "vs")
-        self.server.run("ip", "link", "set", "vs", "up")
-        for address in (EXCLUDED, INCLUDED):
-            self.server.run("ip", "addr", "add", f"{address}/32", "dev", "lo")
-            self.client.run("ip", "route", "add", f"{address}/32", "via", "10.99.0.2")
-        self.serve(self.server, "direct", 80, 8080)
-        self.serve(self.client, "proxy", 15001)
-
-    def serve(self, namespace: NetNS, tag: str, *ports: int) -> None:
-        command = ["ip", "netns", "exec", namespace.name, sys.executable, "-c", SERVE, tag, *map(str, ports)]
-        server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-        self.servers.append(server)
-        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-
-    def ask(self, address: str, port: int) -> str:
-        return self.client.run(sys.executable, "-c", ASK, address, str(port), timeout=10).stdout.strip()
-
-    def apply(self, backend: str, args: list[str]) -> str:
-        """Apply as the injector would (in the client namespace); returns the dry run's text of it."""
-        cli = [sys.executable, "-m", "istio_iptables", "--disable-ipv6", "--force-iptables-binary", backend, *args]
-        self.client.run(*cli)
-        return self.client.run(*cli, "--dry-run", "--log_output_level=default:none").stdout
-
-    def close(self) -> None:
-        for server in self.servers:
-            server.kill()
-            server.wait()
-
-
-@pytest.fixture
-def pair(netns_factory: Callable[[str], NetNS]) -> Iterator[Pair]:
-    made = Pair(netns_factory)
-    yield made
-    made.close()
-
-
-@pytest.mark.parametrize("backend", ["legacy", "nft"])
+@pytest.mark.parametrize("backend", ["legacy", "nft", "native"])
 def test_excluded_cidrs_in_a_set_bypass_and_the_rest_is_redirected(pair: Pair, backend: str) -> None:
     excluded = [*filler_cidrs(200), "198.51.100.0/24"]
     printed = pair.apply(backend, ["-i", "*", "-b", "*", "-x", ",".join(excluded)])
-    assert "--match-set istio-v4-out-excl-" in printed
+    assert ("@" if backend == "native" else "--match-set ") + "istio-v4-out-excl" in printed
     assert pair.ask(EXCLUDED, 80) == "direct"
     assert pair.ask(INCLUDED, 80) == "proxy"
 
 
-@pytest.mark.parametrize("backend", ["legacy", "nft"])
+@pytest.mark.parametrize("backend", ["legacy", "nft", "native"])
 def test_included_cidrs_and_ports_in_sets_are_redirected_and_nothing_else(pair: Pair, backend: str) -> None:
     included = [*filler_cidrs(200), "203.0.113.0/24"]
     ports = [*filler_ports(100), "8080"]
     printed = pair.apply(backend, ["-i", ",".join(included), "-q", ",".join(ports), "-b", ""])
-    assert "istio-v4-out-incl-" in printed and "istio-port-out-" in printed
+    assert "istio-v4-out-incl" in printed and "istio-port-out" in printed
+    assert "add set" in printed if backend == "native" else "create istio-port-out-" in printed
     assert pair.ask(INCLUDED, 80) == "proxy"
     assert pair.ask(EXCLUDED, 8080) == "proxy"
     assert pair.ask(EXCLUDED, 80) == "direct"

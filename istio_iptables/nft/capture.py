@@ -5,9 +5,16 @@ from the iptables policy in :mod:`istio_iptables.capture` in a few places: one `
 holds both families, so family-specific rules come in IPv4/IPv6 pairs; ports carry their
 protocol; TPROXY and DNS rules match TCP explicitly. Each step is pure; within a chain, the
 order of the rules is the order in which the steps append (or insert) them.
+
+Long CIDR and port lists become named sets of the table that matches them, decided exactly as
+for the iptables backends (:func:`istio_iptables.sets.use_set`, ``--use-sets``), see
+:func:`cidr_matches` and :func:`port_choices`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
 
 from istio_iptables.capture import dns_servers, loopback_cidr, of_family
 from istio_iptables.config import DNS_CAPTURE_PORT, OUTBOUND_MARK, Config
@@ -30,6 +37,7 @@ from istio_iptables.nft.model import (
     RAW,
     RETURN,
     Addr,
+    AddrInSet,
     CtMarkIs,
     CtState,
     IfName,
@@ -38,7 +46,9 @@ from istio_iptables.nft.model import (
     MarkIs,
     NftMatch,
     NftRuleset,
+    NftSet,
     Port,
+    PortInSet,
     RedirectTo,
     RestoreMarkFromConnection,
     SaveMarkToConnection,
@@ -47,6 +57,7 @@ from istio_iptables.nft.model import (
     SocketOwner,
     TproxyTo,
 )
+from istio_iptables.sets import SET_THRESHOLD, CidrPurpose, PortPurpose, set_members, use_set
 
 TCP = L4Proto("tcp")
 LOOPBACK_OUT = IfName("out", "lo")
@@ -81,10 +92,11 @@ def build_nft_ruleset(config: Config) -> NftRuleset:
     for family in families:
         nft.append(NAT, ISTIO_OUTPUT, Addr("daddr", loopback_cidr(config, family)), then=RETURN)
     for family in families:
-        for cidr in of_family(config.outbound_exclude, family):
-            nft.append(NAT, ISTIO_OUTPUT, Addr("daddr", cidr), then=RETURN)
-    for port in config.outbound_ports_include:
-        nft.append(NAT, ISTIO_OUTPUT, Port("tcp", "dport", (port,)), then=JumpTo(ISTIO_REDIRECT))
+        excluded = of_family(config.outbound_exclude, family)
+        for destination in cidr_matches(config, nft, NAT, "out-excl", family, excluded):
+            nft.append(NAT, ISTIO_OUTPUT, destination, then=RETURN)
+    for ports in port_choices(config, nft, NAT, "port-out", config.outbound_ports_include):
+        nft.append(NAT, ISTIO_OUTPUT, dport("tcp", ports), then=JumpTo(ISTIO_REDIRECT))
     capture_outbound_ranges(config, nft, families)
     if config.tproxy:
         keep_tproxy_marks(config, nft, families)
@@ -141,12 +153,12 @@ def capture_inbound(config: Config, nft: NftRuleset, families: tuple[Family, ...
     table = MANGLE if config.tproxy else NAT
     nft.append(table, PREROUTING, TCP, then=JumpTo(ISTIO_INBOUND))
     if ports.wildcard:
-        for port in config.inbound_exclude_ports:
-            nft.append(table, ISTIO_INBOUND, TCP, Port("tcp", "dport", (port,)), then=RETURN)
+        for excluded in port_choices(config, nft, table, "port-in-excl", config.inbound_exclude_ports):
+            nft.append(table, ISTIO_INBOUND, TCP, dport("tcp", excluded), then=RETURN)
         divert_inbound(config, nft, ())
     else:
-        for port in ports.ports:
-            divert_inbound(config, nft, (Port("tcp", "dport", (port,)),))
+        for included in port_choices(config, nft, table, "port-in", ports.ports):
+            divert_inbound(config, nft, (dport("tcp", included),))
 
 
 def divert_inbound(config: Config, nft: NftRuleset, port_match: tuple[NftMatch, ...]) -> None:
@@ -161,9 +173,9 @@ def divert_inbound(config: Config, nft: NftRuleset, port_match: tuple[NftMatch, 
 
 def bypass_excluded_outbound_ports(config: Config, nft: NftRuleset) -> None:
     """``-o``: must come before the loopback rules so connections back to self honour it too."""
-    for port in config.outbound_ports_exclude:
+    for ports in port_choices(config, nft, NAT, "port-out-excl", config.outbound_ports_exclude):
         for protocol in ("tcp", "udp"):
-            nft.append(NAT, ISTIO_OUTPUT, Port(protocol, "dport", (port,)), then=RETURN)  # type: ignore[arg-type]
+            nft.append(NAT, ISTIO_OUTPUT, dport(protocol, ports), then=RETURN)  # type: ignore[arg-type]
 
 
 def protect_proxy_traffic(
@@ -260,10 +272,10 @@ def capture_outbound_ranges(config: Config, nft: NftRuleset, families: tuple[Fam
             nft.insert(NAT, PREROUTING, 0, IfName("in", name), then=JumpTo(ISTIO_REDIRECT))
         return
     for family in families:
-        for cidr in of_family(include.cidrs, family):
+        for destination in cidr_matches(config, nft, NAT, "out-incl", family, of_family(include.cidrs, family)):
             for name in config.virt_interfaces:
-                nft.insert(NAT, PREROUTING, 0, IfName("in", name), Addr("daddr", cidr), then=JumpTo(ISTIO_REDIRECT))
-            nft.append(NAT, ISTIO_OUTPUT, Addr("daddr", cidr), then=JumpTo(ISTIO_REDIRECT))
+                nft.insert(NAT, PREROUTING, 0, IfName("in", name), destination, then=JumpTo(ISTIO_REDIRECT))
+            nft.append(NAT, ISTIO_OUTPUT, destination, then=JumpTo(ISTIO_REDIRECT))
 
 
 def keep_tproxy_marks(config: Config, nft: NftRuleset, families: tuple[Family, ...]) -> None:
@@ -298,3 +310,64 @@ def keep_tproxy_marks(config: Config, nft: NftRuleset, families: tuple[Family, .
             MANGLE, ISTIO_INBOUND, 1, LOOPBACK_IN, TCP, Addr("saddr", family.inbound_passthrough_source), then=RETURN
         )
     nft.insert(MANGLE, ISTIO_INBOUND, 2, LOOPBACK_IN, TCP, MarkIs(OUTBOUND_MARK, negate=True), then=RETURN)
+
+
+# --- long lists as named sets ------------------------------------------------------------------------
+
+PortChoice = tuple[int, ...] | str  # ports to match in one rule, or the name of a set of them
+
+
+def cidr_matches(
+    config: Config, nft: NftRuleset, table: str, purpose: CidrPurpose, family: Family, cidrs: Sequence[IPNetwork]
+) -> list[NftMatch]:
+    """The destination match of each rule a CIDR list needs: one per CIDR, or one per prefix length.
+
+    A long list becomes one hash set per prefix length it holds, each matched with the address
+    masked to that length (``ip daddr & 255.255.255.0 @istio-v4-out-excl-24``), as ipset's
+    hash:net works. Not one interval set: loading 10 000 scattered CIDRs into an interval set
+    costs the kernel and nft ~120 ms, hash sets ~30 ms (docs/speed.md); a connection pays one
+    hash lookup per distinct length, and lists hold few.
+    """
+    if not use_set(config.use_sets, len(cidrs)):
+        return [Addr("daddr", cidr) for cidr in cidrs]
+    by_length: dict[int, list[IPNetwork]] = {}
+    for member in set_members(cidrs):
+        by_length.setdefault(member.prefixlen, []).append(member)
+    set_type = "ipv4_addr" if family is Family.V4 else "ipv6_addr"
+    matches: list[NftMatch] = []
+    for prefixlen in sorted(by_length):
+        name = nft_set_name(purpose, family, prefixlen)
+        nft.declare_set(table, NftSet(name, set_type, tuple(by_length[prefixlen])))
+        matches.append(AddrInSet("daddr", family.value, prefixlen, name))  # type: ignore[arg-type]
+    return matches
+
+
+def port_choices(
+    config: Config, nft: NftRuleset, table: str, purpose: PortPurpose, ports: Sequence[int]
+) -> list[PortChoice]:
+    """The ports each rule of a port list matches: one each, all of them, or a named set.
+
+    ``multiport`` (no named sets) writes a long list as one anonymous set, ``{ 80, 443, ... }``:
+    nftables has no 15-port limit, and the kernel looks it up once per packet all the same.
+    """
+    if config.use_sets == "multiport" and len(ports) > SET_THRESHOLD:
+        return [tuple(ports)]
+    if not use_set(config.use_sets, len(ports)):
+        return [(port,) for port in ports]
+    members = tuple(dict.fromkeys(ports))
+    name = nft_set_name(purpose, None)
+    nft.declare_set(table, NftSet(name, "inet_service", members))
+    return [name]
+
+
+def nft_set_name(purpose: str, family: Family | None, prefixlen: int | None = None) -> str:
+    """``istio-[v4-|v6-]PURPOSE[-PREFIXLEN]``: unlike ipsets, no digest of the members. A rerun
+    refills the set of that name in the transaction that replaces the rules (see render_script)."""
+    tag = "" if family is None else f"v{family.value}-"
+    return f"istio-{tag}{purpose}" + ("" if prefixlen is None else f"-{prefixlen}")
+
+
+def dport(protocol: Literal["tcp", "udp"], choice: PortChoice) -> NftMatch:
+    if isinstance(choice, str):
+        return PortInSet(protocol, "dport", choice)
+    return Port(protocol, "dport", choice)

@@ -113,6 +113,26 @@ class Port:
 
 
 @dataclass(frozen=True)
+class AddrInSet:
+    """``ip daddr & 255.255.255.0 @NAME``: the address, cut to ``prefixlen`` bits, is in a named
+    set of this table (:class:`NftSet`) that holds networks of that length (no mask at /32, /128)."""
+
+    direction: Literal["saddr", "daddr"]
+    version: Literal[4, 6]
+    prefixlen: int
+    set_name: str
+
+
+@dataclass(frozen=True)
+class PortInSet:
+    """``tcp dport @NAME``: membership in a named ``inet_service`` set of this table."""
+
+    protocol: Literal["tcp", "udp"]
+    direction: Literal["sport", "dport"]
+    set_name: str
+
+
+@dataclass(frozen=True)
 class SocketOwner:
     """``skuid``/``skgid`` of the sending socket; ``id`` is a number or a validated group name."""
 
@@ -141,7 +161,26 @@ class CtState:
     states: tuple[Literal["invalid", "related", "established", "new"], ...]
 
 
-NftMatch: TypeAlias = L4Proto | IfName | Addr | Port | SocketOwner | MarkIs | CtMarkIs | CtState
+NftMatch: TypeAlias = (
+    L4Proto | IfName | Addr | Port | AddrInSet | PortInSet | SocketOwner | MarkIs | CtMarkIs | CtState
+)
+
+
+# --- named sets ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NftSet:
+    """A named hash set in one of our tables: networks of one family and one prefix length (held
+    as their network addresses), or ports (for both families).
+
+    It lives and dies with its table, so ``nft -f`` creates and replaces it in the transaction
+    that replaces the rules matching it, and deleting the table removes it.
+    """
+
+    name: str
+    type: Literal["ipv4_addr", "ipv6_addr", "inet_service"]
+    members: tuple[IPNetwork, ...] | tuple[int, ...]
 
 
 # --- statements ----------------------------------------------------------------------------------
@@ -224,6 +263,7 @@ class Table:
 
     name: str
     chains: dict[str, Chain]
+    sets: dict[str, NftSet] = field(default_factory=dict)  # by name, in declaration order
 
     @classmethod
     def empty(cls, name: str) -> Table:
@@ -264,6 +304,10 @@ class NftRuleset:
     ) -> None:
         """Insert before the rule at ``index`` (0-based); past the end it appends, as Istio does."""
         self.tables[table].chains[chain].rules.insert(index, _rule(matches, then))
+
+    def declare_set(self, table: str, named: NftSet) -> None:
+        """Declare ``named`` in ``table``; rules of that table then match it as ``@NAME``."""
+        self.tables[table].sets[named.name] = named
 
     def used_tables(self) -> list[Table]:
         return [table for table in self.tables.values() if table.has_rules]

@@ -8,11 +8,13 @@ then double-quoted, so no value can end a statement, open a block or name anothe
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Collection, Sequence
+import re
+from collections.abc import Collection, Mapping, Sequence
 
 from istio_iptables.nft.model import (
     OUR_TABLES,
     Addr,
+    AddrInSet,
     Chain,
     CtMarkIs,
     CtState,
@@ -23,7 +25,9 @@ from istio_iptables.nft.model import (
     NftMatch,
     NftRule,
     NftRuleset,
+    NftSet,
     Port,
+    PortInSet,
     RedirectTo,
     RestoreMarkFromConnection,
     SaveMarkToConnection,
@@ -31,10 +35,12 @@ from istio_iptables.nft.model import (
     SetMark,
     SocketOwner,
     Statement,
+    Table,
     TproxyTo,
     Verdict,
 )
 from istio_iptables.render import RenderError, check_token
+from istio_iptables.sets import member_text, port_ranges
 
 HEADER = "# istio-iptables --native-nftables: load with 'nft -f FILE'; applied as one transaction\n"
 MAX_U32 = 2**32 - 1
@@ -68,6 +74,24 @@ def _network(network: object) -> str:
     return str(network)
 
 
+# Our set names (istio_iptables.nft.capture.nft_set_name): per purpose, family and prefix length; no digest.
+OWN_NFT_SET_NAME = re.compile(
+    r"istio-(?:(?:v4|v6)-(?:out-excl|out-incl)-[0-9]{1,3}|port-out|port-out-excl|port-in|port-in-excl)"
+)
+
+
+def _set_reference(name: str) -> str:
+    # Only names our set step makes (istio-v4-out-excl-24): nothing else can follow the '@'.
+    if not OWN_NFT_SET_NAME.fullmatch(name):
+        raise RenderError(f"refusing to render set {name!r}: not one of ours")
+    return f"@{name}"
+
+
+def _netmask(version: int, prefixlen: int) -> str:
+    network = ipaddress.IPv4Network((0, prefixlen)) if version == 4 else ipaddress.IPv6Network((0, prefixlen))
+    return str(network.netmask)
+
+
 def _not(negate: bool) -> str:
     return "!= " if negate else ""
 
@@ -87,6 +111,13 @@ def match_text(match: NftMatch) -> str:
         ports = [_port(port) for port in match.ports]
         value = ports[0] if len(ports) == 1 else "{ " + ", ".join(ports) + " }"
         return f"{check_token(match.protocol)} {check_token(match.direction)} {_not(match.negate)}{value}"
+    if isinstance(match, AddrInSet):
+        family, bits = ("ip", 32) if match.version == 4 else ("ip6", 128)
+        _number(match.prefixlen, 1, bits)
+        mask = "" if match.prefixlen == bits else f"& {_netmask(match.version, match.prefixlen)} "
+        return f"{family} {check_token(match.direction)} {mask}{_set_reference(match.set_name)}"
+    if isinstance(match, PortInSet):
+        return f"{check_token(match.protocol)} {check_token(match.direction)} {_set_reference(match.set_name)}"
     if isinstance(match, SocketOwner):
         keyword = "skuid" if match.kind == "uid" else "skgid"
         owner = _number(int(match.id), 0, MAX_U32) if match.id.isdigit() else _name(match.id)
@@ -137,6 +168,47 @@ def chain_declaration(table: str, chain: Chain) -> str:
     return f"{head} {{ type {hook.type} hook {hook.hook} priority {_number(hook.priority, -1000, 1000)} ; }}"
 
 
+SET_VERSIONS = {"ipv4_addr": 4, "ipv6_addr": 6}
+
+
+def set_elements(named: NftSet) -> str:
+    """``{ 10.0.0.0, 10.0.1.0 }`` (networks of one length, as addresses) or ``{ 80, 15020-15021 }``.
+
+    Each member is checked for type and range first; what is written is then digits, hex
+    digits, '.' and ':' only.
+    """
+    version = SET_VERSIONS.get(named.type)
+    if version is None:
+        for member in named.members:
+            _port(member)  # type: ignore[arg-type]
+        return "{ " + ", ".join(port_ranges(named.members)) + " }"  # type: ignore[arg-type]
+    lengths = set()
+    for member in named.members:
+        if not isinstance(member, ipaddress.IPv4Network | ipaddress.IPv6Network) or member.version != version:
+            raise RenderError(f"refusing to render {member!r} in set {named.name}: not an IPv{version} network")
+        lengths.add(member.prefixlen)
+    if len(lengths) > 1:
+        raise RenderError(f"refusing to render set {named.name}: it mixes prefix lengths {sorted(lengths)}")
+    return "{ " + ", ".join(member_text(member).partition("/")[0] for member in named.members) + " }"  # type: ignore[arg-type]
+
+
+def set_lines(table: str, named: NftSet) -> list[str]:
+    """Declare, empty (if it survived in a table that was only flushed) and fill one set."""
+    if named.type not in (*SET_VERSIONS, "inet_service"):
+        raise RenderError(f"refusing to render a set of type {named.type!r}")
+    if not named.members:
+        raise RenderError(f"refusing to render set {named.name}: it has no members")
+    target = f"inet {check_token(table)} {_set_reference(named.name)[1:]}"
+    # Ports as intervals (disjoint runs, see port_ranges): a plain set of 16-bit keys is a bitmap
+    # set, whose every insertion walks the members already in it (10 000 ports load in ~0.6 s).
+    flags = " flags interval ;" if named.type == "inet_service" else ""
+    return [
+        f"add set {target} {{ type {named.type} ;{flags} }}",
+        f"flush set {target}",
+        f"add element {target} {set_elements(named)}",
+    ]
+
+
 def remove_tables_lines(tables: Collection[str] = OUR_TABLES) -> list[str]:
     """Delete these of our tables whether or not they exist (``add`` first makes ``delete`` always valid)."""
     lines = []
@@ -152,26 +224,57 @@ def ruleset_lines(ruleset: NftRuleset) -> list[str]:
         name = check_token(table.name)
         chains = table.used_chains()
         lines.append(f"add table inet {name}")
+        lines += [line for named in table.sets.values() for line in set_lines(name, named)]
         lines += [chain_declaration(name, chain) for chain in chains]
         lines += [f"add rule inet {name} {chain.name} {rule_text(rule)}" for chain in chains for rule in chain.rules]
     return lines
 
 
-def render_script(ruleset: NftRuleset, present: Collection[str] = OUR_TABLES, also: Sequence[str] = ()) -> str:
+def render_script(
+    ruleset: NftRuleset,
+    present: Collection[str] = OUR_TABLES,
+    also: Sequence[str] = (),
+    held: Mapping[str, TableObjects] | None = None,
+) -> str:
     """The whole transaction: drop what our tables held, then build them anew (no window without rules).
 
     ``present`` names our tables known to exist; the others are only flushed before use, since a
     table deletion costs the kernel ~10 ms (an RCU grace period) even for an empty table. Flushing
     keeps a run correct if such a table appears meanwhile. ``also`` joins the same transaction
     (with --reconcile: removing iptables-nft's form of our rules).
+
+    ``held`` lists the chains and sets of present tables. A present table whose new rules match
+    named sets is kept and emptied instead of deleted, so its sets keep their names and are
+    refilled in place: a set created in a transaction can miss packets for a moment after the
+    rules that match it go live (seen on Linux 6.18 with interval sets: a few connections in
+    10 000), while a refilled set answers with the old members or the new, never neither.
     """
+    held = held or {}
+    kept = [table for table in ruleset.used_tables() if table.sets and table.name in held and table.name in present]
+    kept_names = {table.name for table in kept}
+    emptied = [line for table in kept for line in empty_table_lines(table, held[table.name])]
     fresh = [
         line
         for table in ruleset.used_tables()
         if table.name not in present
         for line in (f"add table inet {table.name}", f"flush table inet {table.name}")
     ]
-    return HEADER + "\n".join([*remove_tables_lines(present), *fresh, *ruleset_lines(ruleset), *also]) + "\n"
+    removed = remove_tables_lines([table for table in present if table not in kept_names])
+    return HEADER + "\n".join([*removed, *emptied, *fresh, *ruleset_lines(ruleset), *also]) + "\n"
+
+
+TableObjects = tuple[Sequence[str], Sequence[str]]  # the chains and sets a live table holds, by name
+
+
+def empty_table_lines(table: Table, held: TableObjects) -> list[str]:
+    """Empty a live table for its new contents: no rules, and no chain or set the new ones do not declare."""
+    name = check_token(table.name)
+    chains, sets = held
+    keep_chains = {chain.name for chain in table.used_chains()}
+    lines = [f"flush table inet {name}"]
+    lines += [f"delete chain inet {name} {check_token(chain)}" for chain in chains if chain not in keep_chains]
+    lines += [f"delete set inet {name} {check_token(named)}" for named in sets if named not in table.sets]
+    return lines
 
 
 def render_cleanup(tables: Collection[str] = OUR_TABLES) -> str:

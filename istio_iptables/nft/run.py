@@ -42,7 +42,7 @@ def run_nftables(config: Config, out: TextIO, plan: Plan) -> None:
         )
     # With --reconcile, iptables-nft's chains go in the same transaction in which ours arrive.
     removal = system.iptables_nft_removal_lines(state)
-    system.apply_script(render_script(ruleset, present=state.our_tables, also=removal))
+    system.apply_script(render_script(ruleset, present=state.our_tables, also=removal, held=state.held()))
     if state.has_iptables_form:
         system.remove_legacy_form(state)
         log.info("--reconcile: replaced %s", state.describe_iptables_form())

@@ -74,6 +74,15 @@ class NamespaceState:
     # Our tables as listed (``nft -j`` objects), to put them back if a later step fails.
     our_objects: list[dict] = field(default_factory=list)
 
+    def held(self) -> dict[str, tuple[list[str], list[str]]]:
+        """Per table of ours: the chains and sets it holds, by name (checked before they reach nft input)."""
+        found: dict[str, tuple[list[str], list[str]]] = {table: ([], []) for table in self.our_tables}
+        for entry in self.our_objects:
+            for kind, index in (("chain", 0), ("set", 1)):
+                if kind in entry and entry[kind]["table"] in found:
+                    found[entry[kind]["table"]][index].append(_kernel_name(entry[kind]["name"]))
+        return found
+
     @property
     def has_iptables_form(self) -> bool:
         return bool(self.iptables_nft_chains or self.legacy_saves)
@@ -107,6 +116,10 @@ def parse_nft_listing(objects: list[dict], state: NamespaceState) -> None:
             if table["family"] == "inet" and table["name"] in OUR_TABLES:
                 state.our_tables.append(table["name"])
                 state.our_objects.append(entry)
+        elif "set" in entry:
+            named = entry["set"]
+            if named["family"] == "inet" and named["table"] in OUR_TABLES:
+                state.our_objects.append(entry)  # listed before the rules that match it, as a restore needs
         elif "chain" in entry:
             chain = entry["chain"]
             if chain["family"] == "inet" and chain["table"] in OUR_TABLES:
