@@ -31,6 +31,7 @@ from istio_iptables.model import (
     CtZone,
     Family,
     Interface,
+    IPNetwork,
     Jump,
     Mark,
     Match,
@@ -40,6 +41,7 @@ from istio_iptables.model import (
     Redirect,
     Rule,
     SetMark,
+    SetMatch,
     Target,
     Tproxy,
     Unsupported,
@@ -90,11 +92,17 @@ class ReadChain:
     rules: list[ReadRule] = field(default_factory=list)
 
 
+SetMembers: TypeAlias = tuple[IPNetwork, ...] | tuple[int, ...]
+
+
 @dataclass
 class ReadTable:
     family: str  # nft family: inet, ip, ip6, ...
     name: str
     chains: dict[str, ReadChain] = field(default_factory=dict)
+    # Named sets: their elements as the kernel holds them (addresses as /32 or /128, intervals as
+    # prefixes), or ports; None when the elements could not be read.
+    sets: dict[str, SetMembers | None] = field(default_factory=dict)
 
     @property
     def ours(self) -> bool:
@@ -112,6 +120,12 @@ def read_model(ruleset: nft.NftRuleset) -> list[ReadTable]:
     tables = []
     for table in ruleset.used_tables():
         read = ReadTable("inet", table.name)
+        for named in table.sets.values():
+            # The model holds each network at the set's prefix length; the kernel holds its address.
+            read.sets[named.name] = tuple(
+                member if isinstance(member, int) else ipaddress.ip_network(member.network_address)
+                for member in named.members
+            )  # type: ignore[assignment]
         for chain in table.used_chains():
             hook = chain.hook
             read.chains[chain.name] = ReadChain(
@@ -164,6 +178,9 @@ def _read_object(item: Any, tables: dict[tuple[str, str], ReadTable]) -> None:
             int(chain.get("prio", 0)),
             str(chain.get("policy", "accept")).upper(),
         )
+    elif "set" in item:
+        named = item["set"]
+        table_of(named["family"], named["table"]).sets[named["name"]] = _set_elements(named.get("elem", []))
     elif "rule" in item:
         rule = item["rule"]
         chains = table_of(rule["family"], rule["table"]).chains
@@ -242,6 +259,8 @@ def _match(match: Mapping[str, Any]) -> Part | None:
             if states and all(state in ("invalid", "related", "established", "new") for state in states):
                 return nft.CtState(tuple(states))
         return None
+    if isinstance(right, str) and right.startswith("@"):
+        return None if negate else _set_match(left, right[1:])
     if "payload" in left:
         protocol, field_name = left["payload"]["protocol"], left["payload"]["field"]
         if protocol in ("ip", "ip6") and field_name in ("saddr", "daddr"):
@@ -252,6 +271,52 @@ def _match(match: Mapping[str, Any]) -> Part | None:
         if protocol in ("tcp", "udp", "th") and field_name in ("sport", "dport"):
             return nft.Port(protocol, field_name, _ports(right), negate)  # type: ignore[arg-type]
     return None
+
+
+def _set_elements(elements: Any) -> SetMembers | None:
+    members: list[Any] = []
+    try:
+        for element in elements:
+            if type(element) is int or (isinstance(element, dict) and "range" in element and _is_port_range(element)):
+                members += _ports(element)
+            elif isinstance(element, dict) and "range" in element:
+                low, high = (ipaddress.ip_address(bound) for bound in element["range"])
+                members += ipaddress.summarize_address_range(low, high)  # type: ignore[type-var]
+            else:
+                members.append(_network(element))
+    except (KeyError, TypeError, ValueError):
+        return None
+    if len({type(member) for member in members}) > 1:
+        return None
+    return tuple(members)
+
+
+def _is_port_range(element: Mapping[str, Any]) -> bool:
+    return all(type(bound) is int for bound in element["range"])
+
+
+def _set_match(left: Mapping[str, Any], name: str) -> Part | None:
+    """``tcp dport @NAME``, ``ip daddr @NAME`` or ``ip daddr & 255.255.0.0 @NAME``."""
+    netmask = None
+    if "&" in left:
+        left, netmask = left["&"]
+    protocol, field_name = left["payload"]["protocol"], left["payload"]["field"]
+    if protocol in ("tcp", "udp") and field_name in ("sport", "dport") and netmask is None:
+        return nft.PortInSet(protocol, field_name, name)
+    if protocol in ("ip", "ip6") and field_name in ("saddr", "daddr"):
+        version = 4 if protocol == "ip" else 6
+        bits = 32 if version == 4 else 128
+        prefixlen = bits if netmask is None else _prefixlen(netmask, bits)
+        return nft.AddrInSet(field_name, version, prefixlen, name)
+    return None
+
+
+def _prefixlen(netmask: str, bits: int) -> int:
+    address = ipaddress.ip_address(netmask)
+    mask, prefixlen = int(address), bin(int(address)).count("1")
+    if address.max_prefixlen != bits or mask != ((1 << bits) - 1) ^ ((1 << (bits - prefixlen)) - 1):
+        raise ValueError(f"not a netmask: {netmask}")
+    return prefixlen
 
 
 def _u32(value: Any) -> int:
@@ -345,8 +410,54 @@ def to_tables(
                 policies[key] = chain.policy
                 hooks.setdefault(chain.hook, []).append(BaseChain(table.name, chain.name, chain.priority, chain.kind))  # type: ignore[arg-type]
     ordered = {hook: tuple(sorted(bases, key=lambda base: base.priority)) for hook, bases in hooks.items()}
-    tables = Tables(family, chains, policies, ordered, source=source, problems=problems, dialect="nft")
+    sets = _used_sets(read, chains, problems)
+    tables = Tables(family, chains, policies, ordered, sets, source, problems, dialect="nft")
     return tables, index
+
+
+def _used_sets(
+    read: Iterable[ReadTable], chains: Mapping[tuple[str, str], list[ChainRule]], problems: list[str]
+) -> dict[str, SetMembers]:
+    """The members of every set a rule matches, at the prefix length it is matched with."""
+    held = {table.name: table.sets for table in read if table.ours}
+    sets: dict[str, SetMembers] = {}
+    for (table, _chain), rules in chains.items():
+        for item in rules:
+            for match in item.rule.matches:
+                if not isinstance(match, SetMatch) or match.name in sets:
+                    continue
+                name, _, length = match.name.partition(" @")[2].partition("/")
+                elements = held.get(table, {}).get(name)
+                if elements is None:
+                    problems.append(f"set {table} @{name}: its elements could not be read")
+                    continue
+                sets[match.name] = masked_members(elements, int(length) if length else None)
+    return sets
+
+
+def set_key(table: str, name: str, prefixlen: int | None = None) -> str:
+    """How explain names a set match: sets are per table, and an address set is matched at a prefix length."""
+    return f"{table} @{name}" + ("" if prefixlen is None else f"/{prefixlen}")
+
+
+def masked_members(elements: SetMembers, prefixlen: int | None) -> SetMembers:
+    """The networks an address is in when ``address & mask(prefixlen)`` is an element (ports: as is).
+
+    An element at least as long as the mask holds the masked address only if its bits past the
+    mask are zero; then it is the network of the address's first ``prefixlen`` bits. A shorter
+    element (an interval set's prefix) contains the masked address when it contains the address.
+    """
+    if prefixlen is None or not elements or isinstance(elements[0], int):
+        return elements
+    members = []
+    for element in elements:
+        if isinstance(element, int):
+            continue
+        if element.prefixlen < prefixlen:
+            members.append(element)
+        elif int(element.network_address) & ((1 << (element.max_prefixlen - prefixlen)) - 1) == 0:
+            members.append(ipaddress.ip_network((element.network_address, prefixlen)))
+    return tuple(members)
 
 
 # A match no packet of ``family`` can satisfy: an address of the other family.
@@ -363,6 +474,13 @@ def to_rule(read: ReadRule, table: str, chain: str, family: Family) -> Rule:
         elif isinstance(part, nft.Addr):
             other_family |= part.network.version != family.value
             matches.append(Address("src" if part.direction == "saddr" else "dst", part.network, part.negate))
+        elif isinstance(part, nft.AddrInSet):
+            other_family |= part.version != family.value
+            direction = "src" if part.direction == "saddr" else "dst"
+            matches.append(SetMatch(set_key(table, part.set_name, part.prefixlen), direction))
+        elif isinstance(part, nft.PortInSet):
+            direction = "src" if part.direction == "sport" else "dst"
+            matches += [Protocol(part.protocol), SetMatch(set_key(table, part.set_name), direction)]
         elif isinstance(part, nft.TproxyTo):
             other_family |= part.version != family.value
             statements.append(part)

@@ -14,7 +14,15 @@ from istio_iptables.cli import command, raw_settings
 from istio_iptables.config import Config, parse
 from istio_iptables.explain import Flow, Tables, chain_path, explain, verdict_text
 from istio_iptables.explain_cli import explain_command
-from istio_iptables.explain_nft import NftJsonError, ReadTable, listed_texts, read_json, read_model, to_tables
+from istio_iptables.explain_nft import (
+    NftJsonError,
+    ReadTable,
+    listed_texts,
+    masked_members,
+    read_json,
+    read_model,
+    to_tables,
+)
 from istio_iptables.model import Address, Family, Owner, Ports, Protocol, Tproxy, Unsupported
 from istio_iptables.nft.capture import build_nft_ruleset
 from istio_iptables.nft.render import render_script
@@ -90,6 +98,48 @@ def test_the_kernel_listing_explains_as_the_configuration_does(probe: Flow) -> N
     assert from_listing.landing == from_model.landing
     assert from_listing.matched == from_model.matched
     assert from_listing.effects == from_model.effects
+
+
+SETS_RECORDED = Path(__file__).with_name("data") / "explain-nft-sets.json"
+SETS_ARGS = (
+    "-u", "1337", "-i", "*", "-x", "10.1.0.0/16,10.2.0.0/16,10.3.0.5/32,10.4.0.0/16", "-b", "*",
+    "-d", "15090,15021,15020,1,2,3,4,5,6,7,8,9", "-o", "1,2,3,4,5,6,7,8,9,10", "--disable-ipv6", "--use-sets", "always",
+)  # fmt: skip
+SET_FLOWS = [
+    flow("local", "10.2.3.4", 80),
+    flow("local", "10.3.0.5", 80),
+    flow("local", "10.3.0.6", 80),
+    flow("local", "10.9.0.1", 5, proto="udp"),
+    flow("local", "10.9.0.1", 11),
+    flow("remote", "10.0.0.2", 15020),
+    flow("remote", "10.0.0.2", 10),
+]
+
+
+@pytest.mark.parametrize("probe", SET_FLOWS, ids=[f"{f.origin}-{f.protocol}-{f.dst}-{f.dport}" for f in SET_FLOWS])
+def test_named_sets_explain_as_the_configuration_does(probe: Flow) -> None:
+    from_model = explain(model_tables(config(*SETS_ARGS), Family.V4), probe)
+    from_listing = explain(to_tables(read_json(SETS_RECORDED.read_text()), Family.V4, "live")[0], probe)
+    assert from_listing.problems == () and from_listing.landing.kind != "undetermined"
+    assert (from_listing.landing, from_listing.matched) == (from_model.landing, from_model.matched)
+
+
+def test_namedmasked_members_at_the_matched_prefix_length() -> None:
+    tables = to_tables(read_json(SETS_RECORDED.read_text()), Family.V4, "live")[0]
+    assert tables.sets is not None
+    assert tables.sets["istio-proxy-nat @istio-v4-out-excl-16/16"] == tuple(
+        ipaddress.ip_network(f"10.{n}.0.0/16") for n in (1, 2, 4)
+    )
+    assert tables.sets["istio-proxy-nat @istio-port-out-excl"] == tuple(range(1, 11))
+    excluded = explain(tables, flow("local", "10.2.3.4", 80))
+    assert [step.text for step in excluded.exclusions] == ["ip daddr & 255.255.0.0 @istio-v4-out-excl-16 return"]
+
+
+def test_maskedmasked_members() -> None:
+    elements = tuple(ipaddress.ip_network(text) for text in ("10.1.0.0/32", "10.2.0.1/32", "10.8.0.0/13"))
+    # 10.2.0.1 has bits past /16: no masked address equals it. A /13 interval holds what it contains.
+    assert masked_members(elements, 16) == (ipaddress.ip_network("10.1.0.0/16"), ipaddress.ip_network("10.8.0.0/13"))
+    assert masked_members((80, 443), None) == (80, 443)
 
 
 def test_the_traffic_types_read_like_istios_chain_paths() -> None:
