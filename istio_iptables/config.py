@@ -119,6 +119,20 @@ class Config:
             self.capture_all_dns or bool(self.dns_servers_v4) or bool(self.dns_servers_v6)
         )
 
+    def describe(self) -> str:
+        """One ``name=value`` line per setting, lists comma separated, as Istio's Config.Print logs it."""
+        return "\n".join(f"{name}={_describe_value(value)}" for name, value in vars(self).items())
+
+
+def _describe_value(value: object) -> str:
+    if isinstance(value, PortSelection | CidrSelection):
+        return "*" if value.wildcard else _describe_value(getattr(value, "ports", None) or getattr(value, "cidrs", ()))
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "*" if value is None else str(value)
+
 
 class Host(Protocol):
     """What parsing needs to know about the machine (faked in tests)."""

@@ -13,7 +13,7 @@ from istio_iptables.sets import render_ipset_document
 
 def run(config: Config, out: TextIO, namespace_path: str = "") -> None:
     """``namespace_path``: the --network-namespace the caller entered (the CNI-mode lock file)."""
-    log.info("effective configuration: %s", config)
+    log.info("effective configuration:\n%s", config.describe())
     plan = build_plan(config)
     if config.native_nftables:
         from istio_iptables.nft.run import run_nftables

@@ -196,3 +196,15 @@ def test_ipv6_detection(addresses: list[str], dual_stack: bool, expected: bool) 
 def test_auto_detection_is_used_without_a_switch() -> None:
     assert parse(RawSettings(), FakeHost(interface_addresses=["fd00::5"])).enable_ipv6
     assert not parse(RawSettings(enable_ipv6=False), FakeHost(interface_addresses=["fd00::5"])).enable_ipv6
+
+
+def test_describe_lists_every_setting_readably() -> None:
+    raw = RawSettings(
+        values={
+            "istio_inbound_ports": Setting("*", "-b"),
+            "istio_service_exclude_cidr": Setting("10.0.0.0/8,::/0", "-x"),
+        }
+    )
+    lines = parse(raw, FakeHost()).describe().splitlines()
+    assert "inbound_ports=*" in lines and "outbound_exclude=10.0.0.0/8,::/0" in lines
+    assert "redirect_dns=false" in lines and "owner_groups_include=*" in lines

@@ -5,7 +5,19 @@ from __future__ import annotations
 
 from istio_iptables.config import Config
 from istio_iptables.errors import DriftError
-from istio_iptables.nft import system
+from istio_iptables.nft.names import OUR_TABLES
+from istio_iptables.spawn import run, which
+
+
+def our_tables_may_exist() -> bool:
+    """A quick ``nft list tables``: the full JSON reading (and its ~12 ms of imports) only if needed."""
+    nft = which("nft")
+    if nft is None:
+        return False  # without nft there can be no tables of ours
+    listing = run([nft, "list", "tables"], timeout=30)
+    if listing.returncode != 0:
+        return True  # let the full reading report why nft cannot list
+    return any(line.split()[1:] in (["inet", table] for table in OUR_TABLES) for line in listing.stdout.splitlines())
 
 
 def guard_iptables_run(config: Config) -> bool:
@@ -18,6 +30,10 @@ def guard_iptables_run(config: Config) -> bool:
     if config.cleanup_only:
         return False  # removing iptables rules is never blocked by our nft tables
     check_privileges()  # before listing, so a missing capability is reported as the engine words it
+    if not our_tables_may_exist():
+        return False
+    from istio_iptables.nft import system
+
     state = system.NamespaceState()
     system.read_nft_state(state)
     if not state.our_tables:
@@ -32,6 +48,8 @@ def guard_iptables_run(config: Config) -> bool:
 
 def remove_nft_tables() -> None:
     """Delete our nft tables (after the iptables rules replaced them)."""
+    from istio_iptables.nft import system
+
     state = system.NamespaceState()
     system.read_nft_state(state)
     system.remove_our_tables(state.our_tables)
