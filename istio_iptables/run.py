@@ -19,6 +19,11 @@ def run(config: Config, out: TextIO, namespace_path: str = "") -> None:
         from istio_iptables.nft.run import run_nftables
 
         run_nftables(config, out, plan)
+    elif config.dry_run and config.cleanup_only:
+        from istio_iptables.apply.engine import cleanup_preview
+
+        scripts = cleanup_preview(config)
+        out.write("".join(f"# {family.restore_program}\n{script}" for family, script in scripts.items()))
     elif config.dry_run:
         out.write(render_ipset_document(plan.rulesets) + render_documents(plan.rulesets))
     elif not config.skip_rule_apply:

@@ -202,6 +202,13 @@ def _ensure_routes(plan: Plan, detection: Detection, applier: Applier, touched: 
         raise
 
 
+def cleanup_preview(config: Config) -> dict[Family, str]:
+    """``--cleanup-only --dry-run``: the restore input cleanup would write, read from the live namespace."""
+    detection = detect(config.force_iptables_binary, FAMILIES)
+    live = {family: owned_state(detection.dump(family)) for family in FAMILIES}
+    return {family: script for family in FAMILIES if (script := transition_script(live[family], None))}
+
+
 def _cleanup(
     detection: Detection, applier: Applier, live: dict[Family, TableState], ipset: Ipset | None
 ) -> Outcome:
