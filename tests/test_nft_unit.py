@@ -171,7 +171,7 @@ def test_no_legacy_table_means_no_save_is_run(tmp_path: Path, monkeypatch: pytes
 
 
 def test_missing_nft_is_an_environment_problem(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(system.shutil, "which", lambda name: None)
+    monkeypatch.setattr(system, "which", lambda name: None)
     state = system.NamespaceState()
     system.read_nft_state(state)  # nothing to find without nft
     assert state.our_tables == []

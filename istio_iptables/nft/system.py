@@ -10,8 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import shutil
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from istio_iptables.errors import ApplyError, EnvironmentProblem
 from istio_iptables.logging_setup import log
 from istio_iptables.model import OWN_CHAINS
 from istio_iptables.nft.names import OUR_TABLES
+from istio_iptables.spawn import Finished, run, which
 
 # Names read back from the kernel are spliced into nft/iptables input only if they look like this.
 _KERNEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -33,9 +32,9 @@ def _kernel_name(name: object) -> str:
     return name
 
 
-def _run(argv: Sequence[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def _run(argv: Sequence[str], stdin: str | None = None) -> Finished:
     try:
-        return subprocess.run(list(argv), input=stdin, capture_output=True, text=True, check=False, timeout=60)
+        return run(argv, input=stdin, timeout=60)
     except FileNotFoundError:
         raise EnvironmentProblem(f"'{argv[0]}' is missing") from None
 
@@ -44,7 +43,7 @@ def nft_program() -> str:
     """The ``nft`` command. Measured against libnftables' Python binding (bench/bench_nft.py), the
     binding saves nothing on a one-shot run: importing ctypes and loading the library cost what
     starting ``nft`` costs, and the binding is one more package outside pip's reach."""
-    path = shutil.which("nft")
+    path = which("nft")
     if path is None:
         raise EnvironmentProblem("--native-nftables needs the 'nft' command (Debian/Ubuntu: apt-get install nftables)")
     return path
@@ -99,7 +98,7 @@ class NamespaceState:
 
 def read_nft_state(state: NamespaceState) -> None:
     """Our inet tables and iptables-nft's ISTIO_* chains, from one ``nft -j list ruleset``."""
-    path = shutil.which("nft")
+    path = which("nft")
     if path is None:
         return  # without nft there are neither our tables nor iptables-nft rules to look at
     listing = _run([path, "-j", "list", "ruleset"])
@@ -162,7 +161,7 @@ def read_legacy_state(state: NamespaceState, proc_net: Path = Path("/proc/thread
             tables = (proc_net / names_file).read_text().split()
         except OSError:
             continue  # the legacy x_tables module is not even loaded
-        if not tables or shutil.which(f"{program}-save") is None:
+        if not tables or which(f"{program}-save") is None:
             continue
         save = _run([f"{program}-save"])
         if save.returncode == 0 and legacy_own_chains(save.stdout):
