@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import shutil
-import subprocess
 import sys
 from typing import Any
 
@@ -20,6 +18,7 @@ from istio_iptables.cli import _host, config_options, raw_settings
 from istio_iptables.errors import EnvironmentProblem, IstioIptablesError
 from istio_iptables.explain import Flow, IPAddress, Tables, explain, render_text, to_data
 from istio_iptables.model import Family, IPNetwork
+from istio_iptables.spawn import Finished, run, which
 
 DEFAULT_REMOTE = {4: "203.0.113.10", 6: "2001:db8:ffff::10"}
 DEFAULT_POD = {4: "10.0.0.2", 6: "fd00::2"}
@@ -212,12 +211,12 @@ def read_live(namespace: str, force_binary: str, family: Family) -> tuple[Tables
     return Tables.from_saved(saved, f"installed rules ({program} in {where})", sets), addresses
 
 
-def _run(*command: str) -> subprocess.CompletedProcess[str] | None:
-    if shutil.which(command[0]) is None:
+def _run(*command: str) -> Finished | None:
+    if which(command[0]) is None:
         return None
     try:
-        return subprocess.run(list(command), capture_output=True, text=True, timeout=30, check=False)
-    except (OSError, subprocess.TimeoutExpired) as error:
+        return run(command, timeout=30)
+    except OSError as error:  # spawn's TimeoutError is one
         raise EnvironmentProblem(f"cannot run {command[0]}: {error}") from None
 
 
