@@ -22,6 +22,10 @@ class Family(Enum):
     V6 = 6
 
     @property
+    def label(self) -> str:
+        return "IPv4" if self is Family.V4 else "IPv6"
+
+    @property
     def restore_program(self) -> str:
         return "iptables-restore" if self is Family.V4 else "ip6tables-restore"
 

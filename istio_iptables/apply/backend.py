@@ -102,7 +102,7 @@ def detect(forced: str, needed: Sequence[Family], env: Mapping[str, str] | None 
     else:
         evidence = {
             name: [
-                f"{'IPv4' if family is Family.V4 else 'IPv6'} {item}"
+                f"{family.label} {item}"
                 for family in (Family.V4, Family.V6)
                 for item in parse_save(outputs[(name, family)]).holds_rules()
             ]

@@ -23,7 +23,6 @@ from istio_iptables.apply.restore import (
     RestoreApplier,
     RestoreFailed,
     explain_failure,
-    family_label,
     tables_of,
 )
 from istio_iptables.apply.state import TableState, desired_state, diff_states, owned_state, transition_script
@@ -161,7 +160,7 @@ def _write(scripts: dict[Family, str], detection: Detection, applier: Applier) -
     try:
         for family, script in scripts.items():
             touched[family] = tables_of(script)
-            log.debug("%s input for %s:\n%s", applier.name, family_label(family), script)
+            log.debug("%s input for %s:\n%s", applier.name, family.label, script)
             applier.write(family, script)
     except RestoreFailed as failure:
         try:

@@ -46,10 +46,6 @@ class RestoreFailed(Exception):
         return f"{self.program} exited {self.returncode}: {self.stderr.strip()[-500:]}"
 
 
-def family_label(family: Family) -> str:
-    return "IPv4" if family is Family.V4 else "IPv6"
-
-
 def with_context(text: str, line_number: int, around: int = CONTEXT_LINES) -> str:
     lines = text.splitlines()
     start, end = max(1, line_number - around), min(len(lines), line_number + around)
@@ -62,7 +58,7 @@ def explain_failure(failure: RestoreFailed, rolled_back: bool) -> IstioIptablesE
     """The user-facing error for a failed write (after the rollback, which the message reports)."""
     stderr = failure.stderr.strip()
     state = "the namespace was rolled back to its previous rules" if rolled_back else "nothing was changed"
-    label = family_label(failure.family)
+    label = failure.family.label
     where = _FAILED_LINE.search(stderr)
     context = f"\n{with_context(failure.text, int(where.group(1)))}" if where else ""
     if _LOCK_HELD in stderr:

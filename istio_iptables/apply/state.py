@@ -316,8 +316,8 @@ def diff_states(live: TableState, desired: TableState, family: Family) -> list[s
         return []
     import difflib  # only when there is a difference to show
 
-    label = "IPv4" if family is Family.V4 else "IPv6"
-    return list(difflib.unified_diff(live_lines, desired_lines, f"{label} live", f"{label} wanted", n=2, lineterm=""))
+    live_name, desired_name = f"{family.label} live", f"{family.label} wanted"
+    return list(difflib.unified_diff(live_lines, desired_lines, live_name, desired_name, n=2, lineterm=""))
 
 
 # --- turning live into desired --------------------------------------------------------
