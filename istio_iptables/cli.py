@@ -93,17 +93,6 @@ ENV_ONLY = {
     "envoy_user": "ENVOY_USER",
 }
 
-LOG_OPTIONS = [
-    "--log_output_level",
-    "--log_target",
-    "--log_stacktrace_level",
-    "--log_rotate",
-    "--log_rotate_max_age",
-    "--log_rotate_max_size",
-    "--log_rotate_max_backups",
-]
-
-
 def _options(command: Callable[..., Any]) -> Callable[..., Any]:
     for name, short, long, envvars, help_text in reversed(BOOL_OPTIONS):
         names = [long] + ([short] if short else [])

@@ -212,10 +212,6 @@ def desired_state(ruleset: RuleSet, resolve_gid: GidResolver = numeric_gid) -> T
 
 # --- what we own in a live dump ----------------------------------------------------
 
-_HEX = r"0x[0-9a-f]+"
-_MASKS = "--nfmask 0xffffffff --ctmask 0xffffffff"
-
-
 @functools.cache
 def _builtin_shapes() -> tuple[tuple[frozenset[str], str, re.Pattern[str]], ...]:
     """(tables, chain, shape) of every non-jump rule our plans put into built-in chains (capture.py).
