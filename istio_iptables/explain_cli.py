@@ -154,7 +154,7 @@ def build_flow(values: dict[str, Any], config: Any, pod_ips: tuple[IPAddress, ..
         if origin == "remote":
             src = ipaddress.ip_address(DEFAULT_REMOTE[dst.version])
         elif dst.is_loopback or dst in same_family:
-            src = dst if dst in same_family else ipaddress.ip_address("127.0.0.1" if dst.version == 4 else "::1")
+            src = dst if dst in same_family else Family(dst.version).loopback.network_address
         else:
             src = same_family[0] if same_family else ipaddress.ip_address(DEFAULT_POD[dst.version])
     if src.version != dst.version:

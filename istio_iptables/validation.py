@@ -45,7 +45,7 @@ class Probe:
 
     @property
     def listen_host(self) -> str:
-        return "127.0.0.1" if self.family is Family.V4 else "::1"
+        return str(self.family.loopback.network_address)
 
     @property
     def target_host(self) -> str:
