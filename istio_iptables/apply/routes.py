@@ -54,15 +54,7 @@ def ensure(routes: TproxyRoutes | None, passthrough_v6: bool) -> None:
     with _netlink() as ipr:
         lo = _loopback(ipr)
         if passthrough_v6:
-            _tolerate(
-                errno.EEXIST,
-                "ip -6 addr add ::6/128 dev lo",
-                ipr.addr,
-                "add",
-                index=lo,
-                address=PASSTHROUGH_V6,
-                prefixlen=128,
-            )
+            _passthrough_address(ipr, "add", lo)
         if routes is None:
             return
         for family in routes.families:
@@ -78,6 +70,19 @@ def ensure(routes: TproxyRoutes | None, passthrough_v6: bool) -> None:
                     table=routes.table,
                 )
             _local_default_route(ipr, "add", family, lo, routes.table)
+
+
+def _passthrough_address(ipr: Any, command: str, lo: int) -> None:
+    """``ip -6 addr add|del ::6/128 dev lo``; already there / already gone is fine."""
+    _tolerate(
+        errno.EEXIST if command == "add" else errno.EADDRNOTAVAIL,
+        f"ip -6 addr {command} {PASSTHROUGH_V6}/128 dev lo",
+        ipr.addr,
+        command,
+        index=lo,
+        address=PASSTHROUGH_V6,
+        prefixlen=128,
+    )
 
 
 def _local_default_route(ipr: Any, command: str, family: Family, lo: int, table: int) -> None:
@@ -115,15 +120,7 @@ def remove(mark: int | None, passthrough_v6: bool) -> None:
     with _netlink() as ipr:
         lo = _loopback(ipr)
         if passthrough_v6:
-            _tolerate(
-                errno.EADDRNOTAVAIL,
-                "ip -6 addr del ::6/128 dev lo",
-                ipr.addr,
-                "del",
-                index=lo,
-                address=PASSTHROUGH_V6,
-                prefixlen=128,
-            )
+            _passthrough_address(ipr, "del", lo)
         if mark is None:
             return
         for family, af in _ADDRESS_FAMILY.items():
