@@ -115,7 +115,7 @@ def apply(config: Config, plan: Plan, namespace_path: str = "") -> Outcome:
     detection = detect(config.force_iptables_binary, FAMILIES if config.cleanup_only else planned, env)
     log.info("iptables backend: %s (%s)", detection.backend.name, detection.reason)
     applier = make_applier(config, detection.backend, env)
-    live = {family: owned_state(detection.dump(family)) for family in FAMILIES}
+    live = _live_state(detection)
     # ipsets of long lists (istio_iptables/sets.py): only runs that have or had some touch ipset.
     wanted_sets = sets_of(plan.rulesets)
     ipset = Ipset(env) if wanted_sets or any(map(uses_sets, live.values())) else None
@@ -203,15 +203,22 @@ def _ensure_routes(plan: Plan, detection: Detection, applier: Applier, touched: 
 
 def cleanup_preview(config: Config) -> dict[Family, str]:
     """``--cleanup-only --dry-run``: the restore input cleanup would write, read from the live namespace."""
-    detection = detect(config.force_iptables_binary, FAMILIES)
-    live = {family: owned_state(detection.dump(family)) for family in FAMILIES}
+    return _removal_scripts(_live_state(detect(config.force_iptables_binary, FAMILIES)))
+
+
+def _live_state(detection: Detection) -> dict[Family, TableState]:
+    return {family: owned_state(detection.dump(family)) for family in FAMILIES}
+
+
+def _removal_scripts(live: dict[Family, TableState]) -> dict[Family, str]:
+    """Per family with something of ours: the restore input that removes it."""
     return {family: script for family in FAMILIES if (script := transition_script(live[family], None))}
 
 
 def _cleanup(
     detection: Detection, applier: Applier, live: dict[Family, TableState], ipset: Ipset | None
 ) -> Outcome:
-    scripts = {family: script for family in FAMILIES if (script := transition_script(live[family], None))}
+    scripts = _removal_scripts(live)
     _write(scripts, detection, applier)
     if ipset:  # no rule of ours matches them any more
         ipset.remove_stale([])
