@@ -1,7 +1,8 @@
 """A small live-traffic bed for explain's kernel proof: a pod namespace, a peer, listeners, a flow sender.
 
-(Issue 4 builds the full live-traffic test bed; this one is deliberately small and focused so the two
-can be merged later: the agent protocol is in tests/flowsender_agent.py.)
+(tests/testbed.py is the full live-traffic test bed; this one is deliberately small and focused. Both
+run their in-namespace programs with tests/bed_common.py; the agent's
+protocol is in tests/flowsender_agent.py.)
 
 Topology (the pod's interface names match the ones the conformance cases name):
 
@@ -19,16 +20,15 @@ from __future__ import annotations
 import ipaddress
 import json
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from tests.bed_common import READY_TIMEOUT, Child
 from tests.netns import NetNS
 
-AGENT = Path(__file__).with_name("flowsender_agent.py")
+CALL_TIMEOUT = 90.0  # the agent gives a command 60 s
 LINKS = (("eth0", "p0", 10), ("eth1", "p1", 11), ("not-istio-nic", "p2", 12))
 REMOTE_V4 = ("9.9.1.1", "1.1.1.1", "10.1.2.3", "192.0.2.10")
 REMOTE_V6 = ("2001:db8::5", "2001:db9::1", "::7f00:35")
@@ -81,24 +81,16 @@ def _mac(namespace: NetNS, name: str) -> str:
     return json.loads(namespace.run("ip", "-j", "link", "show", name).stdout)[0]["address"]
 
 
-class AgentProcess:
+class Agent:
+    """A :mod:`tests.flowsender_agent` in a namespace, listening on every port the proofs use."""
+
     def __init__(self, namespace: NetNS) -> None:
-        self.process = subprocess.Popen(
-            ["ip", "netns", "exec", namespace.name, sys.executable, str(AGENT)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-        )
+        ports = {"tcp": list(TCP_PORTS), "udp": list(UDP_PORTS)}
+        self.child = Child(namespace, "tests.flowsender_agent", ports, f"agent in {namespace.name}")
+        self.child.ready.result(timeout=READY_TIMEOUT)
 
     def call(self, **request: Any) -> dict[str, Any]:
-        assert self.process.stdin and self.process.stdout
-        self.process.stdin.write(json.dumps(request) + "\n")
-        self.process.stdin.flush()
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"agent died on {request!r}")
-        return json.loads(line)
+        return self.child.send(request).result(timeout=CALL_TIMEOUT)
 
     def run(self, *argv: str, input: str | None = None, check: bool = True) -> dict[str, Any]:
         done = self.call(op="exec", argv=list(argv), input=input)
@@ -107,12 +99,7 @@ class AgentProcess:
         return done
 
     def close(self) -> None:
-        if self.process.stdin:
-            self.process.stdin.close()
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        self.child.stop()
 
 
 class FlowBed:
@@ -190,10 +177,8 @@ class FlowBed:
             peer.run("ip", "route", "add", address, "via", "10.10.0.2")
         for address in FORWARDED_V6:
             peer.run("ip", "-6", "route", "add", address, "via", "fd00:10::2")
-        self.pod = AgentProcess(pod)
-        self.peer = AgentProcess(peer)
-        for agent in (self.pod, self.peer):
-            agent.call(op="listen", tcp=list(TCP_PORTS), udp=list(UDP_PORTS))
+        self.pod = Agent(pod)
+        self.peer = Agent(peer)
         self.routes: list[list[str]] = []
         self.backend = "nft"
 
