@@ -1,6 +1,6 @@
-"""What the two live-traffic beds share (tests/testbed.py, tests/flowsender.py): their child programs.
+"""What the two live-traffic beds share (tests/testbed.py, tests/flowsender.py): wiring and child programs.
 
-Child programs: a Python
+Wiring: veth links between two namespaces, default routes, addresses on lo. Child programs: a Python
 module of tests/ started in a namespace (optionally as a uid, with capabilities) that speaks JSON lines:
 its configuration is its one argument; it binds its sockets, prints ``{"ready": true}``, then answers
 each request line with a line carrying the request's ``id`` (lines ``{"log": ...}`` may come between).
@@ -9,6 +9,7 @@ tests/bed_child.py holds the socket helpers both child programs use.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 import sys
@@ -23,6 +24,59 @@ from tests.netns import NetNS
 
 ROOT = Path(__file__).resolve().parents[1]  # children import tests.* from here
 READY_TIMEOUT = 10.0
+
+
+# --- wiring -------------------------------------------------------------------------------------
+
+
+def link(
+    pod: NetNS, peer: NetNS, pod_nic: str, peer_nic: str, pod_addresses: Sequence[str], peer_addresses: Sequence[str]
+) -> None:
+    """A veth from ``pod`` (``pod_nic``) to ``peer`` (``peer_nic``), each end with its addresses (CIDRs), up.
+
+    IPv6 never waits for duplicate address detection, and each end knows the other's IPv6 addresses
+    statically: the first neighbour solicitation on a fresh link is often lost, and the retry comes a
+    second later.
+    """
+    subprocess.run(["ip", "link", "add", pod_nic, "netns", pod.name, "type", "veth", "peer", "name", peer_nic,
+                    "netns", peer.name], check=True)
+    ends = ((pod, pod_nic, pod_addresses), (peer, peer_nic, peer_addresses))
+    for namespace, nic, addresses in ends:
+        # The device was born in the host namespace: turn DAD off for its link-local address too.
+        _no_dad(namespace, nic)
+        for address in addresses:
+            namespace.run("ip", "addr", "add", address, "dev", nic, *_nodad(address))
+        namespace.run("ip", "link", "set", nic, "up")
+    for (namespace, nic, _), (other, other_nic, addresses) in (ends, ends[::-1]):
+        mac = json.loads(other.run("ip", "-j", "link", "show", other_nic).stdout)[0]["address"]
+        for address in addresses:
+            host = ipaddress.ip_interface(address).ip
+            if host.version == 6:
+                namespace.run("ip", "-6", "neigh", "replace", str(host), "lladdr", mac, "dev", nic, "nud",
+                              "permanent")
+
+
+def default_routes(namespace: NetNS, gateways: Sequence[str]) -> None:
+    """A default route via each gateway (one IPv4, one IPv6)."""
+    for gateway in gateways:
+        namespace.run("ip", f"-{ipaddress.ip_address(gateway).version}", "route", "add", "default", "via", gateway)
+
+
+def local_addresses(namespace: NetNS, addresses: Sequence[str]) -> None:
+    """Host addresses on ``namespace``'s lo: it owns them, whatever link a packet for them comes in by."""
+    for address in addresses:
+        host = ipaddress.ip_address(address)
+        namespace.run("ip", "addr", "add", f"{host}/{host.max_prefixlen}", "dev", "lo", *_nodad(address))
+
+
+def _nodad(address: str) -> tuple[str, ...]:
+    return ("nodad",) if ":" in address else ()
+
+
+def _no_dad(namespace: NetNS, nic: str) -> None:
+    # /proc/sys/net follows the writer's namespace (no procps needed); DAD runs unless "all" and the device say 0.
+    keys = " ".join(f"/proc/sys/net/ipv6/conf/{conf}/accept_dad" for conf in ("all", "default", nic))
+    namespace.run("sh", "-c", f"for key in {keys}; do echo 0 > $key; done")
 
 
 # --- child programs ----------------------------------------------------------------------------

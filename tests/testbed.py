@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from tests.bed_common import Child
+from tests.bed_common import Child, default_routes, link, local_addresses
 from tests.netns import NETNS_ETC, NetNS
 
 Backend = Literal["legacy", "nft", "native-nftables"]  # the iptables backends, or --native-nftables
@@ -232,19 +232,10 @@ class Testbed:
         pod, remote = self.pod, self.remote
         for pod_nic, peer_nic, pod_side, remote_side in (("eth0", "rem0", "pod", "remote"),
                                                          ("eth1", "rem1", "pod_side", "remote_side")):
-            subprocess.run(["ip", "link", "add", pod_nic, "netns", pod.name, "type", "veth", "peer", "name",
-                            peer_nic, "netns", remote.name], check=True)
-            for family in FAMILIES:
-                pod.run("ip", "addr", "add", f"{getattr(family, pod_side)}/{family.prefix}", "dev", pod_nic,
-                        "nodad")
-                remote.run("ip", "addr", "add", f"{getattr(family, remote_side)}/{family.prefix}", "dev",
-                           peer_nic, "nodad")
-            pod.run("ip", "link", "set", pod_nic, "up")
-            remote.run("ip", "link", "set", peer_nic, "up")
-        for family in FAMILIES:
-            pod.run("ip", f"-{family.version}", "route", "add", "default", "via", family.remote, "dev", "eth0")
-            for address in (family.service, family.excluded, family.dns, family.istiod):
-                remote.run("ip", "addr", "add", f"{address}/{32 if family.version == 4 else 128}", "dev", "lo")
+            link(pod, remote, pod_nic, peer_nic, [f"{getattr(f, pod_side)}/{f.prefix}" for f in FAMILIES],
+                 [f"{getattr(f, remote_side)}/{f.prefix}" for f in FAMILIES])
+        default_routes(pod, [family.remote for family in FAMILIES])
+        local_addresses(remote, [address for f in FAMILIES for address in (f.service, f.excluded, f.dns, f.istiod)])
         directory = NETNS_ETC / pod.name
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "resolv.conf").write_text(self.resolv_conf)
