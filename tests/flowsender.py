@@ -1,7 +1,8 @@
 """A small live-traffic bed for explain's kernel proof: a pod namespace, a peer, listeners, a flow sender.
 
-(Issue 4 builds the full live-traffic test bed; this one is deliberately small and focused so the two
-can be merged later: the agent protocol is in tests/flowsender_agent.py.)
+(tests/testbed.py is the full live-traffic test bed; this one is deliberately small and focused. Both
+wire their namespaces and run their in-namespace programs with tests/bed_common.py; the agent's
+protocol is in tests/flowsender_agent.py.)
 
 Topology (the pod's interface names match the ones the conformance cases name):
 
@@ -17,18 +18,16 @@ landing is (which namespace, listening port, original destination).
 from __future__ import annotations
 
 import ipaddress
-import json
-import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from tests.bed_common import READY_TIMEOUT, Child, default_routes, link, local_addresses
 from tests.netns import NetNS
 
-AGENT = Path(__file__).with_name("flowsender_agent.py")
+CALL_TIMEOUT = 90.0  # the agent gives a command 60 s
+PREFIX = {4: 24, 6: 64}
 LINKS = (("eth0", "p0", 10), ("eth1", "p1", 11), ("not-istio-nic", "p2", 12))
 REMOTE_V4 = ("9.9.1.1", "1.1.1.1", "10.1.2.3", "192.0.2.10")
 REMOTE_V6 = ("2001:db8::5", "2001:db9::1", "::7f00:35")
@@ -72,33 +71,16 @@ class Landing:
     result: str = ""  # the client's view: ok, timeout, refused, unreachable
 
 
-def _sysctl(namespace: NetNS, key: str, value: str) -> None:
-    """Set a per-namespace sysctl (/proc/sys/net follows the writer's namespace; no procps needed)."""
-    namespace.run("sh", "-c", f'echo {value} > "/proc/sys/{key}"')
+class Agent:
+    """A :mod:`tests.flowsender_agent` in a namespace, listening on every port the proofs use."""
 
-
-def _mac(namespace: NetNS, name: str) -> str:
-    return json.loads(namespace.run("ip", "-j", "link", "show", name).stdout)[0]["address"]
-
-
-class AgentProcess:
     def __init__(self, namespace: NetNS) -> None:
-        self.process = subprocess.Popen(
-            ["ip", "netns", "exec", namespace.name, sys.executable, str(AGENT)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-        )
+        ports = {"tcp": list(TCP_PORTS), "udp": list(UDP_PORTS)}
+        self.child = Child(namespace, "tests.flowsender_agent", ports, f"agent in {namespace.name}")
+        self.child.ready.result(timeout=READY_TIMEOUT)
 
     def call(self, **request: Any) -> dict[str, Any]:
-        assert self.process.stdin and self.process.stdout
-        self.process.stdin.write(json.dumps(request) + "\n")
-        self.process.stdin.flush()
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"agent died on {request!r}")
-        return json.loads(line)
+        return self.child.send(request).result(timeout=CALL_TIMEOUT)
 
     def run(self, *argv: str, input: str | None = None, check: bool = True) -> dict[str, Any]:
         done = self.call(op="exec", argv=list(argv), input=input)
@@ -107,12 +89,7 @@ class AgentProcess:
         return done
 
     def close(self) -> None:
-        if self.process.stdin:
-            self.process.stdin.close()
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        self.child.stop()
 
 
 class FlowBed:
@@ -122,78 +99,17 @@ class FlowBed:
         self.pod_ns, self.peer_ns = pod, peer
         if groups:
             pod.add_groups(groups)
-        for namespace in (pod, peer):
-            for conf in ("all", "default"):
-                _sysctl(namespace, f"net/ipv6/conf/{conf}/accept_dad", "0")
-        for pod_name, peer_name, link in LINKS:
-            subprocess.run(
-                [
-                    "ip",
-                    "link",
-                    "add",
-                    pod_name,
-                    "netns",
-                    pod.name,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    peer_name,
-                    "netns",
-                    peer.name,
-                ],
-                check=True,
-            )
-            for namespace, name, host in ((pod, pod_name, 2), (peer, peer_name, 1)):
-                namespace.run("ip", "addr", "add", f"10.{link}.0.{host}/24", "dev", name)
-                namespace.run("ip", "addr", "add", f"fd00:{link}::{host}/64", "dev", name, "nodad")
-                # The device was born in the host namespace: turn DAD off for its link-local address too.
-                _sysctl(namespace, f"net/ipv6/conf/{name}/accept_dad", "0")
-                namespace.run("ip", "link", "set", name, "up")
-            # Static IPv6 neighbours: the first neighbour solicitation on a fresh link is often lost,
-            # and the retry comes a second later.
-            pod_mac, peer_mac = (_mac(namespace, name) for namespace, name in ((pod, pod_name), (peer, peer_name)))
-            pod.run(
-                "ip",
-                "-6",
-                "neigh",
-                "replace",
-                f"fd00:{link}::1",
-                "lladdr",
-                peer_mac,
-                "dev",
-                pod_name,
-                "nud",
-                "permanent",
-            )
-            peer.run(
-                "ip",
-                "-6",
-                "neigh",
-                "replace",
-                f"fd00:{link}::2",
-                "lladdr",
-                pod_mac,
-                "dev",
-                peer_name,
-                "nud",
-                "permanent",
-            )
-        pod.run("ip", "route", "add", "default", "via", "10.10.0.1")
-        pod.run("ip", "-6", "route", "add", "default", "via", "fd00:10::1")
-        pod.run("ip", "addr", "add", "::6/128", "dev", "lo", "nodad")
-        for address in REMOTE_V4:
-            peer.run("ip", "addr", "add", f"{address}/32", "dev", "lo")
-        for address in REMOTE_V6:
-            peer.run("ip", "addr", "add", f"{address}/128", "dev", "lo", "nodad")
-        for address in FORWARDED_V4:
-            peer.run("ip", "route", "add", address, "via", "10.10.0.2")
-        for address in FORWARDED_V6:
-            peer.run("ip", "-6", "route", "add", address, "via", "fd00:10::2")
-        self.pod = AgentProcess(pod)
-        self.peer = AgentProcess(peer)
-        for agent in (self.pod, self.peer):
-            agent.call(op="listen", tcp=list(TCP_PORTS), udp=list(UDP_PORTS))
+        for pod_nic, peer_nic, number in LINKS:
+            link(pod, peer, pod_nic, peer_nic, [f"{pod_address(number, v)}/{PREFIX[v]}" for v in (4, 6)],
+                 [f"{peer_address(number, v)}/{PREFIX[v]}" for v in (4, 6)])
+        default_routes(pod, [peer_address(10, 4), peer_address(10, 6)])
+        local_addresses(pod, ["::6"])
+        local_addresses(peer, REMOTE_V4 + REMOTE_V6)
+        for address in FORWARDED_V4 + FORWARDED_V6:
+            version = ipaddress.ip_address(address).version
+            peer.run("ip", f"-{version}", "route", "add", address, "via", pod_address(10, version))
+        self.pod = Agent(pod)
+        self.peer = Agent(peer)
         self.routes: list[list[str]] = []
         self.backend = "nft"
 

@@ -1,11 +1,11 @@
 """The in-namespace half of tests/flowsender.py: listeners, a flow sender and a command runner.
 
-Started with ``ip netns exec NS python3 flowsender_agent.py``; speaks one JSON object per line on
-stdin/stdout. One single-threaded select loop serves everything, so a client forked by ``send`` can
-connect to a listener of the same agent. Commands:
+A child program of tests/bed_common.py (``python -m tests.flowsender_agent '{"tcp": [ports], "udp": [ports]}'``
+in the namespace): it listens on those ports on 0.0.0.0 and :: (transparent sockets, so TPROXY can hand
+them packets), prints ``{"ready": true}``, then answers one JSON request per line on stdin with one JSON
+line on stdout carrying the request's ``id``. One single-threaded select loop serves everything, so a
+client forked by ``send`` can connect to a listener of the same agent. Commands:
 
-- ``{"op": "listen", "tcp": [ports], "udp": [ports]}``: listen on 0.0.0.0 and :: (transparent sockets,
-  so TPROXY can hand them packets);
 - ``{"op": "send", "token", "proto", "dst", "dport", "src"?, "sport"?, "uid", "gid", "timeout"}``: fork a client
   that drops to uid/gid and sends the token (TCP: connect, send, wait for the listener to close);
 - ``{"op": "landings"}``: the tokens the listeners received since the last call, with the listening
@@ -20,29 +20,13 @@ import json
 import os
 import select
 import socket
-import struct
 import subprocess
 import sys
 from typing import Any
 
-SO_ORIGINAL_DST = 80
-IP_TRANSPARENT = 19
-IPV6_TRANSPARENT = 75
+from tests.bed_child import emit, listening_socket, original_dst
+
 EXIT_CODES = {0: "ok", 2: "timeout", 3: "refused", 4: "unreachable", 5: "error"}
-
-
-def original_destination(conn: socket.socket, family: int) -> str:
-    try:
-        if family == socket.AF_INET:
-            raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-            port = struct.unpack_from("!H", raw, 2)[0]
-            return f"{socket.inet_ntop(socket.AF_INET, raw[4:8])}:{port}"
-        raw = conn.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
-        port = struct.unpack_from("!H", raw, 2)[0]
-        return f"[{socket.inet_ntop(socket.AF_INET6, raw[8:24])}]:{port}"
-    except OSError:
-        host, port = conn.getsockname()[:2]
-        return f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
 
 
 def client(request: dict[str, Any]) -> int:
@@ -77,43 +61,30 @@ def client(request: dict[str, Any]) -> int:
 
 class Agent:
     def __init__(self) -> None:
-        self.listeners: dict[socket.socket, tuple[str, int, int]] = {}  # sock -> (proto, port, family)
-        self.pending: dict[socket.socket, tuple[int, int]] = {}  # accepted TCP conn -> (port, family)
-        self.children: dict[int, tuple[int, str]] = {}  # pidfd -> (pid, token)
+        self.listeners: dict[socket.socket, tuple[str, int]] = {}  # sock -> (proto, port)
+        self.pending: dict[socket.socket, int] = {}  # accepted TCP conn -> listening port
+        self.children: dict[int, tuple[int, str, int]] = {}  # pidfd -> (pid, token, request id)
         self.landings: list[dict[str, Any]] = []
         self.buffer = b""
 
-    def reply(self, data: dict[str, Any]) -> None:
-        sys.stdout.write(json.dumps(data) + "\n")
-        sys.stdout.flush()
-
     def listen(self, tcp: list[int], udp: list[int]) -> None:
         for proto, ports in (("tcp", tcp), ("udp", udp)):
+            kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
             for port in ports:
-                for family, address in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
-                    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
-                    sock = socket.socket(family, kind)
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    if family == socket.AF_INET6:
-                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
-                    else:
-                        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-                    sock.bind((address, port))
-                    if proto == "tcp":
-                        sock.listen(64)
+                for address in ("0.0.0.0", "::"):
+                    sock = listening_socket(address, port, kind, transparent=True)
                     sock.setblocking(False)
-                    self.listeners[sock] = (proto, port, family)
+                    self.listeners[sock] = (proto, port)
 
     def on_listener(self, sock: socket.socket) -> None:
-        proto, port, family = self.listeners[sock]
+        proto, port = self.listeners[sock]
         if proto == "tcp":
             try:
                 conn, _ = sock.accept()
             except BlockingIOError:
                 return
             conn.setblocking(False)
-            self.pending[conn] = (port, family)
+            self.pending[conn] = port
             return
         try:
             data = sock.recv(256)
@@ -122,7 +93,7 @@ class Agent:
         self.landings.append({"token": data.decode().strip(), "proto": "udp", "port": port, "orig": None})
 
     def on_connection(self, conn: socket.socket) -> None:
-        port, family = self.pending[conn]
+        port = self.pending[conn]
         try:
             data = conn.recv(256)
         except BlockingIOError:
@@ -131,7 +102,7 @@ class Agent:
             data = b""
         token = data.decode(errors="replace").strip()
         if token:
-            orig = original_destination(conn, family)
+            orig, _ = original_dst(conn)
             self.landings.append({"token": token, "proto": "tcp", "port": port, "orig": orig})
         del self.pending[conn]
         conn.close()
@@ -145,24 +116,21 @@ class Agent:
                 code = client(request)
             finally:
                 os._exit(code)
-        self.children[os.pidfd_open(pid)] = (pid, request["token"])
+        self.children[os.pidfd_open(pid)] = (pid, request["token"], request["id"])
 
     def on_child(self, pidfd: int) -> None:
-        pid, token = self.children.pop(pidfd)
+        pid, token, request_id = self.children.pop(pidfd)
         os.close(pidfd)
         _, status = os.waitpid(pid, 0)
         code = os.waitstatus_to_exitcode(status)
-        self.reply({"token": token, "result": EXIT_CODES.get(code, f"exit {code}")})
+        emit({"id": request_id, "token": token, "result": EXIT_CODES.get(code, f"exit {code}")})
 
     def command(self, request: dict[str, Any]) -> None:
-        op = request["op"]
-        if op == "listen":
-            self.listen(request.get("tcp", []), request.get("udp", []))
-            self.reply({"ok": True})
-        elif op == "send":
+        op, request_id = request["op"], request["id"]
+        if op == "send":
             self.send(request)
         elif op == "landings":
-            self.reply({"landings": self.landings})
+            emit({"id": request_id, "landings": self.landings})
             self.landings = []
         elif op == "exec":
             done = subprocess.run(
@@ -173,9 +141,9 @@ class Agent:
                 check=False,
                 timeout=60,
             )
-            self.reply({"rc": done.returncode, "stdout": done.stdout, "stderr": done.stderr})
+            emit({"id": request_id, "rc": done.returncode, "stdout": done.stdout, "stderr": done.stderr})
         else:
-            self.reply({"error": f"unknown op {op!r}"})
+            emit({"id": request_id, "error": f"unknown op {op!r}"})
 
     def serve(self) -> None:
         stdin = sys.stdin.fileno()
@@ -202,4 +170,8 @@ class Agent:
 
 
 if __name__ == "__main__":
-    Agent().serve()
+    agent = Agent()
+    ports = json.loads(sys.argv[1])
+    agent.listen(ports.get("tcp", []), ports.get("udp", []))
+    emit({"ready": True})
+    agent.serve()

@@ -12,16 +12,13 @@ from istio_iptables.config import Config
 from istio_iptables.errors import ExitCode
 from istio_iptables.model import Family
 from istio_iptables.validation import plan_probe
+from tests.bed_common import as_uid
 from tests.fakes import FakeHost
 from tests.netns import NetNS
 from tests.testbed import APP_UID, CLI, PROXY_UID, Backend, Mode, injector_args, install_rules
 
 # As istio-cni's validation init container runs it (as the proxy uid), with a short deadline.
 VALIDATE = [*CLI, "--run-validation", "--skip-rule-apply", "--probe-timeout", "1s"]
-
-
-def as_uid(uid: int) -> list[str]:
-    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
 
 
 @pytest.mark.parametrize(
@@ -85,8 +82,7 @@ def test_validation_fails_with_126_when_no_port_can_listen(netns_factory: Callab
 
 def test_validation_runs_after_applying_in_the_same_run(netns: NetNS) -> None:
     # One run that writes the rules and then proves them: as the proxy uid, with Envoy's CAP_NET_ADMIN.
-    caps = ["--inh-caps=+net_admin,+net_raw", "--ambient-caps=+net_admin,+net_raw"]
-    result = netns.run(*as_uid(PROXY_UID), *caps, *CLI, "--force-iptables-binary", "nft",
+    result = netns.run(*as_uid(PROXY_UID, caps=("net_admin", "net_raw")), *CLI, "--force-iptables-binary", "nft",
                        *injector_args("REDIRECT", dual_stack=False), "--run-validation", "--probe-timeout", "2s",
                        check=False)
     assert result.returncode == ExitCode.OK, result.stderr

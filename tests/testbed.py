@@ -29,17 +29,13 @@ Use::
 from __future__ import annotations
 
 import ipaddress
-import json
 import subprocess
 import sys
-import threading
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
+from tests.bed_common import Child, default_routes, link, local_addresses
 from tests.netns import NETNS_ETC, NetNS
 
 Backend = Literal["legacy", "nft", "native-nftables"]  # the iptables backends, or --native-nftables
@@ -57,7 +53,6 @@ TUNNEL_PORT = 15008
 REMOTE_PORTS = (80, 443, 15012)
 ISTIOD_PORT = 15012
 CONNECT_TIMEOUT = 2.0
-NODE_SOURCE = (Path(__file__).parent / "testbed_node.py").read_text()
 CLI = [sys.executable, "-m", "istio_iptables"]
 # Istio's injector arguments: the default sidecar rules.
 INJECTOR_ARGS = {"-p": "15001", "-z": "15006", "-u": "1337", "-m": "REDIRECT", "-i": "*", "-x": "", "-b": "*",
@@ -196,80 +191,6 @@ class Probe:
     timeout: float = CONNECT_TIMEOUT
 
 
-class Node:
-    """One running :mod:`tests.testbed_node` process and its command channel."""
-
-    def __init__(self, namespace: NetNS, config: dict[str, Any], uid: int | None = None, caps: bool = False):
-        self.name = config["name"]
-        command = ["ip", "netns", "exec", namespace.name]
-        if uid is not None:
-            command += ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
-            if caps:
-                command += ["--inh-caps=+net_admin", "--ambient-caps=+net_admin"]
-        command += [sys.executable, "-I", "-c", NODE_SOURCE, json.dumps(config)]
-        self.process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1
-        )
-        self._pending: dict[int, Future[dict[str, Any]]] = {}
-        self._lock = threading.Lock()
-        self._next_id = 0
-        self.ready: Future[bool] = Future()
-        self.log: list[str] = []
-        self._stderr: deque[str] = deque(maxlen=50)  # drained all the time, so a chatty node never blocks
-        self._readers = [threading.Thread(target=self._drain_stderr, daemon=True),
-                         threading.Thread(target=self._read, daemon=True)]
-        for reader in self._readers:
-            reader.start()
-
-    def _drain_stderr(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self._stderr.append(line)
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            message = json.loads(line)
-            if message.get("ready"):
-                self.ready.set_result(True)
-            elif "log" in message:
-                self.log.append(message["log"])
-            else:
-                with self._lock:
-                    future = self._pending.pop(message["id"], None)
-                if future is not None:
-                    future.set_result(message)
-        self.process.wait()
-        error = "".join(self._stderr)
-        if not self.ready.done():
-            self.ready.set_exception(RuntimeError(f"node {self.name} died: {error.strip()}"))
-        with self._lock:
-            for future in self._pending.values():
-                future.set_exception(RuntimeError(f"node {self.name} died: {error.strip()}"))
-            self._pending.clear()
-
-    def send(self, request: dict[str, Any]) -> Future[dict[str, Any]]:
-        future: Future[dict[str, Any]] = Future()
-        with self._lock:
-            self._next_id += 1
-            request = {**request, "id": self._next_id}
-            self._pending[self._next_id] = future
-        assert self.process.stdin is not None
-        self.process.stdin.write(json.dumps(request) + "\n")
-        self.process.stdin.flush()
-        return future
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=5)
-        for reader in self._readers:
-            reader.join(timeout=5)  # they end at EOF; closing the pipes under them would raise there
-        for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
-            if stream is not None:
-                stream.close()
-
-
 def install_rules(pod: NetNS, args: Sequence[str], backend: Backend) -> subprocess.CompletedProcess[str]:
     """Write the rules ``args`` ask for into ``pod``, as istio-init does: the one place that applies.
 
@@ -293,7 +214,7 @@ class Testbed:
     make_namespace: Callable[[str], NetNS] = NetNS
     pod: NetNS = field(init=False)
     remote: NetNS = field(init=False)
-    nodes: dict[str, Node] = field(init=False, default_factory=dict)
+    nodes: dict[str, Child] = field(init=False, default_factory=dict)
     v4: Addresses = V4
     v6: Addresses = V6
 
@@ -311,19 +232,10 @@ class Testbed:
         pod, remote = self.pod, self.remote
         for pod_nic, peer_nic, pod_side, remote_side in (("eth0", "rem0", "pod", "remote"),
                                                          ("eth1", "rem1", "pod_side", "remote_side")):
-            subprocess.run(["ip", "link", "add", pod_nic, "netns", pod.name, "type", "veth", "peer", "name",
-                            peer_nic, "netns", remote.name], check=True)
-            for family in FAMILIES:
-                pod.run("ip", "addr", "add", f"{getattr(family, pod_side)}/{family.prefix}", "dev", pod_nic,
-                        "nodad")
-                remote.run("ip", "addr", "add", f"{getattr(family, remote_side)}/{family.prefix}", "dev",
-                           peer_nic, "nodad")
-            pod.run("ip", "link", "set", pod_nic, "up")
-            remote.run("ip", "link", "set", peer_nic, "up")
-        for family in FAMILIES:
-            pod.run("ip", f"-{family.version}", "route", "add", "default", "via", family.remote, "dev", "eth0")
-            for address in (family.service, family.excluded, family.dns, family.istiod):
-                remote.run("ip", "addr", "add", f"{address}/{32 if family.version == 4 else 128}", "dev", "lo")
+            link(pod, remote, pod_nic, peer_nic, [f"{getattr(f, pod_side)}/{f.prefix}" for f in FAMILIES],
+                 [f"{getattr(f, remote_side)}/{f.prefix}" for f in FAMILIES])
+        default_routes(pod, [family.remote for family in FAMILIES])
+        local_addresses(remote, [address for f in FAMILIES for address in (f.service, f.excluded, f.dns, f.istiod)])
         directory = NETNS_ETC / pod.name
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "resolv.conf").write_text(self.resolv_conf)
@@ -353,9 +265,9 @@ class Testbed:
         }
         app = {"name": "app", "listeners": [{"port": APP_PORT, "kind": "echo"}]}
         self.nodes = {
-            "proxy": Node(self.pod, proxy, uid=PROXY_UID, caps=True),
-            "app": Node(self.pod, app, uid=APP_UID),
-            "remote": Node(self.remote, remote),
+            "proxy": _node(self.pod, proxy, uid=PROXY_UID, caps=("net_admin",)),
+            "app": _node(self.pod, app, uid=APP_UID),
+            "remote": _node(self.remote, remote),
         }
         for node in self.nodes.values():
             node.ready.result(timeout=10)
@@ -368,13 +280,6 @@ class Testbed:
         if result.returncode != 0:
             raise RuntimeError(f"istio-iptables {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
         return result
-
-    def run_in_pod(
-        self, *command: str, uid: int | None = None, timeout: float = 30
-    ) -> subprocess.CompletedProcess[str]:
-        """A command in the pod namespace, optionally as ``uid`` (same gid)."""
-        prefix = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"] if uid is not None else []
-        return self.pod.run(*prefix, *command, check=False, timeout=timeout)
 
     # --- traffic --------------------------------------------------------------------
 
@@ -411,6 +316,11 @@ class Testbed:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _node(namespace: NetNS, config: dict[str, Any], uid: int | None = None, caps: Sequence[str] = ()) -> Child:
+    """One :mod:`tests.testbed_node` process, started in ``namespace`` as ``uid``."""
+    return Child(namespace, "tests.testbed_node", config, f"node {config['name']}", uid, caps)
 
 
 def _landing(message: dict[str, Any]) -> Landing:

@@ -1,8 +1,9 @@
-"""One process of the test bed: stand-in servers plus a command loop (run with ``python -c``).
+"""One process of the test bed: stand-in servers plus a command loop (``python -m tests.testbed_node``).
 
-A node is started by :mod:`tests.testbed` inside a namespace, already running as its uid/gid.
-It takes a JSON configuration as its only argument, opens its listeners, prints ``{"ready": true}``
-and then serves JSON commands from stdin (one per line, each answered on stdout, concurrently).
+A node is started by :mod:`tests.testbed` inside a namespace, already running as its uid/gid, as a
+child program of :mod:`tests.bed_common`: it takes a JSON configuration as its only argument, opens its
+listeners, prints ``{"ready": true}`` and then serves JSON commands from stdin (one per line, each
+answered on stdout with its ``id``, concurrently).
 
 Every TCP exchange is one JSON line ``{"token": ..., "hops": [...]}``: each listener that handles it
 appends a *hop* (which node and port accepted it, the original destination it recovered, the peer it
@@ -12,7 +13,6 @@ gets the whole path back in-band, so no event has to be matched across processes
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import socket
 import struct
@@ -20,44 +20,17 @@ import sys
 import threading
 from typing import Any
 
-from istio_iptables.validation import original_destination
+from tests.bed_child import emit, endpoint, family_of, listening_socket, original_dst
 
-SOL_IPV6 = 41
-IP_TRANSPARENT = 19
-IPV6_TRANSPARENT = 75
 TIMEOUT = 3.0
 DNS_TXT = 16
 
 CONFIG: dict[str, Any] = {}
-_print_lock = threading.Lock()
-
-
-def emit(message: dict[str, Any]) -> None:
-    with _print_lock:
-        sys.stdout.write(json.dumps(message) + "\n")
-        sys.stdout.flush()
-
-
-def endpoint(sockaddr: tuple[Any, ...]) -> str:
-    host = str(ipaddress.ip_address(sockaddr[0].split("%")[0]))
-    return f"[{host}]:{sockaddr[1]}" if ":" in host else f"{host}:{sockaddr[1]}"
 
 
 def parse_endpoint(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     return host.strip("[]"), int(port)
-
-
-def family_of(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
-def original_dst(conn: socket.socket) -> tuple[str, str]:
-    """What a transparent proxy recovers: the NAT original destination, else the local address (TPROXY)."""
-    try:
-        return endpoint(original_destination(conn)), "SO_ORIGINAL_DST"
-    except OSError:
-        return endpoint(conn.getsockname()), "local address"
 
 
 def read_line(conn: socket.socket) -> bytes:
@@ -149,21 +122,6 @@ def read_dns_tcp(conn: socket.socket) -> bytes:
 def read_dns_tcp_framed(conn: socket.socket) -> bytes:
     message = read_dns_tcp(conn)
     return struct.pack("!H", len(message)) + message
-
-
-def bound_socket(spec: dict[str, Any], address: str, kind: socket.SocketKind) -> socket.socket:
-    family = family_of(address)
-    server = socket.socket(family, kind)
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if family == socket.AF_INET6:
-        server.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    if spec.get("transparent"):
-        level, option = (socket.SOL_IP, IP_TRANSPARENT) if family == socket.AF_INET else (SOL_IPV6, IPV6_TRANSPARENT)
-        server.setsockopt(level, option, 1)
-    server.bind((address, spec["port"]))
-    if kind == socket.SOCK_STREAM:
-        server.listen(64)
-    return server
 
 
 def accept_loop(server: socket.socket, spec: dict[str, Any]) -> None:
@@ -268,10 +226,11 @@ def main() -> None:
     CONFIG.update(json.loads(sys.argv[1]))
     for spec in CONFIG.get("listeners", []):
         # A UDP server answers from the address it is bound to: DNS servers bind each address they serve.
+        transparent = spec.get("transparent", False)
         for address in spec.get("addresses", ["0.0.0.0", "::"]):
-            tcp = bound_socket(spec, address, socket.SOCK_STREAM)
+            tcp = listening_socket(address, spec["port"], socket.SOCK_STREAM, transparent)
             if spec["kind"] == "dns":
-                udp = bound_socket(spec, address, socket.SOCK_DGRAM)
+                udp = listening_socket(address, spec["port"], socket.SOCK_DGRAM, transparent)
                 threading.Thread(target=dns_udp_loop, args=(udp, spec), daemon=True).start()
             threading.Thread(target=accept_loop, args=(tcp, spec), daemon=True).start()
     emit({"ready": True})
