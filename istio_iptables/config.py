@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Literal, Protocol
 
 from istio_iptables.errors import ConfigError
-from istio_iptables.model import IPNetwork
+from istio_iptables.model import IPNetwork, PortEntry, PortRange
 from istio_iptables.records import factory, record
 
 Mode = Literal["REDIRECT", "TPROXY"]
@@ -58,7 +58,7 @@ class PortSelection:
     """Inbound ports to capture: ``*`` for all, a list, or nothing (empty)."""
 
     wildcard: bool = False
-    ports: tuple[int, ...] = ()
+    ports: tuple[PortEntry, ...] = ()
 
     @property
     def empty(self) -> bool:
@@ -74,12 +74,12 @@ class Config:
     proxy_gids: tuple[str, ...] = ()
     mode: Mode = "REDIRECT"
     inbound_ports: PortSelection = PortSelection()
-    inbound_exclude_ports: tuple[int, ...] = ()
+    inbound_exclude_ports: tuple[PortEntry, ...] = ()
     exclude_interfaces: tuple[str, ...] = ()
     outbound_include: CidrSelection = CidrSelection()
     outbound_exclude: tuple[IPNetwork, ...] = ()
-    outbound_ports_include: tuple[int, ...] = ()
-    outbound_ports_exclude: tuple[int, ...] = ()
+    outbound_ports_include: tuple[PortEntry, ...] = ()
+    outbound_ports_exclude: tuple[PortEntry, ...] = ()
     virt_interfaces: tuple[str, ...] = ()
     tproxy_mark: int = 1337
     route_table: int = 133
@@ -163,8 +163,43 @@ def parse_port(setting: Setting, text: str | None = None) -> int:
     return int(text)
 
 
-def parse_ports(setting: Setting) -> tuple[int, ...]:
-    return _unique(parse_port(setting, item) for item in split_list(setting.value))
+# Decimal, no leading zero (iptables reads "010" as octal 8), at most 5 digits (bounds checked after).
+_PORT_NUMBER = r"(?:0|[1-9][0-9]{0,4})"
+_PORT_RANGE = re.compile(rf"({_PORT_NUMBER})?:({_PORT_NUMBER})?")
+_PORT_LIST_HINT = "a port is a number from 1 to 65535, or a range FIRST:LAST of them (e.g. 8000:9000)"
+
+
+def parse_port_entry(setting: Setting, text: str) -> PortEntry:
+    """One entry of a port list, as iptables' ``--dport`` takes it (Istio passes entries through).
+
+    ``N``, ``FIRST:LAST``, ``:LAST`` (from 0) and ``FIRST:`` (to 65535); spaces around an entry are
+    dropped, as Istio's restore input drops them. A range of one port becomes that port. Refused,
+    as iptables refuses them: reversed or out-of-range bounds, port 0 alone, and what is no decimal
+    port (service names, leading zeros, which iptables would read as octal).
+    """
+    entry = text.strip(" \t")
+    if re.fullmatch(_PORT_NUMBER, entry):
+        if not 1 <= int(entry) <= 65535:
+            raise ConfigError(setting.source, text, _PORT_LIST_HINT)
+        return int(entry)
+    bounds = _PORT_RANGE.fullmatch(entry)
+    if bounds is None:
+        hint = "a range is written FIRST:LAST, as iptables takes it" if "-" in entry else _PORT_LIST_HINT
+        raise ConfigError(setting.source, text, hint)
+    first = int(bounds[1]) if bounds[1] is not None else 0
+    last = int(bounds[2]) if bounds[2] is not None else 65535
+    if first > 65535 or last > 65535:
+        raise ConfigError(setting.source, text, "a port range's bounds are numbers from 0 to 65535")
+    if first > last:
+        raise ConfigError(setting.source, text, "a port range goes from the lower port to the higher (FIRST:LAST)")
+    if last == 0:
+        raise ConfigError(setting.source, text, _PORT_LIST_HINT)
+    return first if first == last else PortRange(first, last)
+
+
+def parse_ports(setting: Setting) -> tuple[PortEntry, ...]:
+    """A comma-separated list of ports and port ranges (``-b``, ``-d``, ``-q``, ``-o``)."""
+    return _unique(parse_port_entry(setting, item) for item in split_list(setting.value))
 
 
 def parse_port_selection(setting: Setting) -> PortSelection:

@@ -86,11 +86,43 @@ class Address:
 
 
 @record
+class PortRange:
+    """The ports ``first`` to ``last``, both included (``first < last``): iptables' ``8000:9000``.
+
+    A range of one port is that port (an ``int``); ``first`` may be 0, as in iptables' ``:9000``.
+    """
+
+    first: int
+    last: int
+
+    def __str__(self) -> str:
+        return f"{self.first}:{self.last}"
+
+    def __contains__(self, port: int) -> bool:
+        return self.first <= port <= self.last
+
+
+# One entry of a port list: a port, or a range of them.
+PortEntry: TypeAlias = int | PortRange
+ALL_PORTS = PortRange(0, 65535)
+
+
+def port_bounds(entry: PortEntry) -> tuple[int, int]:
+    return (entry.first, entry.last) if isinstance(entry, PortRange) else (entry, entry)
+
+
+def port_in(port: int, entries: tuple[PortEntry, ...]) -> bool:
+    """Whether ``port`` is one of ``entries`` or inside one of their ranges."""
+    return any(port == entry if isinstance(entry, int) else port in entry for entry in entries)
+
+
+@record
 class Ports:
-    """``--dport``/``--sport`` for one port, ``-m multiport --dports`` for several (at most 15)."""
+    """``--dport``/``--sport`` for one port or range, ``-m multiport --dports`` for several (at most
+    15 slots, a range taking two)."""
 
     direction: Literal["src", "dst"]
-    ports: tuple[int, ...]
+    ports: tuple[PortEntry, ...]
     negate: bool = False
 
 
@@ -154,7 +186,7 @@ class NamedSet:
     name: str
     kind: Literal["net", "port"]
     family: Family | None
-    members: tuple[IPNetwork, ...] | tuple[int, ...]
+    members: tuple[IPNetwork, ...] | tuple[PortEntry, ...]
 
 
 @record

@@ -23,6 +23,8 @@ from istio_iptables.model import (
     Mark,
     Match,
     Owner,
+    PortEntry,
+    PortRange,
     Ports,
     Protocol,
     Redirect,
@@ -33,9 +35,10 @@ from istio_iptables.model import (
     Target,
     Tproxy,
     Verdict,
+    port_bounds,
 )
 
-MULTIPORT_LIMIT = 15  # the kernel's xt_multiport holds at most 15 ports per rule
+MULTIPORT_LIMIT = 15  # the kernel's xt_multiport holds at most 15 ports per rule (a range takes 2)
 _SAFE_TOKEN = re.compile(r"[A-Za-z0-9_.:/,@+!$-]+")
 
 
@@ -47,6 +50,19 @@ def check_token(token: str) -> str:
     if not _SAFE_TOKEN.fullmatch(token):
         raise RenderError(f"refusing to render unsafe token {token!r}")
     return token
+
+
+def port_text(entry: PortEntry) -> str:
+    """A port or a range in iptables' spelling (``8000``, ``8000:9000``), from checked integers only."""
+    first, last = port_bounds(entry)
+    if type(first) is not int or type(last) is not int or not 0 <= first <= last <= 65535:
+        raise RenderError(f"refusing to render port {entry!r}")
+    return str(first) if first == last else f"{first}:{last}"
+
+
+def multiport_slots(entries: Iterable[PortEntry]) -> int:
+    """How much of multiport's 15 places ``entries`` take: the kernel stores a range as two ports."""
+    return sum(2 if isinstance(entry, PortRange) else 1 for entry in entries)
 
 
 def _negated(negate: bool, *tokens: str) -> list[str]:
@@ -67,11 +83,11 @@ def match_tokens(match: Match) -> list[str]:
     if isinstance(match, Ports):
         if len(match.ports) == 1:
             option = "--sport" if match.direction == "src" else "--dport"
-            return _negated(match.negate, option, str(match.ports[0]))
-        if len(match.ports) > MULTIPORT_LIMIT:
-            raise RenderError(f"multiport takes at most {MULTIPORT_LIMIT} ports, got {len(match.ports)}")
+            return _negated(match.negate, option, port_text(match.ports[0]))
+        if multiport_slots(match.ports) > MULTIPORT_LIMIT:
+            raise RenderError(f"multiport takes at most {MULTIPORT_LIMIT} ports (a range counts 2), got {match.ports}")
         option = "--sports" if match.direction == "src" else "--dports"
-        return ["-m", "multiport", *_negated(match.negate, option, ",".join(map(str, match.ports)))]
+        return ["-m", "multiport", *_negated(match.negate, option, ",".join(map(port_text, match.ports)))]
     if isinstance(match, Owner):
         return ["-m", "owner", *_negated(match.negate, f"--{match.kind}-owner", match.id)]
     if isinstance(match, Mark):

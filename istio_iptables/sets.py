@@ -10,7 +10,11 @@ them in order: 10 000 excluded CIDRs cost it 100-400 µs per connection, a set o
 - ``always``: every non-empty list becomes a set.
 - ``never``: Istio's rules, one per entry, whatever the length.
 - ``multiport``: no sets, so no ipset needed (e.g. gVisor): port lists longer than the threshold
-  become ``-m multiport`` rules of at most 15 ports; CIDR lists stay one rule per entry.
+  become ``-m multiport`` rules of at most 15 ports (a range ``FIRST:LAST`` counts 2); CIDR lists
+  stay one rule per entry.
+
+Port lists hold ranges too (``8000:9000``, istio_iptables.config.parse_port_entry): a set holds
+every port of the range (ipset and nft are given it as ``8000-9000``).
 
 Sets are ipsets for the iptables backends (``hash:net`` per family, ``bitmap:port`` shared by
 both families). Their names are ours and say what they hold, plus a digest of the members
@@ -26,8 +30,20 @@ from collections.abc import Iterable, Sequence
 from typing import Literal
 
 from istio_iptables.config import UseSets
-from istio_iptables.model import Address, Family, IPNetwork, Match, NamedSet, Ports, RuleSet, SetMatch
-from istio_iptables.render import MULTIPORT_LIMIT, check_token
+from istio_iptables.model import (
+    Address,
+    Family,
+    IPNetwork,
+    Match,
+    NamedSet,
+    PortEntry,
+    PortRange,
+    Ports,
+    RuleSet,
+    SetMatch,
+    port_bounds,
+)
+from istio_iptables.render import MULTIPORT_LIMIT, check_token, multiport_slots, port_text
 
 # Above this many entries a list becomes a set (auto) or multiport rules. Below it, walking the
 # rules costs less than 0.2x a new connection's baseline even on iptables-nft (docs/speed.md).
@@ -60,17 +76,34 @@ def cidr_matches(
     return [SetMatch(named.name, "dst")]
 
 
-def port_matches(use_sets: UseSets, rules: RuleSet, purpose: PortPurpose, ports: Sequence[int]) -> list[Match]:
-    """The destination port match of each rule a port list needs: per port, multiport, or one set."""
+def port_matches(
+    use_sets: UseSets, rules: RuleSet, purpose: PortPurpose, ports: Sequence[PortEntry]
+) -> list[Match]:
+    """The destination port match of each rule a port list needs: per entry, multiport, or one set.
+
+    Entries are ports and ranges alike (a set holds a range as its ports; multiport spells it
+    ``FIRST:LAST``, as iptables does).
+    """
     if use_sets == "multiport" and len(ports) > SET_THRESHOLD:
-        chunks = [tuple(ports[start : start + MULTIPORT_LIMIT]) for start in range(0, len(ports), MULTIPORT_LIMIT)]
-        return [Ports("dst", chunk) for chunk in chunks]
+        return [Ports("dst", chunk) for chunk in multiport_chunks(ports)]
     if not use_set(use_sets, len(ports)):
         return [Ports("dst", (port,)) for port in ports]
     members = tuple(ports)
     named = NamedSet(set_name(purpose, members, None), "port", None, members)
     rules.sets[named.name] = named
     return [SetMatch(named.name, "dst")]
+
+
+def multiport_chunks(ports: Sequence[PortEntry]) -> list[tuple[PortEntry, ...]]:
+    """The entries in order, cut into groups that fit one multiport match (a range takes 2 places)."""
+    chunks: list[tuple[PortEntry, ...]] = []
+    chunk: list[PortEntry] = []
+    for entry in ports:
+        if multiport_slots([*chunk, entry]) > MULTIPORT_LIMIT:
+            chunks.append(tuple(chunk))
+            chunk = []
+        chunk.append(entry)
+    return [*chunks, tuple(chunk)] if chunk else chunks
 
 
 def set_members(cidrs: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
@@ -81,13 +114,15 @@ def set_members(cidrs: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
     return tuple(dict.fromkeys(members))
 
 
-def member_text(member: IPNetwork | int) -> str:
+def member_text(member: IPNetwork | PortEntry) -> str:
     """``str(member)``, faster: 10 000 CIDRs are formatted twice per run (digest, ipset input).
 
     Safe to splice into ipset input by construction: digits, hex digits, '.', ':' and '/' only.
     """
     if isinstance(member, int):
         return str(member)
+    if isinstance(member, PortRange):
+        return port_text(member)
     if member.version == 4:
         ip = int(member.network_address)
         return f"{ip >> 24}.{ip >> 16 & 255}.{ip >> 8 & 255}.{ip & 255}/{member.prefixlen}"
@@ -140,17 +175,17 @@ def ipset_entries(named: NamedSet) -> list[str]:
     return port_ranges(named.members)  # type: ignore[arg-type]
 
 
-def port_ranges(members: Iterable[int]) -> list[str]:
-    """Ports as ``FIRST-LAST`` runs (ipset and nft both read that form); a lone port as itself."""
-    entries: list[str] = []
-    ports = sorted(set(members))
-    start = 0
-    for index, port in enumerate(ports):
-        if index + 1 == len(ports) or ports[index + 1] != port + 1:
-            first = ports[start]
-            entries.append(str(first) if first == port else f"{first}-{port}")
-            start = index + 1
-    return entries
+def port_ranges(members: Iterable[PortEntry]) -> list[str]:
+    """Ports and ranges as disjoint ``FIRST-LAST`` runs (ipset and nft both read that form; an nft
+    interval set refuses overlapping elements), adjacent and overlapping ones merged; a lone port
+    as itself."""
+    runs: list[list[int]] = []
+    for first, last in sorted(port_bounds(member) for member in members):
+        if runs and first <= runs[-1][1] + 1:
+            runs[-1][1] = max(runs[-1][1], last)
+        else:
+            runs.append([first, last])
+    return [str(first) if first == last else f"{first}-{last}" for first, last in runs]
 
 
 def render_ipset_restore(sets: Iterable[NamedSet], existing: Iterable[str] = ()) -> str:

@@ -22,6 +22,7 @@ from istio_iptables.config import (
     parse_route_table,
 )
 from istio_iptables.errors import ConfigError, ExitCode
+from istio_iptables.model import PortRange
 from tests.fakes import FakeHost
 
 
@@ -42,12 +43,60 @@ class TestPorts:
         assert parse_port_selection(setting("*")).wildcard
         assert parse_port_selection(setting("")).empty
 
-    @pytest.mark.parametrize("bad", ["0", "65536", "-1", "80 ", " 80", "1e3", "80:90", "http", "8\n0"])
+    @pytest.mark.parametrize(
+        "bad",
+        [
+            "0", "65536", "-1", "1e3", "http", "8\n0", "80 81", " ", "010", "0x50", "+80", "8\x0b0",
+            "9000:8000", "80:65536", "65536:", "0:0", ":0", "1-5", "80::90", "80:90:100", "١٢٣",
+            "9" * 5000, "1:" + "9" * 5000,
+        ],
+    )
     def test_rejects(self, bad: str) -> None:
         with pytest.raises(ConfigError) as error:
             parse_ports(setting(bad, "-b"))
         assert error.value.source == "-b"
         assert error.value.exit_code == ExitCode.INVALID_INPUT
+
+    @pytest.mark.parametrize(
+        ("text", "entry"),
+        [
+            ("8000:9000", PortRange(8000, 9000)),
+            (":9000", PortRange(0, 9000)),  # iptables: from 0
+            ("8000:", PortRange(8000, 65535)),  # iptables: to 65535
+            (":", PortRange(0, 65535)),
+            ("0:65535", PortRange(0, 65535)),
+            ("8000:8000", 8000),  # a range of one port is the port
+            (" 80", 80),  # Istio's restore input drops the spaces around an entry
+            ("80 \t", 80),
+            (" 1:2 ", PortRange(1, 2)),
+            ("65535", 65535),
+        ],
+    )
+    def test_accepts_what_iptables_dport_takes(self, text: str, entry: object) -> None:
+        assert parse_ports(setting(text, "-b")) == (entry,)
+
+    def test_lists_mix_ports_and_ranges(self) -> None:
+        assert parse_ports(setting("80,8000:9000,80, 8000:9000,7000:7000")) == (80, PortRange(8000, 9000), 7000)
+
+    def test_reversed_range_names_the_flag_and_the_fix(self) -> None:
+        with pytest.raises(ConfigError, match="FIRST:LAST") as error:
+            parse_with(istio_local_outbound_ports_exclude="9000:8000")
+        assert error.value.source == "--istio_local_outbound_ports_exclude"
+        with pytest.raises(ConfigError, match="FIRST:LAST"):
+            parse_ports(setting("8000-9000", "-o"))
+
+    def test_every_port_list_flag_takes_ranges(self) -> None:
+        config = parse_with(
+            istio_inbound_ports="8000:9000",
+            istio_local_exclude_ports="1:2",
+            istio_outbound_ports="3:4",
+            istio_local_outbound_ports_exclude="5:6",
+        )
+        assert config.inbound_ports.ports == (PortRange(8000, 9000),)  # type: ignore[attr-defined]
+        assert config.inbound_exclude_ports == (PortRange(1, 2),)  # type: ignore[attr-defined]
+        assert config.outbound_ports_include == (PortRange(3, 4),)  # type: ignore[attr-defined]
+        assert config.outbound_ports_exclude == (PortRange(5, 6),)  # type: ignore[attr-defined]
+        assert "outbound_ports_exclude=5:6" in config.describe()  # type: ignore[attr-defined]
 
 
 class TestCidrs:

@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable, Iterable
 
 from istio_iptables.model import (
+    ALL_PORTS,
     BUILTIN_CHAINS,
     OWN_CHAINS,
     TABLES,
@@ -46,7 +47,7 @@ from istio_iptables.model import (
     Tproxy,
     Verdict,
 )
-from istio_iptables.render import check_token, rule_line
+from istio_iptables.render import check_token, port_text, rule_line
 
 # table -> chain -> rule specs (the text after "-A CHAIN "), in kernel order.
 Chains = dict[str, list[str]]
@@ -138,10 +139,12 @@ def _protocol_of(matches: Iterable[Match]) -> str:
 def _module_tokens(match: Match, protocol: str, resolve_gid: GidResolver) -> list[str]:
     if isinstance(match, Ports):
         if len(match.ports) == 1:
+            if match.ports[0] == ALL_PORTS and not match.negate:
+                return ["-m", protocol]  # the kernel keeps no port test that every port passes
             option = "--sport" if match.direction == "src" else "--dport"
-            return ["-m", protocol, *_negated(match.negate, option, str(match.ports[0]))]
+            return ["-m", protocol, *_negated(match.negate, option, port_text(match.ports[0]))]
         option = "--sports" if match.direction == "src" else "--dports"
-        return ["-m", "multiport", *_negated(match.negate, option, ",".join(map(str, match.ports)))]
+        return ["-m", "multiport", *_negated(match.negate, option, ",".join(map(port_text, match.ports)))]
     if isinstance(match, Owner):
         owner = resolve_gid(match.id) if match.kind == "gid" else match.id
         return ["-m", "owner", *_negated(match.negate, f"--{match.kind}-owner", owner)]

@@ -18,7 +18,7 @@ from typing import Literal
 
 from istio_iptables.capture import dns_servers, loopback_cidr, of_family
 from istio_iptables.config import DNS_CAPTURE_PORT, OUTBOUND_MARK, Config
-from istio_iptables.model import Family, IPNetwork
+from istio_iptables.model import Family, IPNetwork, PortEntry
 from istio_iptables.nft.model import (
     ACCEPT,
     DROP,
@@ -314,7 +314,7 @@ def keep_tproxy_marks(config: Config, nft: NftRuleset, families: tuple[Family, .
 
 # --- long lists as named sets ------------------------------------------------------------------------
 
-PortChoice = tuple[int, ...] | str  # ports to match in one rule, or the name of a set of them
+PortChoice = tuple[PortEntry, ...] | str  # ports and ranges to match in one rule, or the name of a set of them
 
 
 def cidr_matches(
@@ -343,7 +343,7 @@ def cidr_matches(
 
 
 def port_choices(
-    config: Config, nft: NftRuleset, table: str, purpose: PortPurpose, ports: Sequence[int]
+    config: Config, nft: NftRuleset, table: str, purpose: PortPurpose, ports: Sequence[PortEntry]
 ) -> list[PortChoice]:
     """The ports each rule of a port list matches: one each, all of them, or a named set.
 

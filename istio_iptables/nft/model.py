@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
-from istio_iptables.model import IPNetwork
+from istio_iptables.model import IPNetwork, PortEntry
 from istio_iptables.nft.names import (
     ISTIO_DIVERT,
     ISTIO_DROP,
@@ -104,11 +104,12 @@ class Addr:
 
 @dataclass(frozen=True)
 class Port:
-    """``tcp dport 53``, or an anonymous set ``tcp dport != { 53, 15008 }`` for several ports."""
+    """``tcp dport 53``, or an anonymous set ``tcp dport != { 53, 15008 }`` for several ports; a
+    range in nft's spelling, ``tcp dport 8000-9000``."""
 
     protocol: Literal["tcp", "udp"]
     direction: Literal["sport", "dport"]
-    ports: tuple[int, ...]
+    ports: tuple[PortEntry, ...]
     negate: bool = False
 
 
@@ -180,7 +181,7 @@ class NftSet:
 
     name: str
     type: Literal["ipv4_addr", "ipv6_addr", "inet_service"]
-    members: tuple[IPNetwork, ...] | tuple[int, ...]
+    members: tuple[IPNetwork, ...] | tuple[PortEntry, ...]
 
 
 # --- statements ----------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import ipaddress
 import re
 from collections.abc import Collection, Mapping, Sequence
 
+from istio_iptables.model import PortEntry, PortRange
 from istio_iptables.nft.model import (
     OUR_TABLES,
     Addr,
@@ -53,7 +54,13 @@ def _number(value: int, low: int, high: int) -> str:
     return str(value)
 
 
-def _port(value: int) -> str:
+def _port(value: PortEntry) -> str:
+    """A port, or a range in nft's spelling ``8000-9000`` (nft reads ``8000:9000`` as no port at all)."""
+    if isinstance(value, PortRange):
+        first, last = _number(value.first, 0, 65535), _number(value.last, 1, 65535)
+        if value.first >= value.last:
+            raise RenderError(f"refusing to render port range {value!r}")
+        return f"{first}-{last}"
     return _number(value, 1, 65535)
 
 
@@ -109,6 +116,8 @@ def match_text(match: NftMatch) -> str:
         if not match.ports:
             raise RenderError("a port match needs at least one port")
         ports = [_port(port) for port in match.ports]
+        if len(ports) > 1 and any(isinstance(port, PortRange) for port in match.ports):
+            ports = port_ranges(match.ports)  # an anonymous interval set refuses overlapping elements
         value = ports[0] if len(ports) == 1 else "{ " + ", ".join(ports) + " }"
         return f"{check_token(match.protocol)} {check_token(match.direction)} {_not(match.negate)}{value}"
     if isinstance(match, AddrInSet):
