@@ -39,6 +39,21 @@ def test_included_cidrs_and_ports_in_sets_are_redirected_and_nothing_else(pair: 
     assert pair.ask(EXCLUDED, 80) == "direct"
 
 
+@pytest.mark.parametrize("use_sets", ["always", "multiport"])
+@pytest.mark.parametrize("backend", ["legacy", "nft", "native"])
+def test_port_ranges_in_long_lists_are_matched_inside_and_only_inside(pair: Pair, backend: str, use_sets: str) -> None:
+    """A set holds a range as its ports (ipset and nft take FIRST-LAST); multiport spells it FIRST:LAST."""
+    ports = [*filler_ports(100), "8000:8100", "60:70"]
+    printed = pair.apply(backend, ["-i", "", "-q", ",".join(ports), "-b", "", f"--use-sets={use_sets}"])
+    if use_sets == "multiport":
+        assert ("8000-8100" if backend == "native" else "8000:8100") in printed
+    else:
+        assert ("add element" if backend == "native" else "add istio-port-out-") in printed
+        assert "8000-8100" in printed
+    assert pair.ask(EXCLUDED, 8080) == "proxy"  # inside 8000:8100
+    assert pair.ask(EXCLUDED, 80) == "direct"  # in no range (60:70 ends below it)
+
+
 @pytest.mark.parametrize("backend", ["legacy", "nft"])
 def test_sets_live_and_die_with_the_rules(netns: NetNS, backend: str) -> None:
     def run(*args: str) -> int:

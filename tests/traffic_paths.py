@@ -169,6 +169,35 @@ SCENARIOS = (
                  lambda f, m: direct(f"proxy:{TUNNEL_PORT}", f.remote)),
         ),
     ),
+    # Port ranges (FIRST:LAST, as iptables' --dport takes them): a port inside is treated as listed, one
+    # outside as not; native nftables gets them as FIRST-LAST.
+    Scenario(
+        "port ranges included (-q -b)",
+        {"-i": "", "-q": "400:500", "-b": "8000:8100"},
+        (
+            Path("-q range app -> :443 (inside 400:500)", lambda f: Probe("app", f.service, 443),
+                 lambda f, m: outbound_to_remote(f, f.service, 443)),
+            Path("-q range app -> :80 (outside)", lambda f: Probe("app", f.service, 80),
+                 lambda f, m: direct("remote:80", f.pod)),
+            Path("-b range remote -> :8080 (inside 8000:8100)", lambda f: Probe("remote", f.pod, APP_PORT),
+                 lambda f, m: inbound_to_app(f, m)),
+            Path("-b range remote -> :15020 (outside)", lambda f: Probe("remote", f.pod, 15020),
+                 lambda f, m: direct("proxy:15020", f.remote)),
+        ),
+    ),
+    Scenario(
+        "port ranges excluded (-d -o)",
+        {"-d": "15010:15100", "-o": "400:500"},
+        (
+            Path("-d range remote -> :15090 (inside 15010:15100)", lambda f: Probe("remote", f.pod, 15090),
+                 lambda f, m: direct("proxy:15090", f.remote)),
+            Path("-d range remote -> :8080 (outside)", lambda f: Probe("remote", f.pod, APP_PORT),
+                 lambda f, m: inbound_to_app(f, m)),
+            Path("-o range app -> :443 (inside 400:500)", lambda f: Probe("app", f.service, 443),
+                 lambda f, m: direct("remote:443", f.pod)),
+            CAPTURED_SERVICE,
+        ),
+    ),
     Scenario(
         "excluded interface (-c)",
         {"-c": "eth1"},
