@@ -41,6 +41,8 @@ from istio_iptables.model import (
     Mark,
     Match,
     Owner,
+    PortEntry,
+    PortRange,
     Ports,
     Protocol,
     Redirect,
@@ -52,6 +54,7 @@ from istio_iptables.model import (
     Tproxy,
     Unsupported,
     Verdict,
+    port_in,
 )
 from istio_iptables.parse import SavedRules
 from istio_iptables.render import match_tokens, target_tokens
@@ -115,7 +118,7 @@ class Tables:
     policies: dict[tuple[str, str], str] = field(default_factory=dict)
     hooks: Mapping[Hook, tuple[BaseChain, ...]] = field(default_factory=lambda: IPTABLES_HOOKS)
     # Members of the sets SetMatch names: CIDRs, or ports (our port sets). None: contents unknown.
-    sets: Mapping[str, tuple[IPNetwork, ...] | tuple[int, ...]] | None = None
+    sets: Mapping[str, tuple[IPNetwork, ...] | tuple[PortEntry, ...]] | None = None
     source: str = "configuration"
     problems: list[str] = field(default_factory=list)
     # Where nft's expressions differ from iptables' matches and targets: skuid/skgid never match a
@@ -295,7 +298,7 @@ class _Walker:
             return (address.version == match.network.version and address in match.network) != match.negate
         if isinstance(match, Ports):
             port = packet.sport if match.direction == "src" else packet.dport
-            return (port in match.ports) != match.negate
+            return port_in(port, match.ports) != match.negate
         if isinstance(match, Interface):
             name = packet.iif if match.direction == "in" else packet.oif
             wildcard = match.name.endswith("+")  # iptables: "eth+" is any name starting with "eth"
@@ -320,14 +323,14 @@ class _Walker:
             if self.tables.sets is None or match.name not in self.tables.sets:
                 return None
             members = self.tables.sets[match.name]
-            if members and isinstance(members[0], int):  # a port set: matches the packet's port
+            if members and isinstance(members[0], int | PortRange):  # a port set: matches the packet's port
                 port = packet.sport if match.direction == "src" else packet.dport
-                return (port in members) != match.negate
+                return port_in(port, members) != match.negate  # type: ignore[arg-type]
             address = packet.src if match.direction == "src" else packet.dst
             member = any(
                 address in network
                 for network in members
-                if not isinstance(network, int) and network.version == address.version
+                if not isinstance(network, int | PortRange) and network.version == address.version
             )
             return member != match.negate
         return None  # Unsupported

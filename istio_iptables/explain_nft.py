@@ -36,6 +36,8 @@ from istio_iptables.model import (
     Mark,
     Match,
     Owner,
+    PortEntry,
+    PortRange,
     Ports,
     Protocol,
     Redirect,
@@ -92,7 +94,7 @@ class ReadChain:
     rules: list[ReadRule] = field(default_factory=list)
 
 
-SetMembers: TypeAlias = tuple[IPNetwork, ...] | tuple[int, ...]
+SetMembers: TypeAlias = tuple[IPNetwork, ...] | tuple[PortEntry, ...]
 
 
 @dataclass
@@ -123,7 +125,7 @@ def read_model(ruleset: nft.NftRuleset) -> list[ReadTable]:
         for named in table.sets.values():
             # The model holds each network at the set's prefix length; the kernel holds its address.
             read.sets[named.name] = tuple(
-                member if isinstance(member, int) else ipaddress.ip_network(member.network_address)
+                member if isinstance(member, int | PortRange) else ipaddress.ip_network(member.network_address)
                 for member in named.members
             )  # type: ignore[assignment]
         for chain in table.used_chains():
@@ -286,8 +288,8 @@ def _set_elements(elements: Any) -> SetMembers | None:
                 members.append(_network(element))
     except (KeyError, TypeError, ValueError):
         return None
-    if len({type(member) for member in members}) > 1:
-        return None
+    if len({isinstance(member, int | PortRange) for member in members}) > 1:
+        return None  # ports and addresses in one set: not a set of ours
     return tuple(members)
 
 
@@ -332,18 +334,21 @@ def _network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     return ipaddress.ip_network(f"{prefix['addr']}/{int(prefix['len'])}")
 
 
-def _ports(value: Any) -> tuple[int, ...]:
+def _ports(value: Any) -> tuple[PortEntry, ...]:
+    """A port, a range (``{"range": [8000, 9000]}``, nft's ``8000-9000``) or an anonymous set of both."""
     items = value["set"] if isinstance(value, dict) and "set" in value else [value]
-    ports: list[int] = []
+    ports: list[PortEntry] = []
     for item in items:
         if isinstance(item, dict) and "range" in item:
-            low, high = (int(bound) for bound in item["range"])
-            ports += range(low, high + 1)
-        elif type(item) is int:
+            low, high = item["range"]
+            if type(low) is not int or type(high) is not int or not 0 <= low <= high <= 65535:
+                raise ValueError(f"not a port range: {item!r}")
+            ports.append(low if low == high else PortRange(low, high))
+        elif type(item) is int and 0 <= item <= 65535:
             ports.append(item)
         else:
             raise ValueError(f"not a port: {item!r}")
-    if not ports or not all(0 <= port <= 65535 for port in ports):
+    if not ports:
         raise ValueError(f"not ports: {value!r}")
     return tuple(ports)
 
@@ -447,11 +452,11 @@ def masked_members(elements: SetMembers, prefixlen: int | None) -> SetMembers:
     mask are zero; then it is the network of the address's first ``prefixlen`` bits. A shorter
     element (an interval set's prefix) contains the masked address when it contains the address.
     """
-    if prefixlen is None or not elements or isinstance(elements[0], int):
+    if prefixlen is None or not elements or isinstance(elements[0], int | PortRange):
         return elements
     members = []
     for element in elements:
-        if isinstance(element, int):
+        if isinstance(element, int | PortRange):
             continue
         if element.prefixlen < prefixlen:
             members.append(element)

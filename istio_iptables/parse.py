@@ -29,6 +29,8 @@ from istio_iptables.model import (
     Mark,
     Match,
     Owner,
+    PortEntry,
+    PortRange,
     Ports,
     Protocol,
     Redirect,
@@ -212,11 +214,17 @@ def _value_mask(text: str) -> tuple[int, int]:
     return _number(value), _number(mask) if mask else FULL_MASK
 
 
-def _ports(text: str) -> tuple[int, ...]:
-    ports = tuple(int(item) for item in text.split(","))
-    if not all(1 <= port <= 65535 for port in ports) and ports != (0,):
-        raise ValueError(text)
-    return ports
+def _ports(text: str) -> tuple[PortEntry, ...]:
+    """``80``, ``8000:9000`` or a multiport list of both, as iptables-save prints them."""
+    entries: list[PortEntry] = []
+    for item in text.split(","):
+        first_text, colon, last_text = item.partition(":")
+        first = int(first_text) if first_text else 0
+        last = (int(last_text) if last_text else 65535) if colon else first
+        if not 0 <= first <= last <= 65535:
+            raise ValueError(text)
+        entries.append(first if first == last else PortRange(first, last))
+    return tuple(entries)
 
 
 def _module(body: list[str]) -> list[Match]:
@@ -237,8 +245,8 @@ def _port_module(options: list[tuple[bool, str, list[str]]]) -> list[Match] | No
     matches: list[Match] = []
     for negate, name, values in options:
         direction = {"--dport": "dst", "--sport": "src", "--dports": "dst", "--sports": "src"}.get(name)
-        if direction is None or len(values) != 1 or ":" in values[0]:
-            return None  # ranges, --tcp-flags, --syn, ... are not modelled
+        if direction is None or len(values) != 1:
+            return None  # --tcp-flags, --syn, ... are not modelled
         matches.append(Ports(direction, _ports(values[0]), negate))  # type: ignore[arg-type]
     return matches
 

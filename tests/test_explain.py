@@ -13,7 +13,7 @@ from istio_iptables.capture import build_plan
 from istio_iptables.config import Config, PortSelection, RawSettings, Setting, parse
 from istio_iptables.explain import Flow, Tables, chain_path, explain, render_text, to_data
 from istio_iptables.explain_cli import explain_command
-from istio_iptables.model import Family, SetMatch, Unsupported
+from istio_iptables.model import Family, PortRange, Ports, SetMatch, Unsupported
 from istio_iptables.parse import parse_rule_spec, parse_save
 from tests.fakes import FakeHost
 
@@ -241,7 +241,7 @@ def test_parse_reads_back_what_we_render() -> None:
     "spec, text",
     [
         ("-m addrtype --dst-type LOCAL -j RETURN", "-m addrtype --dst-type LOCAL"),
-        ("-p tcp -m tcp --dport 1000:2000 -j RETURN", "-m tcp --dport 1000:2000"),
+        ("-p tcp -m tcp --dport 1:2 --tcp-flags SYN SYN -j RETURN", "-m tcp --dport 1:2 --tcp-flags SYN SYN"),
         ("-p tcp -m tcp --syn -j RETURN", "-m tcp --syn"),
         ("-j REJECT --reject-with icmp-port-unreachable", "-j REJECT --reject-with icmp-port-unreachable"),
         ("-g KUBE-SVC", "-g KUBE-SVC"),
@@ -252,6 +252,19 @@ def test_parse_keeps_what_it_does_not_understand(spec: str, text: str) -> None:
     matches, target = parse_rule_spec(spec.split())
     unsupported = [part.text for part in (*matches, target) if isinstance(part, Unsupported)]
     assert unsupported == [text]
+
+
+@pytest.mark.parametrize(
+    "spec, ports",
+    [
+        ("-p tcp -m tcp --dport 8000:9000 -j RETURN", (PortRange(8000, 9000),)),
+        ("-p tcp -m tcp --dport 0:100 -j RETURN", (PortRange(0, 100),)),
+        ("-p tcp -m multiport --dports 80,8000:9000,443 -j RETURN", (80, PortRange(8000, 9000), 443)),
+    ],
+)
+def test_parse_reads_port_ranges_as_iptables_save_prints_them(spec: str, ports: tuple) -> None:
+    matches, _ = parse_rule_spec(spec.split())
+    assert Ports("dst", ports) in matches
 
 
 def test_parse_understands_comments_masks_and_sets() -> None:
@@ -400,3 +413,14 @@ def test_live_reads_ipset_members(netns) -> None:  # type: ignore[no-untyped-def
         assert done.exit_code == 0, done.output
         verdicts[dst] = json.loads(done.output)["verdict"]["landing"]
     assert verdicts == {"10.1.2.3": "network", "10.2.2.3": "redirect"}
+
+
+@pytest.mark.parametrize("use_sets", ["never", "always"])
+def test_port_ranges_from_the_configuration(use_sets: str) -> None:
+    cfg = config("-u", "1337", "-i", "*", "-b", "8000:9000,80", "-o", "400:500", use_sets=use_sets)
+    tables = tables_of(cfg)
+    assert explain(tables, remote(8000)).landing.port == 15006
+    assert explain(tables, remote(9000)).landing.port == 15006
+    assert explain(tables, remote(9001)).landing.kind == "local"
+    assert explain(tables, local("10.1.2.3", 400)).landing.kind == "network"
+    assert explain(tables, local("10.1.2.3", 501)).landing.port == 15001

@@ -23,7 +23,7 @@ from istio_iptables.explain_nft import (
     read_model,
     to_tables,
 )
-from istio_iptables.model import Address, Family, Owner, Ports, Protocol, Tproxy, Unsupported
+from istio_iptables.model import Address, Family, Owner, PortRange, Ports, Protocol, Tproxy, Unsupported
 from istio_iptables.nft.capture import build_nft_ruleset
 from istio_iptables.nft.render import render_script
 from tests.fakes import FakeHost
@@ -130,7 +130,7 @@ def test_namedmasked_members_at_the_matched_prefix_length() -> None:
     assert tables.sets["istio-proxy-nat @istio-v4-out-excl-16/16"] == tuple(
         ipaddress.ip_network(f"10.{n}.0.0/16") for n in (1, 2, 4)
     )
-    assert tables.sets["istio-proxy-nat @istio-port-out-excl"] == tuple(range(1, 11))
+    assert tables.sets["istio-proxy-nat @istio-port-out-excl"] == (PortRange(1, 10),)  # an interval, as nft holds it
     excluded = explain(tables, flow("local", "10.2.3.4", 80))
     assert [step.text for step in excluded.exclusions] == ["ip daddr & 255.255.0.0 @istio-v4-out-excl-16 return"]
 
@@ -243,7 +243,7 @@ def test_expressions_map_to_the_model() -> None:
     assert rule.packets == 3 and rule.handle == 2
     tables, index = to_tables([table], Family.V6, "t")
     model = tables.chains[("istio-proxy-nat", "output")][0].rule
-    assert model.matches[:2] == (Protocol("tcp"), Ports("dst", (53, 15000, 15001, 15002), negate=True))
+    assert model.matches[:2] == (Protocol("tcp"), Ports("dst", (53, PortRange(15000, 15002)), negate=True))
     assert model.matches[2] == Address("dst", ipaddress.ip_network("fd00::/8"))
     assert model.matches[3].name == "eth+"  # type: ignore[union-attr]
     assert model.matches[4] == Owner("gid", "1337", negate=True)
@@ -326,3 +326,22 @@ def test_live_reads_native_nftables_rules(netns) -> None:  # type: ignore[no-unt
     assert data["exclusions"][0]["text"].startswith("tcp dport 15021 counter return # handle ")
     captured = json.loads(CliRunner().invoke(explain_command, [*args, "--dport", "8080"]).output)
     assert captured["verdict"]["port"] == 15006
+
+
+@pytest.mark.parametrize("use_sets", ["never", "always"])
+def test_port_ranges_from_the_configuration(use_sets: str) -> None:
+    cfg = config("-u", "1337", "-i", "*", "-b", "8000:9000,80", "-o", "400:500", "--use-sets", use_sets)
+    tables = model_tables(cfg, Family.V4)
+    assert explain(tables, flow("remote", "10.0.0.2", 9000)).landing.port == 15006
+    assert explain(tables, flow("remote", "10.0.0.2", 9001)).landing.kind == "local"
+    assert explain(tables, flow("local", "10.1.2.3", 500)).landing.kind == "network"
+    assert explain(tables, flow("local", "10.1.2.3", 399)).landing.port == 15001
+
+
+def test_nft_range_expressions_are_read_as_ranges() -> None:
+    from istio_iptables.explain_nft import _ports
+
+    assert _ports({"range": [8000, 9000]}) == (PortRange(8000, 9000),)
+    assert _ports({"set": [80, {"range": [0, 100]}, {"range": [7, 7]}]}) == (80, PortRange(0, 100), 7)
+    with pytest.raises(ValueError):
+        _ports({"range": [9000, 8000]})

@@ -176,3 +176,38 @@ def test_long_lists_with_ranges_load_as_sets_and_multiport(use_sets: str, netns:
         # 10 ports and two ranges fill one rule's 15 places (a range takes 2); the third range goes on.
         assert "--dports 20060,20061,20062,20063,20064,20065,20066,20067,20068,20069,8000:9000,0:100 -j RETURN" in saved
         assert "-m tcp --dport 20050:20100 -j RETURN" in saved
+
+
+# explain --live reads ranges back: iptables-save's --dport 8000:9000 and multiport lists, ipset
+# members, nft's range expressions and interval sets.
+LONG_OUTBOUND_EXCLUDE = ",".join([*(str(port) for port in range(20000, 20070)), "400:500"])
+LONG_INBOUND = ",".join([*(str(port) for port in range(30000, 30070)), "8000:9000"])
+EXPLAIN_VARIANTS = {
+    "rules": ["-b", "8000:9000", "-o", "400:500"],
+    "sets": ["-b", "8000:9000", "-o", "400:500", "--use-sets=always"],
+    "multiport": ["-b", LONG_INBOUND, "-o", LONG_OUTBOUND_EXCLUDE, "--use-sets=multiport"],
+}
+
+
+@pytest.mark.parametrize("backend", ["nft", "native"])
+@pytest.mark.parametrize("variant", sorted(EXPLAIN_VARIANTS))
+def test_explain_live_reads_ranges_back(variant: str, backend: str, netns: NetNS) -> None:
+    netns.run("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
+    netns.run("ip", "addr", "add", "10.0.0.2/24", "dev", "eth0")
+    chosen = ["--native-nftables"] if backend == "native" else ["--force-iptables-binary", "nft"]
+    argv = ["-u", "1337", "-i", "*", "--disable-ipv6", *chosen, *EXPLAIN_VARIANTS[variant]]
+    applied = netns.run(*CLI, *argv, check=False)
+    assert applied.returncode == 0, applied.stderr
+
+    def verdict(origin: str, dst: str, port: int) -> tuple[str, int | None]:
+        args = ["explain", "--live", "--origin", origin, "--dst", dst, "--dport", str(port), "--json"]
+        done = netns.run(*CLI, *args, check=False)
+        assert done.returncode == 0, done.stderr
+        data = json.loads(done.stdout)
+        assert data["problems"] == [], data["problems"]
+        return data["verdict"]["landing"], data["verdict"].get("port")
+
+    assert verdict("remote", "10.0.0.2", 8500) == ("redirect", 15006)  # inside -b 8000:9000
+    assert verdict("remote", "10.0.0.2", 9001)[0] == "local"
+    assert verdict("local", "10.1.2.3", 450)[0] == "network"  # inside -o 400:500
+    assert verdict("local", "10.1.2.3", 501) == ("redirect", 15001)
