@@ -160,6 +160,17 @@ def test_native_nftables_loads_ranges_in_nfts_spelling(netns: NetNS) -> None:
     assert ranges == {(8000, 9000), (0, 100), (5000, 5001), (3000, 3100), (4000, 65535)}
 
 
+def test_nft_refuses_istios_spelling_of_a_range_and_takes_ours(netns: NetNS) -> None:
+    """Istio's nftables mode writes ``tcp dport 8000:9000``; nft reads ``8000:9000`` as a service name."""
+
+    def load(ports: str) -> int:
+        script = f"add table inet t\nadd chain inet t c\nadd rule inet t c tcp dport {ports} counter return\n"
+        return netns.run("nft", "-f", "-", input=script, check=False).returncode
+
+    assert load("8000:9000") != 0
+    assert load("8000-9000") == 0
+
+
 @pytest.mark.parametrize("use_sets", ["always", "multiport"])
 def test_long_lists_with_ranges_load_as_sets_and_multiport(use_sets: str, netns: NetNS) -> None:
     many = ",".join([*(str(port) for port in range(20000, 20070)), "8000:9000", ":100", "20050:20100"])
@@ -211,3 +222,21 @@ def test_explain_live_reads_ranges_back(variant: str, backend: str, netns: NetNS
     assert verdict("remote", "10.0.0.2", 9001)[0] == "local"
     assert verdict("local", "10.1.2.3", 450)[0] == "network"  # inside -o 400:500
     assert verdict("local", "10.1.2.3", 501) == ("redirect", 15001)
+
+
+@pytest.mark.parametrize("backend", ["legacy", "nft", "native"])
+def test_a_broken_range_changes_nothing(backend: str, netns: NetNS) -> None:
+    chosen = ["--native-nftables"] if backend == "native" else ["--force-iptables-binary", backend]
+    argv = [*CLI, "-u", "1337", "-i", "*", "-b", "*", "-d", "15000:15100", "--disable-ipv6", *chosen]
+    assert netns.run(*argv, check=False).returncode == 0
+
+    def state() -> tuple[str, ...]:
+        dumps = [netns.run(f"iptables-{name}-save", check=False).stdout for name in ("legacy", "nft")]
+        listing = netns.run("nft", "list", "ruleset").stdout
+        return (*(re.sub(r"(?m)^#.*\n|\[\d+:\d+\]", "", dump) for dump in dumps), listing)
+
+    before = state()
+    refused = netns.run(*argv, "-o", "9000:8000", "--reconcile", check=False)
+    assert refused.returncode == 2
+    assert "-o" in refused.stderr or "--istio-local-outbound-ports-exclude" in refused.stderr
+    assert state() == before
