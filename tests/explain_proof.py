@@ -255,6 +255,17 @@ EXTRA_CASES = [
         None,
         None,
     ),
+    # Port ranges (iptables' --dport a:b): the probes' ports fall inside and outside each range.
+    Case(
+        "port-ranges-redirect",
+        ("-u", "1337", "-i", "9.9.0.0/16", "-b", "4000:5000,15020:15021", "-q", "31000:33000", "-o", "20:22"),
+        {}, True, None, None, None,
+    ),
+    Case(
+        "port-ranges-tproxy",
+        ("-u", "1337", "-m", "TPROXY", "-i", "*", "-b", "*", "-d", "15000:15100,5000:", "-o", ":22"),
+        {}, True, None, None, None,
+    ),
 ]
 
 def compare(
