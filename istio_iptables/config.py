@@ -163,10 +163,15 @@ def parse_port(setting: Setting, text: str | None = None) -> int:
     return int(text)
 
 
-# Decimal, no leading zero (iptables reads "010" as octal 8), at most 5 digits (bounds checked after).
-_PORT_NUMBER = r"(?:0|[1-9][0-9]{0,4})"
-_PORT_RANGE = re.compile(rf"({_PORT_NUMBER})?:({_PORT_NUMBER})?")
 _PORT_LIST_HINT = "a port is a number from 1 to 65535, or a range FIRST:LAST of them (e.g. 8000:9000)"
+
+
+def _port_number(text: str) -> int | None:
+    """A decimal port bound, or None: at most 5 digits (bounds are checked by the caller) and no
+    leading zero, which iptables would read as octal (``010`` is 8)."""
+    if not _NUMBER.fullmatch(text) or len(text) > 5 or (text[0] == "0" and text != "0"):
+        return None
+    return int(text)
 
 
 def parse_port_entry(setting: Setting, text: str) -> PortEntry:
@@ -175,19 +180,21 @@ def parse_port_entry(setting: Setting, text: str) -> PortEntry:
     ``N``, ``FIRST:LAST``, ``:LAST`` (from 0) and ``FIRST:`` (to 65535); spaces around an entry are
     dropped, as Istio's restore input drops them. A range of one port becomes that port. Refused,
     as iptables refuses them: reversed or out-of-range bounds, port 0 alone, and what is no decimal
-    port (service names, leading zeros, which iptables would read as octal).
+    port (service names, leading zeros).
     """
     entry = text.strip(" \t")
-    if re.fullmatch(_PORT_NUMBER, entry):
-        if not 1 <= int(entry) <= 65535:
-            raise ConfigError(setting.source, text, _PORT_LIST_HINT)
-        return int(entry)
-    bounds = _PORT_RANGE.fullmatch(entry)
-    if bounds is None:
-        hint = "a range is written FIRST:LAST, as iptables takes it" if "-" in entry else _PORT_LIST_HINT
+    # "8000-9000" is nft's spelling (and ipset's); Istio hands entries to iptables, which wants a colon.
+    hint = "a range is written FIRST:LAST, as iptables takes it" if "-" in entry[1:] else _PORT_LIST_HINT
+    first_text, colon, last_text = entry.partition(":")
+    if not colon:
+        port = _port_number(entry)
+        if port is None or not 1 <= port <= 65535:
+            raise ConfigError(setting.source, text, hint)
+        return port
+    first = _port_number(first_text) if first_text else 0
+    last = _port_number(last_text) if last_text else 65535
+    if first is None or last is None:
         raise ConfigError(setting.source, text, hint)
-    first = int(bounds[1]) if bounds[1] is not None else 0
-    last = int(bounds[2]) if bounds[2] is not None else 65535
     if first > 65535 or last > 65535:
         raise ConfigError(setting.source, text, "a port range's bounds are numbers from 0 to 65535")
     if first > last:
