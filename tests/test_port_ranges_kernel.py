@@ -103,11 +103,16 @@ COMMIT
 CASES = {"redirect": (REDIRECT_ARGV, REDIRECT_ISTIO), "tproxy": (TPROXY_ARGV, TPROXY_ISTIO)}
 
 
-def restore_load(namespace: NetNS, document: str, backend: str, lock: Path) -> list[str]:
+def ipv6_of(document: str) -> str:
+    """Istio's IPv6 input for the same argv: its versioned rules name ::6 and ::1 instead (run.go)."""
+    return document.replace("127.0.0.6/32", "::6/128").replace("127.0.0.1/32", "::1/128")
+
+
+def restore_load(namespace: NetNS, document: str, program: str, lock: Path) -> list[str]:
     env = {"XTABLES_LOCKFILE": str(lock)}
-    loaded = namespace.run(f"iptables-{backend}-restore", "--noflush", input=document, env=env, check=False)
+    loaded = namespace.run(f"{program}-restore", "--noflush", input=document, env=env, check=False)
     assert loaded.returncode == 0, f"refused:\n{loaded.stderr}\n{document}"
-    return canonical_save(namespace.run(f"iptables-{backend}-save", env=env).stdout)
+    return canonical_save(namespace.run(f"{program}-save", env=env).stdout)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -117,11 +122,14 @@ def test_kernel_holds_istios_rules_for_a_range_argv(
 ) -> None:
     argv, istio = CASES[case]
     ours_ns, istio_ns = netns_factory("iit-rng"), netns_factory("iit-rngi")
-    printed = ours_ns.run(*CLI, "--dry-run", "--disable-ipv6", *argv, check=False)
+    printed = ours_ns.run(*CLI, "--dry-run", "--enable-ipv6", *argv, check=False)
     assert printed.returncode == 0, printed.stderr
-    [ours] = re.split(r"(?m)^(?=# iptables-restore$)", printed.stdout)[1:]
+    ours = re.split(r"(?m)^(?=# ip6?tables-restore$)", printed.stdout)[1:]
+    assert len(ours) == 2
     lock = tmp_path / "xtables.lock"
-    assert restore_load(ours_ns, ours, backend, lock) == restore_load(istio_ns, istio, backend, lock)
+    for document, expected, prefix in ((ours[0], istio, "iptables"), (ours[1], ipv6_of(istio), "ip6tables")):
+        program = f"{prefix}-{backend}"
+        assert restore_load(ours_ns, document, program, lock) == restore_load(istio_ns, expected, program, lock)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
