@@ -126,12 +126,15 @@ class IstioCommand(click.Command):
     def pflag_booleans(self, args: list[str]) -> list[str]:
         booleans: dict[str, str] = {}
         takes_next: set[str] = set()
+        short_values: dict[str, str] = {}  # pflag reads "-p=15001" as 15001, click as "=15001"
         for param in self.params:
+            longs = [opt for opt in param.opts if opt.startswith("--")]
             if isinstance(param, BoolOption):
-                longs = [opt for opt in param.opts if opt.startswith("--")]
                 booleans.update((opt, longs[0]) for opt in param.opts)
             elif isinstance(param, click.Option) and not param.is_flag:
                 takes_next.update(param.opts)
+                if longs:
+                    short_values.update((opt, longs[0]) for opt in param.opts if not opt.startswith("--"))
         spelled: list[str] = []
         pending = list(reversed(args))
         while pending:
@@ -143,6 +146,9 @@ class IstioCommand(click.Command):
             name, equals, value = arg.partition("=")
             if name in booleans:
                 spelled.append(f"{booleans[name]}={value if equals else 'true'}")
+                continue
+            if arg[:2] in short_values and arg[2:3] == "=":
+                spelled.append(f"{short_values[arg[:2]]}={arg[3:]}")
                 continue
             if arg[:2] in booleans and not arg.startswith("--") and len(arg) > 2:
                 # "-nb" is "-n -b" for pflag: a short boolean never takes the rest as its value.
