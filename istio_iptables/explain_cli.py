@@ -166,7 +166,8 @@ def assumptions(ctx: click.Context, values: dict[str, Any], flow: Flow, pod_ips:
         assumed.append(f"the pod's address is {flow.src} (no --pod-ip or --src given)")
     if flow.origin == "remote" and ctx.get_parameter_source("in_interface") is ParameterSource.DEFAULT:
         assumed.append(f"the packet comes in on {flow.in_interface} (--in-interface)")
-    if flow.origin != "remote" and ctx.get_parameter_source("out_interface") is ParameterSource.DEFAULT:
+    leaves = not flow.dst.is_loopback and flow.dst not in pod_ips  # else lo, not --out-interface
+    if flow.origin != "remote" and leaves and ctx.get_parameter_source("out_interface") is ParameterSource.DEFAULT:
         assumed.append(f"a packet to a non-local address leaves via {flow.out_interface} (--out-interface)")
     return assumed
 
