@@ -123,18 +123,33 @@ class IstioCommand(click.Command):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         return super().parse_args(ctx, self.pflag_booleans(args))
 
-    def pflag_booleans(self, args: list[str]) -> list[str]:
-        booleans: dict[str, str] = {}
-        takes_next: set[str] = set()
-        short_values: dict[str, str] = {}  # pflag reads "-p=15001" as 15001, click as "=15001"
-        for param in self.params:
-            longs = [opt for opt in param.opts if opt.startswith("--")]
-            if isinstance(param, BoolOption):
-                booleans.update((opt, longs[0]) for opt in param.opts)
-            elif isinstance(param, click.Option) and not param.is_flag:
-                takes_next.update(param.opts)
+    _pflag_tables: tuple[dict[str, str], set[str], dict[str, str]] | None = None
+
+    def pflag_tables(self) -> tuple[dict[str, str], set[str], dict[str, str]]:
+        """(boolean option -> long name, options taking the next word, short option -> long name).
+
+        Built once per command: the executable's argv walks (:func:`spell_out_short_options`, then
+        :meth:`pflag_booleans`) share it.
+        """
+        if self._pflag_tables is None:
+            booleans: dict[str, str] = {}
+            takes_next: set[str] = set()
+            long_names: dict[str, str] = {}
+            for param in self.params:
+                if not isinstance(param, click.Option):
+                    continue
+                longs = [opt for opt in param.opts if opt.startswith("--")]
                 if longs:
-                    short_values.update((opt, longs[0]) for opt in param.opts if not opt.startswith("--"))
+                    long_names.update((opt, longs[0]) for opt in param.opts if not opt.startswith("--"))
+                if isinstance(param, BoolOption):
+                    booleans.update((opt, longs[0]) for opt in param.opts)
+                elif not param.is_flag:
+                    takes_next.update(param.opts)
+            self._pflag_tables = booleans, takes_next, long_names
+        return self._pflag_tables
+
+    def pflag_booleans(self, args: list[str]) -> list[str]:
+        booleans, takes_next, long_names = self.pflag_tables()
         spelled: list[str] = []
         pending = list(reversed(args))
         while pending:
@@ -147,8 +162,9 @@ class IstioCommand(click.Command):
             if name in booleans:
                 spelled.append(f"{booleans[name]}={value if equals else 'true'}")
                 continue
-            if arg[:2] in short_values and arg[2:3] == "=":
-                spelled.append(f"{short_values[arg[:2]]}={arg[3:]}")
+            if arg[:2] in long_names and arg[2:3] == "=" and arg[:2] in takes_next:
+                # pflag reads "-p=15001" as 15001, click as "=15001".
+                spelled.append(f"{long_names[arg[:2]]}={arg[3:]}")
                 continue
             if arg[:2] in booleans and not arg.startswith("--") and len(arg) > 2:
                 # "-nb" is "-n -b" for pflag: a short boolean never takes the rest as its value.
@@ -389,17 +405,7 @@ def spell_out_short_options(args: list[str]) -> list[str]:
     and difflib suggestions before falling back to the short option: ~2 ms of a ~45 ms start for
     the injector's argv. Walks the arguments as click does, so an option's value is never rewritten.
     """
-    long_names: dict[str, str] = {}
-    takes_next: set[str] = set()  # options whose next argument is always their value
-    for param in command.params:
-        if not isinstance(param, click.Option):
-            continue
-        longs = [opt for opt in param.opts if opt.startswith("--")]
-        if longs:
-            long_names.update((opt, longs[0]) for opt in param.opts if not opt.startswith("--"))
-        # Boolean flags (pflag's) never take the next argument.
-        if not param.is_flag and not isinstance(param, BoolOption):
-            takes_next.update(param.opts)
+    _booleans, takes_next, long_names = command.pflag_tables()  # takes_next: the next argument is their value
     spelled: list[str] = []
     remaining = iter(args)
     for arg in remaining:
