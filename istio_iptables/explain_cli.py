@@ -123,9 +123,10 @@ def explain_command(ctx: click.Context, **values: Any) -> None:
     if values["enable_ipv6"] is None:
         # Istio detects IPv6 from the pod's addresses; here the flow says which family is asked about.
         values["enable_ipv6"] = dst.version == 6
-    raw = raw_settings(ctx, values)
     try:
         from istio_iptables.config import parse
+
+        raw = raw_settings(ctx, values)
 
         config = parse(raw, _host(ctx))
         family = Family.V4 if dst.version == 4 else Family.V6
