@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from istio_iptables.errors import ExitCode
+from tests.netns import NetNS
 
 HUGE = "1" * 5000  # Python refuses int() of more than 4,300 digits
 PROGRAM = [sys.executable, "-m", "istio_iptables"]
@@ -166,3 +167,50 @@ def test_stray_words_are_warned_about_escaped() -> None:
     done = run(["-n", "--disable-ipv6", "x\nFORGED"])
     assert done.returncode == 0
     assert "\twarn\tignoring the argument 'x\\nFORGED'" in done.stderr
+
+
+# --- real runs in a throwaway namespace: refused before anything is written -----------------------
+
+KERNEL_READERS = ("iptables-legacy-save", "iptables-nft-save", "ip6tables-legacy-save", "ip6tables-nft-save")
+
+
+def namespace_state(netns: NetNS) -> tuple[str, ...]:
+    dumps = [netns.save(program) for program in KERNEL_READERS]
+    dumps += [netns.run("nft", "list", "ruleset").stdout, netns.run("ip", "rule").stdout,
+              netns.run("ip", "-6", "addr").stdout]
+    # Comment lines carry the time of the dump.
+    return tuple("\n".join(line for line in dump.splitlines() if not line.startswith("#")) for dump in dumps)
+
+
+@pytest.mark.netns
+def test_hostile_values_on_a_real_run_write_nothing(netns: NetNS, tmp_path: Path, fifo: str) -> None:
+    before = namespace_state(netns)
+    base = [*PROGRAM, "-p", "15001", "-z", "15006", "-u", "1337", "-i", "*", "-b", "*", "-m", "TPROXY"]
+    cases: list[tuple[list[str], dict[str, str]]] = [
+        (["-t", HUGE], {}),
+        ([], {"ISTIO_INBOUND_TPROXY_ROUTE_TABLE": HUGE}),
+        (["--log_target", "/dev/full"], {}),
+        (["--log_target", fifo], {}),
+        (["--redirect-dns", "--resolv-conf", fifo], {}),
+        (["--redirect-dns", "--resolv-conf", "/dev/zero"], {}),
+        (["--run-validation", "--probe-timeout", "9" * 400 + "h"], {}),
+        (["-c", "eth0\nFORGED"], {}),
+        (["--log_output_level=default:loud"], {}),
+        ([], {"DRY_RUN": "yes"}),
+        (["--dry-run="], {}),
+    ]
+    for args, env in cases:
+        done = netns.run(*base, *args, env={"XTABLES_LOCKFILE": str(tmp_path / "xtables.lock"), **env},
+                         check=False, timeout=30)
+        assert done.returncode == ExitCode.INVALID_INPUT, (args, env, done.stderr[-1000:])
+        assert "Traceback" not in done.stderr and done.stdout == ""
+        assert namespace_state(netns) == before, (args, env)
+
+
+@pytest.mark.netns
+def test_dry_run_false_on_a_real_run_stays_a_dry_run(netns: NetNS, tmp_path: Path) -> None:
+    before = namespace_state(netns)
+    done = netns.run(*PROGRAM, "-p", "15001", "-i", "*", "--dry-run", "false", check=False,
+                     env={"XTABLES_LOCKFILE": str(tmp_path / "xtables.lock")})
+    assert done.returncode == 0 and done.stdout.startswith("# iptables-restore\n")
+    assert namespace_state(netns) == before
