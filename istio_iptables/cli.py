@@ -355,8 +355,8 @@ def _dry_run_to_file(config: Any, path: str) -> None:
 
     The file holds the input lines the restore programs (or nft) would read, one per line, as
     Istio's stub writes them; our ``# program`` header comments are left out. Unlike Istio (which
-    ignores the error and never truncates), a path that cannot be written is refused before
-    anything is printed, and the file is replaced, not overwritten in place.
+    ignores the error, and writes over an older file without truncating it), a path that cannot be
+    written is refused before anything is printed, and a regular file is truncated first.
     """
     import io
     import stat
