@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Literal, Protocol
 
-from istio_iptables.errors import ConfigError
+from istio_iptables.errors import ConfigError, escape
 from istio_iptables.model import IPNetwork, PortEntry, PortRange
 from istio_iptables.records import factory, record
 
@@ -32,6 +32,12 @@ DEFAULT_IPV4_LOOPBACK = ipaddress.IPv4Network("127.0.0.1/32")
 _INTERFACE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@+-]{0,14}")
 _GROUP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?")
 _NUMBER = re.compile(r"[0-9]+")
+# Python refuses to convert integers of more than 4,300 digits (a ValueError); every number we take
+# fits in 20 digits, so a longer one (leading zeros aside) is simply out of range.
+_MAX_DIGITS = 20
+# --probe-timeout: Istio takes any Go duration (up to 292 years); a validation that waits longer
+# than an hour is a mistake, and an endless one (``999...9h``) would hang the init container.
+MAX_PROBE_TIMEOUT = 3600.0
 
 
 @record
@@ -131,6 +137,8 @@ def _describe_value(value: object) -> str:
         return ",".join(map(str, value))
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, str):
+        return escape(value)  # a raw path such as --network-namespace's: never a line of its own
     return "*" if value is None else str(value)
 
 
@@ -151,6 +159,14 @@ class Host(Protocol):
 # --- value parsers -----------------------------------------------------------
 
 
+def number(text: str) -> int | None:
+    """The value of a decimal number of at most 20 significant digits; None for anything else."""
+    if not _NUMBER.fullmatch(text):
+        return None
+    significant = text.lstrip("0") or "0"
+    return int(significant) if len(significant) <= _MAX_DIGITS else None
+
+
 def split_list(value: str) -> list[str]:
     """Istio's list syntax: comma separated, empty items dropped, no trimming."""
     return [item for item in value.split(",") if item != ""]
@@ -158,9 +174,10 @@ def split_list(value: str) -> list[str]:
 
 def parse_port(setting: Setting, text: str | None = None) -> int:
     text = setting.value if text is None else text
-    if not _NUMBER.fullmatch(text) or not 1 <= int(text) <= 65535:
+    port = number(text)
+    if port is None or not 1 <= port <= 65535:
         raise ConfigError(setting.source, text, "a port must be a number from 1 to 65535")
-    return int(text)
+    return port
 
 
 _PORT_LIST_HINT = "a port is a number from 1 to 65535, or a range FIRST:LAST of them (e.g. 8000:9000)"
@@ -217,10 +234,13 @@ def parse_port_selection(setting: Setting) -> PortSelection:
 
 def parse_ids(setting: Setting) -> tuple[str, ...]:
     ids = split_list(setting.value)
+    values = []
     for item in ids:
-        if not _NUMBER.fullmatch(item) or int(item) >= MAX_U32:
+        value = number(item)
+        if value is None or value >= MAX_U32:
             raise ConfigError(setting.source, item, "uids and gids must be numbers from 0 to 4294967294")
-    return _unique(str(int(item)) for item in ids)
+        values.append(str(value))
+    return _unique(values)
 
 
 def parse_cidr(setting: Setting, text: str) -> IPNetwork:
@@ -261,9 +281,10 @@ def parse_interfaces(setting: Setting) -> tuple[str, ...]:
 
 
 def parse_u32(setting: Setting, *, minimum: int = 0) -> int:
-    if not _NUMBER.fullmatch(setting.value) or not minimum <= int(setting.value) <= MAX_U32:
+    value = number(setting.value)
+    if value is None or not minimum <= value <= MAX_U32:
         raise ConfigError(setting.source, setting.value, f"must be a number from {minimum} to {MAX_U32}")
-    return int(setting.value)
+    return value
 
 
 def parse_mark(setting: Setting) -> int:
@@ -285,16 +306,21 @@ def parse_mode(setting: Setting) -> Mode:
     raise ConfigError(setting.source, setting.value, "the interception mode is REDIRECT or TPROXY")
 
 
-def parse_duration(setting: Setting) -> float:
-    """A Go duration as Istio takes it (``5s``, ``500ms``, ``1m30s``), or plain seconds."""
+def parse_duration(setting: Setting, maximum: float = MAX_PROBE_TIMEOUT) -> float:
+    """A Go duration as Istio takes it (``5s``, ``500ms``, ``1m30s``), or plain seconds, up to ``maximum``."""
     text = setting.value.strip()
     if re.fullmatch(r"[0-9]+(\.[0-9]+)?", text):
-        return float(text)
+        parts = [(text, "s")]
+    else:
+        parts = re.findall(r"([0-9]+(?:\.[0-9]+)?)(h|ms|m|s|us|µs|ns)", text)
+        if not parts or "".join(amount + unit for amount, unit in parts) != text:
+            raise ConfigError(setting.source, setting.value, "a duration looks like 5s, 500ms or 1m30s")
     units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
-    parts = re.findall(r"([0-9]+(?:\.[0-9]+)?)(h|ms|m|s|us|µs|ns)", text)
-    if not parts or "".join(number + unit for number, unit in parts) != text:
-        raise ConfigError(setting.source, setting.value, "a duration looks like 5s, 500ms or 1m30s")
-    return sum(float(number) * units[unit] for number, unit in parts)
+    # float() of a 400-digit number is inf or 1e399: compare before trusting the sum.
+    seconds = sum(float(amount) * units[unit] for amount, unit in parts)
+    if not seconds <= maximum:
+        raise ConfigError(setting.source, setting.value, f"a duration of at most {maximum:g}s is accepted")
+    return seconds
 
 
 def parse_owner_groups(setting: Setting, host: Host) -> tuple[str, ...]:
@@ -305,7 +331,8 @@ def parse_owner_groups(setting: Setting, host: Host) -> tuple[str, ...]:
         )
     for group in groups:
         if _NUMBER.fullmatch(group):
-            if int(group) >= MAX_U32:
+            gid = number(group)
+            if gid is None or gid >= MAX_U32:
                 raise ConfigError(setting.source, group, "a gid is a number from 0 to 4294967294")
             continue
         if not _GROUP_NAME.fullmatch(group):
@@ -410,7 +437,8 @@ def parse(raw: RawSettings, host: Host) -> Config:
 
     exclude = raw.get("istio_service_exclude_cidr")
     if exclude.value == "*":
-        raise ConfigError(exclude.source, "*", "invalid value for OUTBOUND_IP_RANGES_EXCLUDE")
+        # Istio's own message names its internal field OUTBOUND_IP_RANGES_EXCLUDE; ours names the flag.
+        raise ConfigError(exclude.source, "*", "excluded CIDRs must be listed, '*' is not accepted (as in Istio)")
 
     include_groups = raw.get("owner_groups_include", "*")
     exclude_groups = raw.get("owner_groups_exclude")
@@ -429,6 +457,8 @@ def parse(raw: RawSettings, host: Host) -> Config:
             dns_v4, dns_v6 = parse_resolv_conf(host.read_text(raw.resolv_conf))
         except OSError as error:
             raise ConfigError("--resolv-conf", raw.resolv_conf, f"cannot read it: {error.strerror}") from None
+        except ValueError:  # a NUL byte in the path
+            raise ConfigError("--resolv-conf", raw.resolv_conf, "not a file path") from None
 
     force_binary = raw.get("force_iptables_binary")
     if force_binary.value not in ("", "legacy", "nft"):

@@ -13,9 +13,18 @@ import sys
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
-from istio_iptables.cli import _host, config_options, raw_settings
-from istio_iptables.errors import EnvironmentProblem, IstioIptablesError
+from istio_iptables.cli import (
+    BOOL_OPTIONS,
+    VALUE_OPTIONS,
+    IstioCommand,
+    _host,
+    _show_help,
+    config_options,
+    raw_settings,
+)
+from istio_iptables.errors import ConfigError, EnvironmentProblem, IstioIptablesError
 from istio_iptables.explain import Flow, IPAddress, Tables, explain, render_text, to_data
 from istio_iptables.model import Family, IPNetwork
 from istio_iptables.spawn import Finished, run, which
@@ -24,6 +33,10 @@ DEFAULT_REMOTE = {4: "203.0.113.10", 6: "2001:db8:ffff::10"}
 DEFAULT_POD = {4: "10.0.0.2", 6: "fd00::2"}
 DEFAULT_SPORT = 43210
 APP_ID = 1000
+# Configuration flags that still mean something with --live: where to read, and who the proxy is.
+LIVE_FLAGS = {"network_namespace", "force_iptables_binary", "proxy_uid", "proxy_gid"}
+CONFIG_FLAGS = {name: long for name, _short, long, _env, _help in VALUE_OPTIONS + BOOL_OPTIONS}
+CONFIG_FLAGS.update(resolv_conf="--resolv-conf", enable_ipv6="--enable-ipv6/--disable-ipv6")
 
 
 class AddressType(click.ParamType):
@@ -43,8 +56,10 @@ PORT = click.IntRange(1, 65535)
 ID = click.IntRange(0, 2**32 - 2)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.command(cls=IstioCommand, add_help_option=False, context_settings={"max_content_width": 110})
 @config_options
+@click.option("-h", "--help", is_flag=True, expose_value=False, is_eager=True, callback=_show_help,
+              help="Show this message and exit.")
 @click.option(
     "--live",
     is_flag=True,
@@ -97,12 +112,21 @@ ID = click.IntRange(0, 2**32 - 2)
 def explain_command(ctx: click.Context, **values: Any) -> None:
     """Explain which rule decides a flow and where it lands (redirected, passed through, dropped)."""
     dst: IPAddress = values["dst"]
+    if values["live"]:
+        ignored = [
+            flag for name, flag in CONFIG_FLAGS.items()
+            if name not in LIVE_FLAGS and ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
+        ]
+        if ignored:
+            click.echo(f"error: {ConfigError('--live', ' '.join(ignored), LIVE_CONFLICT)}", err=True)
+            ctx.exit(ConfigError.exit_code)
     if values["enable_ipv6"] is None:
         # Istio detects IPv6 from the pod's addresses; here the flow says which family is asked about.
         values["enable_ipv6"] = dst.version == 6
-    raw = raw_settings(ctx, values)
     try:
         from istio_iptables.config import parse
+
+        raw = raw_settings(ctx, values)
 
         config = parse(raw, _host(ctx))
         family = Family.V4 if dst.version == 4 else Family.V6
@@ -117,10 +141,36 @@ def explain_command(ctx: click.Context, **values: Any) -> None:
     except IstioIptablesError as error:
         click.echo(f"error: {error}", err=True)
         ctx.exit(error.exit_code)
+    assumed = assumptions(ctx, values, flow, pod_ips)
+    # sys.stdout, not click.echo: the executable's GuardedStdout reports a closed or full stdout.
     if values["as_json"]:
-        click.echo(json.dumps(to_data(explanation, tables), indent=2, ensure_ascii=False))
+        data = {**to_data(explanation, tables), "assumptions": assumed}
+        sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     else:
-        click.echo(render_text(explanation, tables), nl=False)
+        note = f"Assumed: {'; '.join(assumed)}\n" if assumed else ""
+        sys.stdout.write(note + render_text(explanation, tables))
+
+
+LIVE_CONFLICT = (
+    "--live explains the rules installed in the namespace, so these configuration flags would be ignored; "
+    "drop them, or drop --live to explain a configuration (only --network-namespace, "
+    "--force-iptables-binary, --proxy-uid and --proxy-gid go with --live)"
+)
+
+
+def assumptions(ctx: click.Context, values: dict[str, Any], flow: Flow, pod_ips: tuple[IPAddress, ...]) -> list[str]:
+    """What the explanation took for granted because no flag said it (printed with the answer)."""
+    assumed = []
+    if values["src"] is None and flow.src == ipaddress.ip_address(DEFAULT_POD[flow.dst.version]) and not any(
+        address.version == flow.dst.version for address in pod_ips
+    ):
+        assumed.append(f"the pod's address is {flow.src} (no --pod-ip or --src given)")
+    if flow.origin == "remote" and ctx.get_parameter_source("in_interface") is ParameterSource.DEFAULT:
+        assumed.append(f"the packet comes in on {flow.in_interface} (--in-interface)")
+    leaves = not flow.dst.is_loopback and flow.dst not in pod_ips  # else lo, not --out-interface
+    if flow.origin != "remote" and leaves and ctx.get_parameter_source("out_interface") is ParameterSource.DEFAULT:
+        assumed.append(f"a packet to a non-local address leaves via {flow.out_interface} (--out-interface)")
+    return assumed
 
 
 def config_tables(config: Any, family: Family) -> Tables | None:

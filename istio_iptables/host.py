@@ -7,9 +7,12 @@ netlink dump (``socket`` + ``struct``) instead of forking ``ip -j addr show``.
 from __future__ import annotations
 
 import _socket as socket  # the C module: socket.py adds 2 ms of enums we do not need
+import errno
 import grp
 import ipaddress
+import os
 import pwd
+import stat
 import struct
 
 from istio_iptables.errors import EnvironmentProblem
@@ -30,6 +33,8 @@ _NLMSG_HEADER = struct.Struct("=LHHLL")  # length, type, flags, sequence, port i
 _IFADDRMSG = struct.Struct("=BBBBL")  # family, prefix length, flags, scope, interface index
 _RTATTR = struct.Struct("=HH")  # length, type
 _ADDRESS_SIZE = {socket.AF_INET: 4, socket.AF_INET6: 16}
+# The largest file read_text reads (--resolv-conf): far above any resolv.conf, far below memory.
+MAX_READ = 128 << 20
 
 
 class RealHost:
@@ -61,8 +66,31 @@ class RealHost:
         return [ipaddress.ip_address(raw) for _index, _family, raw in ranked]
 
     def read_text(self, path: str) -> str:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            return handle.read()
+        """A regular file's text, at most :data:`MAX_READ` bytes; OSError for anything else.
+
+        Opened non-blocking, so a FIFO (which would wait for a writer forever) is seen and
+        refused, as are devices (``/dev/zero`` never ends) and directories.
+        """
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        try:
+            status = os.fstat(fd)
+            if not stat.S_ISREG(status.st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
+            if status.st_size > MAX_READ:
+                raise OSError(errno.EFBIG, f"larger than {MAX_READ >> 20} MiB")
+            chunks = []
+            remaining = MAX_READ + 1  # a file that grows past the limit while read is refused too
+            while remaining > 0:
+                chunk = os.read(fd, min(remaining, 1 << 20))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                remaining -= len(chunk)
+            if remaining <= 0:
+                raise OSError(errno.EFBIG, f"larger than {MAX_READ >> 20} MiB")
+        finally:
+            os.close(fd)
+        return b"".join(chunks).decode("utf-8", errors="replace")
 
 
 def _netlink_address_dump() -> list[tuple[int, int, bytes]]:

@@ -15,7 +15,11 @@ def run(config: Config, out: TextIO, namespace_path: str = "") -> None:
     """``namespace_path``: the --network-namespace the caller entered (the CNI-mode lock file)."""
     log.info("effective configuration:\n%s", config.describe())
     plan = build_plan(config)
-    if config.native_nftables:
+    if config.skip_rule_apply:
+        # As Istio: the rules are neither written nor, in a dry run, printed (ProgramIptables and
+        # ProgramNftables skip the whole step); --run-validation still runs.
+        log.info("--skip-rule-apply: no rules written")
+    elif config.native_nftables:
         from istio_iptables.nft.run import run_nftables
 
         run_nftables(config, out, plan)
@@ -26,7 +30,7 @@ def run(config: Config, out: TextIO, namespace_path: str = "") -> None:
         out.write("".join(f"# {family.restore_program}\n{script}" for family, script in scripts.items()))
     elif config.dry_run:
         out.write(render_ipset_document(plan.rulesets) + render_documents(plan.rulesets))
-    elif not config.skip_rule_apply:
+    else:
         from istio_iptables.apply.engine import apply
         from istio_iptables.ipset import plan_for_this_host
         from istio_iptables.nft.guard import guard_iptables_run, remove_nft_tables
