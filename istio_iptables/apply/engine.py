@@ -38,7 +38,7 @@ from istio_iptables.apply.state import (
 )
 from istio_iptables.config import Config
 from istio_iptables.errors import ApplyError, DriftError, EnvironmentProblem, IstioIptablesError
-from istio_iptables.ipset import Ipset, uses_sets
+from istio_iptables.ipset import Ipset, matched_sets, uses_sets
 from istio_iptables.logging_setup import log
 from istio_iptables.model import BUILTIN_CHAINS, Family, Plan
 from istio_iptables.sets import sets_of
@@ -123,7 +123,8 @@ def apply(config: Config, plan: Plan, namespace_path: str = "") -> Outcome:
     live = _live_state(detection, wanted)
     # ipsets of long lists (istio_iptables/sets.py): only runs that have or had some touch ipset.
     wanted_sets = sets_of(plan.rulesets)
-    ipset = Ipset(env) if wanted_sets or any(map(uses_sets, live.values())) else None
+    uses = wanted_sets or any(map(uses_sets, live.values()))
+    ipset = Ipset(env, matched_sets(live.values())) if uses else None
     if config.cleanup_only:
         return _cleanup(config, detection, applier, live, ipset)
     if plan.routes is not None:
