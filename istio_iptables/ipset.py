@@ -96,9 +96,14 @@ class Ipset:
 
     def load(self, sets: Iterable[NamedSet]) -> None:
         """Create or refill each set so it holds exactly its members (atomically per set)."""
-        sets = list(sets)
         listing = self.listing()
         before = set(self.own_sets(listing))
+        # A set of ours that holds exactly its members already is left alone (no needless swap).
+        sets = [
+            named
+            for named in sets
+            if named.name not in before or not holds_what_its_name_says(named.name, listing[named.name])
+        ]
         script = render_ipset_restore(sets, existing=before)
         if not script:
             return

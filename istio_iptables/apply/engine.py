@@ -163,6 +163,8 @@ def apply(config: Config, plan: Plan, namespace_path: str = "") -> Outcome:
     if ipset:
         ipset.remove_stale([named.name for named in wanted_sets])
     if has_ours:
+        if detection.backend.name == "nft":
+            drop_emptied_nft_chains(detection, live, applier_env(applier), wanted)
         _remove_replaced_routes(config, plan, live)
     return Outcome("reconciled" if has_ours else "applied", detection.backend.name, scripts)
 

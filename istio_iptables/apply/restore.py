@@ -194,19 +194,30 @@ def drop_nft_leftovers(
     return _delete_if_empty(family, chains, new_tables, env)
 
 
+State = Mapping[str, Mapping[str, list[str]]]
+
+
 def drop_emptied_nft_chains(
-    detection: Detection, live: Mapping[Family, Mapping[str, Mapping[str, list[str]]]], env: Mapping[str, str] | None
+    detection: Detection,
+    live: Mapping[Family, State],
+    env: Mapping[str, str] | None,
+    wanted: Mapping[Family, State] | None = None,
 ) -> bool:
-    """After cleanup on the nft backend: built-in chains that held nothing but our rules go, and then
-    a table left without chains, so ``nft list ruleset`` shows what it showed before our first run."""
+    """After cleanup or a reconcile on the nft backend: built-in chains that held nothing but our rules
+    and now get none go, and then a table left without chains, so ``nft list ruleset`` shows what it
+    showed before our first run (iptables-nft creates them on first use and never removes them)."""
     deleted = False
     for family, state in live.items():
         tables = detection.dump(family).tables
+        kept = (wanted or {}).get(family, {})
         emptied = [
             (table, chain)
             for table, chains in state.items()
             for chain, specs in chains.items()
-            if chain in BUILTIN_CHAINS and specs and len(specs) == len(tables.get(table, {}).get(chain, []))
+            if chain in BUILTIN_CHAINS
+            and specs
+            and len(specs) == len(tables.get(table, {}).get(chain, []))
+            and not kept.get(table, {}).get(chain)
         ]
         if emptied:
             deleted |= _delete_if_empty(family, emptied, sorted({table for table, _ in emptied}), env)

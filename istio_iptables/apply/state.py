@@ -224,6 +224,7 @@ def desired_state(ruleset: RuleSet, resolve_gid: GidResolver = numeric_gid) -> T
 # works from the flags it is given), or our live chains imply it (see _tied_to_our_chains).
 # Patterns, not compiled at import (re caches them on first use): a fresh namespace never needs them.
 _TPROXY_MARK = r"--(?:tproxy-mark|set-xmark) (0x[0-9a-f]+)/"
+_INTERFACE_RETURN = r"-[io] \S+ -j RETURN"
 _MARKED_RETURN = r"-p tcp -m mark --mark (0x[0-9a-f]+) -j RETURN"
 _PROXY_OWNER_RETURN = r"-m owner --([ug]id)-owner (\d+) -j RETURN"
 _OWNER_MARK = (
@@ -318,6 +319,12 @@ def owned_state(dump: SaveDump, wanted: TableState | None = None, family: Family
         for spec in specs
         if not jumps_to_own_chain(spec)
     )
+    tproxy_live = live_tproxy_mark(dump.tables.get("mangle", {})) is not None
+    for (table, name, spec), count in list(claims.items()):
+        # -c X of a TPROXY configuration also wrote X's RETURNs into mangle: a reconcile to REDIRECT
+        # (whose flags name X only in nat) still owns them while our TPROXY chains are live.
+        if tproxy_live and table == "nat" and re.fullmatch(_INTERFACE_RETURN, spec):
+            claims[("mangle", name, spec)] = max(claims[("mangle", name, spec)], count)
     for key in _tied_to_our_chains(dump, family):
         claims[key] = max(claims[key], 1)
     for table in TABLES:
