@@ -243,10 +243,14 @@ def test_orphan_routing_of_ours_is_found_by_cleanup(netns: NetNS) -> None:
     assert snapshot(netns, "nft") == before
 
 
-def test_routes_failing_half_way_take_back_what_they_added(netns: NetNS, monkeypatch) -> None:
-    """The IPv6 route fails after the IPv4 rule and route and ::6 went in: all of them go again."""
-    config = config_of(["-m", "TPROXY", "-b", "*", "-i", "*", "--enable-ipv6", "--force-iptables-binary=nft"])
-    before = snapshot(netns, "nft")
+@pytest.mark.parametrize("backend", ["legacy", "nft"])
+def test_routes_failing_half_way_take_back_what_they_added(backend: str, netns: NetNS, monkeypatch) -> None:
+    """The IPv6 route fails after the IPv4 rule and route and ::6 went in: all of them go again, and the
+    rules; on nft the built-in chain the write created (IPv6 mangle PREROUTING) goes again too."""
+    seed(netns, backend)
+    args = ["-m", "TPROXY", "-b", "*", "-i", "*", "--enable-ipv6", f"--force-iptables-binary={backend}"]
+    config = config_of(args)
+    before = snapshot(netns, backend)
     real = routes._local_default_route
 
     def failing_v6(ipr, command, family, lo, table):
@@ -258,7 +262,7 @@ def test_routes_failing_half_way_take_back_what_they_added(netns: NetNS, monkeyp
     with inside(netns), pytest.raises(IstioIptablesError) as failed:
         apply(config, build_plan(config))
     assert "rolled back" in str(failed.value)
-    assert snapshot(netns, "nft") == before
+    assert_same(snapshot(netns, backend), before, "failed routes")
 
 
 def test_our_ip_rule_gets_the_kernels_priority_as_istio(netns: NetNS) -> None:

@@ -45,6 +45,7 @@ from istio_iptables.sets import sets_of
 
 CAP_NET_ADMIN = 12
 FAMILIES = (Family.V4, Family.V6)
+Created = dict[Family, set[tuple[str, str]]]  # nft backend: (table, built-in chain) a write creates
 
 
 class Applier(Protocol):
@@ -126,7 +127,7 @@ def apply(config: Config, plan: Plan, namespace_path: str = "") -> Outcome:
     uses = wanted_sets or any(map(uses_sets, live.values()))
     ipset = Ipset(env, matched_sets(live.values())) if uses else None
     if config.cleanup_only:
-        return _cleanup(config, detection, applier, live, ipset)
+        return _cleanup(config, detection, applier, live, ipset, wanted)
     if plan.routes is not None:
         from istio_iptables.apply import routes
 
@@ -153,9 +154,10 @@ def apply(config: Config, plan: Plan, namespace_path: str = "") -> Outcome:
     }
     if ipset:  # before the rules that match them
         ipset.load(wanted_sets)
+    created = _absent_base_chains(scripts, detection)
     try:
-        touched = _write(scripts, detection, applier, wanted)
-        _ensure_routes(plan, detection, applier, touched, wanted)
+        touched = _write(scripts, detection, applier, wanted, created)
+        _ensure_routes(plan, detection, applier, touched, wanted, created)
     except IstioIptablesError:
         if ipset:  # the old rules are back: the kernel keeps the sets they match, the rest go
             ipset.remove_stale([], quiet=True)
@@ -183,10 +185,13 @@ def _remove_replaced_routes(config: Config, plan: Plan, live: dict[Family, Table
 
 
 def _write(
-    scripts: dict[Family, str], detection: Detection, applier: Applier, wanted: dict[Family, TableState]
+    scripts: dict[Family, str],
+    detection: Detection,
+    applier: Applier,
+    wanted: dict[Family, TableState],
+    created: Created | None = None,
 ) -> dict[Family, list[str]]:
     touched: dict[Family, list[str]] = {}
-    created = _absent_base_chains(scripts, detection)
     try:
         for family, script in scripts.items():
             touched[family] = tables_of(script)
@@ -211,7 +216,7 @@ def _last_line(failure: RestoreFailed) -> str:
     return lines[-1] if lines else f"exit {failure.returncode}"
 
 
-def _absent_base_chains(scripts: dict[Family, str], detection: Detection) -> dict[Family, set[tuple[str, str]]]:
+def _absent_base_chains(scripts: dict[Family, str], detection: Detection) -> Created:
     """nft backend: the built-in chains our scripts add to that do not exist yet (so a rollback removes them).
 
     iptables-nft-save prints every built-in chain of a table whether nft holds it or not; only a chain
@@ -219,7 +224,7 @@ def _absent_base_chains(scripts: dict[Family, str], detection: Detection) -> dic
     """
     if detection.backend.name != "nft":
         return {}
-    doubtful: dict[Family, set[tuple[str, str]]] = {}
+    doubtful: Created = {}
     for family, script in scripts.items():
         tables = detection.dump(family).tables
         for table, chain in added_builtin_chains(script):
@@ -251,7 +256,7 @@ def _rollback(
     detection: Detection,
     applier: Applier,
     wanted: dict[Family, TableState],
-    created: dict[Family, set[tuple[str, str]]] | None = None,
+    created: Created | None = None,
 ) -> bool:
     """Undo exactly what this run changed: the inverse of its transition, computed from what the
     namespace holds now, written with --noflush. Foreign rules keep their place and counters;
@@ -282,6 +287,7 @@ def _ensure_routes(
     applier: Applier,
     touched: dict[Family, list[str]],
     wanted: dict[Family, TableState],
+    created: Created | None = None,
 ) -> None:
     if plan.routes is None and not plan.ipv6_passthrough_address:
         return
@@ -291,7 +297,7 @@ def _ensure_routes(
         routes.ensure(plan.routes, plan.ipv6_passthrough_address)  # takes back its own additions on failure
     except IstioIptablesError as error:
         if touched:
-            _rollback(touched, detection, applier, wanted)
+            _rollback(touched, detection, applier, wanted, created)
             raise type(error)(f"{error}; the rules were rolled back") from None
         raise
 
@@ -316,7 +322,12 @@ def _removal_scripts(live: dict[Family, TableState]) -> dict[Family, str]:
 
 
 def _cleanup(
-    config: Config, detection: Detection, applier: Applier, live: dict[Family, TableState], ipset: Ipset | None
+    config: Config,
+    detection: Detection,
+    applier: Applier,
+    live: dict[Family, TableState],
+    ipset: Ipset | None,
+    wanted: dict[Family, TableState],
 ) -> Outcome:
     """Remove our part as found live, the ipsets it matched and the policy routing of ours.
 
@@ -325,7 +336,7 @@ def _cleanup(
     left by an interrupted TPROXY run is found too; a foreign ``fwmark 1337 lookup 200`` stays.
     """
     scripts = _removal_scripts(live)
-    _write(scripts, detection, applier, {})
+    _write(scripts, detection, applier, wanted)  # the flags' claims, so a failed cleanup puts back all of it
     emptied = False
     if detection.backend.name == "nft" and scripts:
         emptied = drop_emptied_nft_chains(detection, live, applier_env(applier))
