@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import struct
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -50,7 +51,6 @@ def check_loopback_up() -> None:
     One ioctl on a throwaway socket of this namespace; no pyroute2, so it costs nothing before writing.
     """
     import fcntl
-    import struct
 
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         try:
@@ -272,10 +272,15 @@ _FRA_TABLE = 15
 
 
 def fwmark_rules_present(pairs: Iterable[tuple[int, int]]) -> set[Family]:
-    """The families holding an ``fwmark M lookup T`` rule for one of ``pairs``, by one raw netlink dump."""
-    import struct
+    """The families holding an ``fwmark M lookup T`` rule for one of ``pairs``, by one raw netlink dump
+    (both families if the dump cannot be read: pyroute2 then looks)."""
+    try:
+        return _fwmark_rules_present(set(pairs))
+    except (OSError, ValueError, struct.error):
+        return {Family.V4, Family.V6}
 
-    wanted = set(pairs)
+
+def _fwmark_rules_present(wanted: set[tuple[int, int]]) -> set[Family]:
     families = {socket.AF_INET: Family.V4, socket.AF_INET6: Family.V6}
     header, rule_header, attribute = struct.Struct("=LHHLL"), struct.Struct(_FIB_RULE_HDR), struct.Struct("=HH")
     found: set[Family] = set()
