@@ -15,6 +15,7 @@ from istio_iptables.logging_setup import log
 from istio_iptables.model import NamedSet, Plan
 from istio_iptables.sets import (
     SET_THRESHOLD,
+    holds_what_its_name_says,
     is_own_set,
     render_ipset_destroy,
     render_ipset_restore,
@@ -55,32 +56,64 @@ def plan_for_this_host(config: Config, plan: Plan) -> Plan:
 class Ipset:
     """Runs ``ipset`` in the current network namespace."""
 
-    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, env: Mapping[str, str] | None = None, referenced: Iterable[str] = ()) -> None:
+        """``referenced``: the sets our live rules match, ours whatever they hold (someone may have
+        edited one; a load refills it)."""
         self.program = ipset_program()
         self.env = dict(env) if env is not None else None
+        self.referenced = set(referenced)
 
     def _run(self, *args: str, input: str | None = None) -> Finished:
         return run([self.program, *args], input=input, env=self.env)
 
-    def own_sets(self) -> list[str]:
-        """Every set whose name is one of ours (temporary ones included)."""
-        listing = self._run("list", "-n")
-        if listing.returncode != 0:
-            raise EnvironmentProblem(f"ipset list -n failed: {listing.stderr.strip()}")
-        return [name for name in listing.stdout.split() if is_own_set(name)]
+    def listing(self) -> dict[str, list[str]]:
+        """Every set of the namespace with its members, from one ``ipset save``."""
+        saved = self._run("save")
+        if saved.returncode != 0:
+            raise EnvironmentProblem(f"ipset save failed: {saved.stderr.strip()}")
+        sets: dict[str, list[str]] = {}
+        for line in saved.stdout.splitlines():
+            words = line.split()
+            if len(words) >= 2 and words[0] == "create":
+                sets[words[1]] = []
+            elif len(words) >= 3 and words[0] == "add" and words[1] in sets:
+                sets[words[1]].append(words[2])
+        return sets
+
+    def own_sets(self, listing: dict[str, list[str]] | None = None) -> list[str]:
+        """Every set of ours: named like ours and holding what its name's digest says, or matched by
+        our live rules (a temporary ``NAME-t`` is ours when ``NAME`` is). A foreign look-alike is
+        never listed, so never refilled or destroyed."""
+        listing = self.listing() if listing is None else listing
+        ours = [
+            name
+            for name, members in listing.items()
+            if is_own_set(name)
+            and not name.endswith("-t")
+            and (name in self.referenced or holds_what_its_name_says(name, members))
+        ]
+        return [*ours, *(temporary_name(name) for name in ours if temporary_name(name) in listing)]
 
     def load(self, sets: Iterable[NamedSet]) -> None:
         """Create or refill each set so it holds exactly its members (atomically per set)."""
-        sets = list(sets)
-        before = set(self.own_sets())
+        listing = self.listing()
+        before = set(self.own_sets(listing))
+        # A set of ours that holds exactly its members already is left alone (no needless swap).
+        sets = [
+            named
+            for named in sets
+            if named.name not in before or not holds_what_its_name_says(named.name, listing[named.name])
+        ]
         script = render_ipset_restore(sets, existing=before)
         if not script:
             return
         loaded = self._run("restore", input=script)
         if loaded.returncode != 0:
-            # Nothing matches the sets yet: whatever this run created goes again.
-            created = [named.name for named in sets if named.name not in before]
-            self.destroy([*created, *(temporary_name(named.name) for named in sets)], quiet=True)
+            # Nothing matches the sets yet: whatever this run created goes again (never a set that
+            # existed before: a foreign one named like ours makes the create fail, and stays).
+            created = [named.name for named in sets if named.name not in listing]
+            temporaries = [temporary_name(named.name) for named in sets if temporary_name(named.name) not in listing]
+            self.destroy([*created, *temporaries], quiet=True)
             raise ApplyError(f"ipset restore failed: {loaded.stderr.strip()}; no rules were changed")
 
     def destroy(self, names: Iterable[str], *, quiet: bool = False) -> list[str]:
@@ -109,3 +142,15 @@ def uses_sets(state: Mapping[str, Mapping[str, list[str]]]) -> bool:
     return any(
         "--match-set istio-" in spec for chains in state.values() for specs in chains.values() for spec in specs
     )
+
+
+def matched_sets(states: Iterable[Mapping[str, Mapping[str, list[str]]]]) -> set[str]:
+    """The names of the sets live rules of ours match."""
+    return {
+        words[words.index("--match-set") + 1]
+        for state in states
+        for chains in state.values()
+        for specs in chains.values()
+        for spec in specs
+        if "--match-set" in (words := spec.split())
+    }

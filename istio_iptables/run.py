@@ -26,17 +26,19 @@ def run(config: Config, out: TextIO, namespace_path: str = "") -> None:
     elif config.dry_run and config.cleanup_only:
         from istio_iptables.apply.engine import cleanup_preview
 
-        scripts = cleanup_preview(config)
+        scripts = cleanup_preview(config, plan)
         out.write("".join(f"# {family.restore_program}\n{script}" for family, script in scripts.items()))
     elif config.dry_run:
         out.write(render_ipset_document(plan.rulesets) + render_documents(plan.rulesets))
     else:
         from istio_iptables.apply.engine import apply
         from istio_iptables.ipset import plan_for_this_host
-        from istio_iptables.nft.guard import guard_iptables_run, remove_nft_tables
+        from istio_iptables.nft.guard import cleanup_nft_tables, guard_iptables_run, remove_nft_tables
 
         replace_nft_tables = guard_iptables_run(config)  # exit 3 while our nft tables exist, unless --reconcile
         outcome = apply(config, plan_for_this_host(config, plan), namespace_path)
+        if config.cleanup_only and cleanup_nft_tables(config):  # a --native-nftables run's tables too
+            outcome.action = "cleaned"
         log.info("%s (%s backend)", outcome.action, outcome.backend)
         if replace_nft_tables:
             remove_nft_tables()

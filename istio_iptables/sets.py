@@ -131,16 +131,39 @@ def member_text(member: IPNetwork | PortEntry) -> str:
 
 def set_name(purpose: str, members: Sequence[object], family: Family | None) -> str:
     """``istio-[v4-|v6-]PURPOSE-DIGEST``: at most 27 characters, so ``NAME-t`` fits ipset's 31."""
+    tag = f"{_FAMILY_TAG[family]}-" if family is not None else ""
+    return f"istio-{tag}{purpose}-{members_digest(map(member_text, members))}"  # type: ignore[arg-type]
+
+
+def members_digest(texts: Iterable[str]) -> str:
+    """The digest in a set's name: of the members in any order, so it can be checked against what
+    ``ipset save`` lists (in hash order) as well as computed from a plan."""
     import zlib  # only runs with sets pay for it
 
     # CRC-32 is enough: the digest only has to change when the members do, nobody forges it.
-    digest = zlib.crc32(",".join(map(member_text, members)).encode()) & 0xFFFFFFFF
-    tag = f"{_FAMILY_TAG[family]}-" if family is not None else ""
-    return f"istio-{tag}{purpose}-{digest:08x}"
+    return f"{zlib.crc32(','.join(sorted(set(texts))).encode()) & 0xFFFFFFFF:08x}"
 
 
 def is_own_set(name: str) -> bool:
+    """Named like ours; :func:`holds_what_its_name_says` decides whether it is ours."""
     return re.fullmatch(OWN_SET_NAME, name) is not None
+
+
+def holds_what_its_name_says(name: str, listed_members: Iterable[str]) -> bool:
+    """A set named like ours is ours only if its members (as ``ipset save`` lists them) match the
+    digest in its name: a foreign ``istio-v4-out-excl-deadbeef`` holding other members is not."""
+    import ipaddress
+
+    texts = []
+    for member in listed_members:
+        if member.isdigit():
+            texts.append(member)
+            continue
+        try:
+            texts.append(member_text(ipaddress.ip_network(member)))  # ipset prints /32 and /128 bare
+        except ValueError:
+            return False
+    return name.rsplit("-", 1)[1] == members_digest(texts)
 
 
 def sets_of(rulesets: Iterable[RuleSet]) -> list[NamedSet]:

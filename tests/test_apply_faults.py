@@ -260,7 +260,7 @@ def test_tproxy_routes_are_idempotent_and_cleaned_up(netns) -> None:
         assert rules.count("fwmark 0x1092 lookup 142") == 1, rules
         assert "local default dev lo" in netns.run("ip", family, "route", "show", "table", "142").stdout
     assert "inet6 ::6/128" in netns.run("ip", "-6", "addr", "show", "dev", "lo").stdout
-    cleanup = config_of(["--cleanup-only", "--enable-ipv6"])
+    cleanup = config_of(["--cleanup-only", "--enable-ipv6", "-r", "142"])  # the table is known from the flags
     with inside(netns):
         assert apply(cleanup, build_plan(cleanup)).action == "cleaned"
     for family in ("-4", "-6"):

@@ -55,8 +55,9 @@ def assert_holds(namespace: NetNS, backend: str, args: list[str], env: dict[str,
         ruleset = plan.ruleset(family)
         from tests.apply_support import resolve_test_gid
 
-        wanted = normalised(desired_state(ruleset, resolve_test_gid)) if ruleset else {}
-        assert normalised(owned_state(parse_save(saves[family]))) == wanted, family
+        wanted = desired_state(ruleset, resolve_test_gid) if ruleset else {}
+        owned = owned_state(parse_save(saves[family]), wanted, family)
+        assert normalised(owned) == normalised(wanted), family
 
 
 def routes_of(namespace: NetNS) -> str:

@@ -13,6 +13,7 @@ from istio_iptables.apply.engine import apply
 from istio_iptables.capture import build_plan
 from istio_iptables.errors import IstioIptablesError
 from istio_iptables.model import ISTIO_OUTPUT, CtZone, Family, Rule, RuleSet
+from istio_iptables.sets import set_name
 from tests.apply_support import config_of, inside
 from tests.netns import NetNS
 from tests.sets_support import EXCLUDED, INCLUDED, Pair, filler_cidrs, filler_ports
@@ -96,35 +97,48 @@ def test_a_failed_apply_leaves_no_new_set_behind(netns: NetNS, backend: str) -> 
 
 
 def test_ipsets_are_filled_atomically_replaced_and_removed(netns: NetNS) -> None:
+    ports = set_name("port-in", (80, 443), None)
     script = (
         "from istio_iptables.ipset import Ipset\n"
         "from istio_iptables.model import Family, NamedSet\n"
+        "from istio_iptables.sets import set_name\n"
         "import ipaddress, sys\n"
         "nets = tuple(ipaddress.ip_network(c) for c in sys.argv[1].split(','))\n"
-        "ipset = Ipset()\n"
-        "ipset.load([NamedSet('istio-v4-out-excl-00000001', 'net', Family.V4, nets),\n"
-        "            NamedSet('istio-port-in-00000002', 'port', None, (80, 443))])\n"
-        "print(sorted(ipset.own_sets()))\n"
-        "print(ipset.remove_stale(['istio-port-in-00000002']))\n"
+        "ipset = Ipset(referenced=sys.argv[2:])\n"
+        "ipset.load([NamedSet(set_name('out-excl', nets, Family.V4), 'net', Family.V4, nets),\n"
+        f"            NamedSet('{ports}', 'port', None, (80, 443))])\n"
+        "print(len(ipset.own_sets()))\n"
+        f"print(ipset.remove_stale(['{ports}']))\n"
         "print(sorted(ipset.own_sets()))\n"
     )
     first = netns.run(sys.executable, "-c", script, "10.0.0.0/8,192.0.2.0/24").stdout.splitlines()
-    assert first == [
-        "['istio-port-in-00000002', 'istio-v4-out-excl-00000001']",
-        "[]",
-        "['istio-port-in-00000002']",
-    ]
-    # A set someone edited is refilled to exactly its members, while a rule matches it.
-    netns.run("ipset", "add", "istio-port-in-00000002", "9999")
+    assert first == ["2", "[]", f"['{ports}']"]
+    # A set someone edited (our rules match it) is refilled to exactly its members, while a rule matches it.
+    netns.run("ipset", "add", ports, "9999")
     netns.run("iptables-nft-restore", "--noflush", input=(
-        "*nat\n-A OUTPUT -p tcp -m set --match-set istio-port-in-00000002 dst -j RETURN\nCOMMIT\n"
+        f"*nat\n:ISTIO_OUTPUT - [0:0]\n-A ISTIO_OUTPUT -p tcp -m set --match-set {ports} dst -j RETURN\nCOMMIT\n"
     ))
-    netns.run(sys.executable, "-c", script, "10.0.0.0/8")
-    members = netns.run("ipset", "list", "istio-port-in-00000002").stdout.split("Members:")[1].split()
+    netns.run(sys.executable, "-c", script, "10.0.0.0/8", ports)
+    members = netns.run("ipset", "list", ports).stdout.split("Members:")[1].split()
     assert members == ["80", "443"]
     # In use: the kernel keeps it, and we say so instead of failing.
     kept = netns.run(sys.executable, "-c", "from istio_iptables.ipset import Ipset; print(Ipset().remove_stale([]))")
-    assert kept.stdout.strip() == "['istio-port-in-00000002']"
+    assert kept.stdout.strip() == f"['{ports}']"
+
+
+def test_a_foreign_set_named_like_ours_is_not_ours(netns: NetNS) -> None:
+    """istio-v4-out-excl-deadbeef holds members whose digest is not deadbeef: it is someone else's."""
+    netns.run("ipset", "create", "istio-v4-out-excl-deadbeef", "hash:net", "family", "inet")
+    netns.run("ipset", "add", "istio-v4-out-excl-deadbeef", "10.77.0.0/16")
+    netns.run("ipset", "create", "istio-port-out-deadbeef-t", "bitmap:port", "range", "0-65535")
+    before = netns.run("ipset", "save").stdout
+    excluded = ",".join(filler_cidrs(100))
+    for argv in (["-i", "*", "-x", excluded], ["-i", "*", "--reconcile"], ["--cleanup-only"]):
+        result = netns.run(sys.executable, "-m", "istio_iptables", *argv, "--disable-ipv6", check=False)
+        assert result.returncode == 0, result.stderr
+        foreign = [line for line in netns.run("ipset", "save").stdout.splitlines() if "deadbeef" in line]
+        assert foreign == [line for line in before.splitlines() if "deadbeef" in line], argv
+    assert netns.run("ipset", "save").stdout == before
 
 
 def test_explain_live_reads_our_ipsets(netns: NetNS) -> None:

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -22,20 +21,31 @@ from istio_iptables.apply.restore import (
     NAMESPACE_LOCKFILE,
     RestoreApplier,
     RestoreFailed,
+    drop_emptied_nft_chains,
+    drop_nft_leftovers,
     explain_failure,
     tables_of,
 )
-from istio_iptables.apply.state import TableState, desired_state, diff_states, owned_state, transition_script
+from istio_iptables.apply.state import (
+    TableState,
+    desired_state,
+    diff_states,
+    live_tproxy_mark,
+    owned_state,
+    parse_save,
+    rollback_script,
+    transition_script,
+)
 from istio_iptables.config import Config
 from istio_iptables.errors import ApplyError, DriftError, EnvironmentProblem, IstioIptablesError
-from istio_iptables.ipset import Ipset, uses_sets
+from istio_iptables.ipset import Ipset, matched_sets, uses_sets
 from istio_iptables.logging_setup import log
-from istio_iptables.model import ISTIO_DIVERT, ISTIO_TPROXY, Family, Plan
+from istio_iptables.model import BUILTIN_CHAINS, Family, Plan
 from istio_iptables.sets import sets_of
 
 CAP_NET_ADMIN = 12
 FAMILIES = (Family.V4, Family.V6)
-_MARK = re.compile(r"--(?:tproxy-mark|set-xmark) (0x[0-9a-f]+)/")
+Created = dict[Family, set[tuple[str, str]]]  # nft backend: (table, built-in chain) a write creates
 
 
 class Applier(Protocol):
@@ -43,7 +53,7 @@ class Applier(Protocol):
 
     def write(self, family: Family, script: str) -> None: ...
 
-    def rollback(self, family: Family, snapshot: str, tables: list[str]) -> None: ...
+    def read(self, family: Family) -> str: ...
 
 
 class Outcome:
@@ -98,14 +108,9 @@ def make_applier(config: Config, backend: Backend, env: Mapping[str, str] | None
     return RestoreApplier(backend, env)
 
 
-def live_mark(live: TableState) -> int | None:
-    """The TPROXY mark our live rules use, so cleanup finds the policy routes that go with it."""
-    mangle = live.get("mangle", {})
-    for spec in [*mangle.get(ISTIO_TPROXY, []), *mangle.get(ISTIO_DIVERT, [])]:
-        found = _MARK.search(spec)
-        if found:
-            return int(found.group(1), 16)
-    return None
+def live_marks(live: dict[Family, TableState]) -> set[int]:
+    """The TPROXY marks our live rules use, so cleanup and reconcile find the policy routes that go with them."""
+    return {mark for state in live.values() if (mark := live_tproxy_mark(state.get("mangle", {}))) is not None}
 
 
 def apply(config: Config, plan: Plan, namespace_path: str = "") -> Outcome:
@@ -115,14 +120,20 @@ def apply(config: Config, plan: Plan, namespace_path: str = "") -> Outcome:
     detection = detect(config.force_iptables_binary, FAMILIES if config.cleanup_only else planned, env)
     log.info("iptables backend: %s (%s)", detection.backend.name, detection.reason)
     applier = make_applier(config, detection.backend, env)
-    live = _live_state(detection)
+    wanted = _wanted_state(plan)
+    live = _live_state(detection, wanted)
     # ipsets of long lists (istio_iptables/sets.py): only runs that have or had some touch ipset.
     wanted_sets = sets_of(plan.rulesets)
-    ipset = Ipset(env) if wanted_sets or any(map(uses_sets, live.values())) else None
+    uses = wanted_sets or any(map(uses_sets, live.values()))
+    ipset = Ipset(env, matched_sets(live.values())) if uses else None
     if config.cleanup_only:
-        return _cleanup(detection, applier, live, ipset)
+        return _cleanup(config, detection, applier, live, ipset, wanted)
+    if plan.routes is not None:
+        from istio_iptables.apply import routes
 
-    desired = {ruleset.family: desired_state(ruleset) for ruleset in plan.rulesets}
+        routes.check_loopback_up()  # before anything is written: exit 4, not half the routes
+
+    desired = {family: state for family, state in wanted.items() if state}
     has_ours = any(live.values())
     # Nothing of ours yet (every first run): no drift to describe, and no difflib to import.
     diffs = {family: diff_states(live[family], desired.get(family, {}), family) for family in FAMILIES if has_ours}
@@ -131,7 +142,7 @@ def apply(config: Config, plan: Plan, namespace_path: str = "") -> Outcome:
         log.info("the namespace already holds exactly these rules: nothing to write")
         if ipset:  # same names, so the same members were loaded; refill in case someone edited them
             ipset.load(wanted_sets)
-        _ensure_routes(plan, detection, applier, {})
+        _ensure_routes(plan, detection, applier, {}, wanted)
         return Outcome("unchanged", detection.backend.name, {})
     if has_ours and drift and not (config.reconcile or config.force_apply):
         raise DriftError(
@@ -143,19 +154,43 @@ def apply(config: Config, plan: Plan, namespace_path: str = "") -> Outcome:
     }
     if ipset:  # before the rules that match them
         ipset.load(wanted_sets)
+    created = _absent_base_chains(scripts, detection)
     try:
-        touched = _write(scripts, detection, applier)
-        _ensure_routes(plan, detection, applier, touched)
+        touched = _write(scripts, detection, applier, wanted, created)
+        _ensure_routes(plan, detection, applier, touched, wanted, created)
     except IstioIptablesError:
         if ipset:  # the old rules are back: the kernel keeps the sets they match, the rest go
             ipset.remove_stale([], quiet=True)
         raise
     if ipset:
         ipset.remove_stale([named.name for named in wanted_sets])
+    if has_ours:
+        if detection.backend.name == "nft":
+            drop_emptied_nft_chains(detection, live, applier_env(applier), wanted)
+        _remove_replaced_routes(config, plan, live)
     return Outcome("reconciled" if has_ours else "applied", detection.backend.name, scripts)
 
 
-def _write(scripts: dict[Family, str], detection: Detection, applier: Applier) -> dict[Family, list[str]]:
+def _remove_replaced_routes(config: Config, plan: Plan, live: dict[Family, TableState]) -> None:
+    """After a reconcile: the policy routing (and ::6) of the replaced configuration, if this one has none of it."""
+    stale = {(mark, config.route_table) for mark in live_marks(live)}
+    wanted = plan.routes
+    unchanged = wanted is not None and stale <= {(wanted.mark, wanted.table)} and len(wanted.families) == 2
+    drop_v6 = bool(live[Family.V6]) and not plan.ipv6_passthrough_address
+    if (not stale or unchanged) and not drop_v6:
+        return
+    from istio_iptables.apply import routes
+
+    routes.remove(stale, passthrough_v6=drop_v6, keep=wanted)
+
+
+def _write(
+    scripts: dict[Family, str],
+    detection: Detection,
+    applier: Applier,
+    wanted: dict[Family, TableState],
+    created: Created | None = None,
+) -> dict[Family, list[str]]:
     touched: dict[Family, list[str]] = {}
     try:
         for family, script in scripts.items():
@@ -164,7 +199,7 @@ def _write(scripts: dict[Family, str], detection: Detection, applier: Applier) -
             applier.write(family, script)
     except RestoreFailed as failure:
         try:
-            rolled_back = _rollback(touched, detection, applier)
+            rolled_back = _rollback(touched, detection, applier, wanted, created)
         except RestoreFailed as undo_failure:
             # The undo met the same obstacle (e.g. an unwritable lock file): say so, never a traceback.
             raise ApplyError(
@@ -181,33 +216,104 @@ def _last_line(failure: RestoreFailed) -> str:
     return lines[-1] if lines else f"exit {failure.returncode}"
 
 
-def _rollback(touched: dict[Family, list[str]], detection: Detection, applier: Applier) -> bool:
+def _absent_base_chains(scripts: dict[Family, str], detection: Detection) -> Created:
+    """nft backend: the built-in chains our scripts add to that do not exist yet (so a rollback removes them).
+
+    iptables-nft-save prints every built-in chain of a table whether nft holds it or not; only a chain
+    without rules in an existing table is in doubt, and only then is nft asked.
+    """
+    if detection.backend.name != "nft":
+        return {}
+    doubtful: Created = {}
+    for family, script in scripts.items():
+        tables = detection.dump(family).tables
+        for table, chain in added_builtin_chains(script):
+            if table in tables and not tables[table].get(chain):
+                doubtful.setdefault(family, set()).add((table, chain))
+    if not doubtful:
+        return {}
+    from istio_iptables.apply.restore import nft_chains
+
+    return {family: chains - nft_chains(family) for family, chains in doubtful.items()}
+
+
+def added_builtin_chains(script: str) -> set[tuple[str, str]]:
+    """(table, chain) of every built-in chain a restore script appends or inserts into."""
+    found: set[tuple[str, str]] = set()
+    table = ""
+    for line in script.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif line.startswith(("-A ", "-I ")):
+            chain = line.split()[1]
+            if chain in BUILTIN_CHAINS:
+                found.add((table, chain))
+    return found
+
+
+def _rollback(
+    touched: dict[Family, list[str]],
+    detection: Detection,
+    applier: Applier,
+    wanted: dict[Family, TableState],
+    created: Created | None = None,
+) -> bool:
+    """Undo exactly what this run changed: the inverse of its transition, computed from what the
+    namespace holds now, written with --noflush. Foreign rules keep their place and counters;
+    tables nobody changed are not written at all."""
+    changed = False
     for family, tables in touched.items():
-        applier.rollback(family, detection.saves[family], tables)
-    return bool(touched)
+        before = detection.dump(family)
+        now = parse_save(applier.read(family))
+        script = rollback_script(before, now, tables, wanted.get(family, {}), family)
+        if script:
+            log.debug("%s rollback input for %s:\n%s", applier.name, family.label, script)
+            applier.write(family, script)
+            changed = True
+        if detection.backend.name == "nft":
+            new_tables = [table for table in tables if table not in before.tables]
+            chains = (created or {}).get(family, set())
+            changed |= drop_nft_leftovers(family, new_tables, sorted(chains), applier_env(applier))
+    return changed
 
 
-def _ensure_routes(plan: Plan, detection: Detection, applier: Applier, touched: dict[Family, list[str]]) -> None:
+def applier_env(applier: Applier) -> Mapping[str, str] | None:
+    return getattr(applier, "env", None)
+
+
+def _ensure_routes(
+    plan: Plan,
+    detection: Detection,
+    applier: Applier,
+    touched: dict[Family, list[str]],
+    wanted: dict[Family, TableState],
+    created: Created | None = None,
+) -> None:
     if plan.routes is None and not plan.ipv6_passthrough_address:
         return
     from istio_iptables.apply import routes
 
     try:
-        routes.ensure(plan.routes, plan.ipv6_passthrough_address)
+        routes.ensure(plan.routes, plan.ipv6_passthrough_address)  # takes back its own additions on failure
     except IstioIptablesError as error:
         if touched:
-            _rollback(touched, detection, applier)
+            _rollback(touched, detection, applier, wanted, created)
             raise type(error)(f"{error}; the rules were rolled back") from None
         raise
 
 
-def cleanup_preview(config: Config) -> dict[Family, str]:
+def cleanup_preview(config: Config, plan: Plan) -> dict[Family, str]:
     """``--cleanup-only --dry-run``: the restore input cleanup would write, read from the live namespace."""
-    return _removal_scripts(_live_state(detect(config.force_iptables_binary, FAMILIES)))
+    return _removal_scripts(_live_state(detect(config.force_iptables_binary, FAMILIES), _wanted_state(plan)))
 
 
-def _live_state(detection: Detection) -> dict[Family, TableState]:
-    return {family: owned_state(detection.dump(family)) for family in FAMILIES}
+def _wanted_state(plan: Plan) -> dict[Family, TableState]:
+    """What this run's configuration writes, per family: the plan's side of ownership (see owned_state)."""
+    return {family: desired_state(ruleset) if (ruleset := plan.ruleset(family)) else {} for family in FAMILIES}
+
+
+def _live_state(detection: Detection, wanted: dict[Family, TableState]) -> dict[Family, TableState]:
+    return {family: owned_state(detection.dump(family), wanted[family], family) for family in FAMILIES}
 
 
 def _removal_scripts(live: dict[Family, TableState]) -> dict[Family, str]:
@@ -216,15 +322,32 @@ def _removal_scripts(live: dict[Family, TableState]) -> dict[Family, str]:
 
 
 def _cleanup(
-    detection: Detection, applier: Applier, live: dict[Family, TableState], ipset: Ipset | None
+    config: Config,
+    detection: Detection,
+    applier: Applier,
+    live: dict[Family, TableState],
+    ipset: Ipset | None,
+    wanted: dict[Family, TableState],
 ) -> Outcome:
+    """Remove our part as found live, the ipsets it matched and the policy routing of ours.
+
+    Policy routing is ours by mark *and* table: the marks of our live TPROXY rules and the mark given
+    to this run (-t, default 1337), each with the table given to it (-r, default 133), so an orphan
+    left by an interrupted TPROXY run is found too; a foreign ``fwmark 1337 lookup 200`` stays.
+    """
     scripts = _removal_scripts(live)
-    _write(scripts, detection, applier)
+    _write(scripts, detection, applier, wanted)  # the flags' claims, so a failed cleanup puts back all of it
+    emptied = False
+    if detection.backend.name == "nft" and scripts:
+        emptied = drop_emptied_nft_chains(detection, live, applier_env(applier))
     if ipset:  # no rule of ours matches them any more
         ipset.remove_stale([])
-    mark = live_mark(live[Family.V4]) if live[Family.V4] else live_mark(live[Family.V6])
-    if mark is not None or live[Family.V6]:
-        from istio_iptables.apply import routes
+    pairs = {(mark, config.route_table) for mark in {*live_marks(live), config.tproxy_mark}}
+    from istio_iptables.apply import routes
 
-        routes.remove(mark, passthrough_v6=bool(live[Family.V6]))
-    return Outcome("cleaned" if scripts else "nothing-to-clean", detection.backend.name, scripts)
+    orphans = routes.fwmark_rules_present(pairs)
+    routed = False
+    if orphans or live[Family.V6] or live_marks(live):
+        routed = routes.remove(pairs, passthrough_v6=bool(live[Family.V6]) or Family.V6 in orphans)
+    done = bool(scripts) or routed or emptied
+    return Outcome("cleaned" if done else "nothing-to-clean", detection.backend.name, scripts)

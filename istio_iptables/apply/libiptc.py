@@ -152,11 +152,9 @@ class LibiptcApplier:
         if code != 0:
             raise RestoreFailed(family, f"libiptc ({family.name})", script, code, message or f"exit {code}")
 
-    def rollback(self, family: Family, snapshot: str, tables: list[str]) -> None:
-        # Replaying a snapshot is what iptables-restore does best; the lock is its business then.
-        for table in tables:
-            self._table(family, table).refresh()
-        RestoreApplier(self.backend, self.env).rollback(family, snapshot, tables)
+    def read(self, family: Family) -> str:
+        """What the namespace holds now; the rollback computed from it is written with :meth:`write`."""
+        return RestoreApplier(self.backend, self.env).read(family)
 
     def _table(self, family: Family, name: str) -> Any:
         iptc = self.iptc

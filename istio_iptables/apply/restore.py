@@ -2,7 +2,8 @@
 
 Failures are turned into one actionable line: the kernel lacking a table, match or target and a
 held xtables lock are environment problems (exit 4); anything else names the failing restore line
-with five lines of context either side. Rolling back replays the snapshot taken before writing.
+with five lines of context either side. Rollback inputs come from the engine (the inverse of a
+transition, see :func:`istio_iptables.apply.state.rollback_script`).
 """
 
 from __future__ import annotations
@@ -10,10 +11,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from istio_iptables.apply.backend import Backend, find_program
-from istio_iptables.apply.state import parse_save
+from istio_iptables.apply.backend import Backend, Detection, find_program
 from istio_iptables.errors import ApplyError, EnvironmentProblem, IstioIptablesError
-from istio_iptables.model import Family
+from istio_iptables.model import BUILTIN_CHAINS, Family
 from istio_iptables.spawn import run, which
 
 LOCK_WAIT_SECONDS = 30  # how long a write waits for the xtables lock before giving up (Istio: 30)
@@ -105,27 +105,13 @@ class RestoreApplier:
     def write(self, family: Family, script: str) -> None:
         self._restore(family, script, "--noflush", "-w", str(LOCK_WAIT_SECONDS))
 
-    def rollback(self, family: Family, snapshot: str, tables: list[str]) -> None:
-        """Put every table we touched back as the snapshot held it (empty if it held nothing)."""
-        saved = parse_save(snapshot).tables
-        missing = [table for table in tables if table not in saved]
-        kept = "\n".join(self._tables_of_snapshot(snapshot, tables))
-        text = kept + "".join(f"*{table}\nCOMMIT\n" for table in missing)
-        if text.strip():
-            self._restore(family, text, "-w", str(LOCK_WAIT_SECONDS))
-        if self.backend.name == "nft" and missing:
-            drop_new_nft_tables(family, missing, self.env)
-
-    @staticmethod
-    def _tables_of_snapshot(snapshot: str, tables: list[str]) -> list[str]:
-        kept: list[str] = []
-        keep = False
-        for line in snapshot.splitlines():
-            if line.startswith("*"):
-                keep = line[1:].strip() in tables
-            if keep and not line.startswith("#"):
-                kept.append(line)
-        return [*kept, ""] if kept else []
+    def read(self, family: Family) -> str:
+        """What the namespace holds now (``*-save``), to compute a rollback from."""
+        program = self.backend.program(family, "save")
+        process = run([find_program(program)], env=self.env, timeout=LOCK_WAIT_SECONDS + 30)
+        if process.returncode != 0:
+            raise RestoreFailed(family, program, "", process.returncode, process.stderr)
+        return process.stdout
 
     def _restore(self, family: Family, text: str, *options: str) -> None:
         program = self.backend.program(family, "restore")
@@ -134,15 +120,105 @@ class RestoreApplier:
             raise RestoreFailed(family, program, text, process.returncode, process.stderr)
 
 
-def drop_new_nft_tables(family: Family, tables: list[str], env: Mapping[str, str] | None) -> None:
-    """An nft table our failed write created is deleted again, so the backend looks untouched.
+NftChains = dict[tuple[str, str], tuple[bool, str, int]]  # (table, chain) -> (base chain, policy, rules)
 
-    Only tables the snapshot did not list (so nobody else had rules there) and which the rollback
-    just emptied; without the nft binary they stay, empty.
-    """
+
+def _nft_family(family: Family) -> str:
+    return "ip" if family is Family.V4 else "ip6"
+
+
+def nft_listing(family: Family, env: Mapping[str, str] | None = None) -> NftChains | None:
+    """The chains nft holds for iptables-nft's tables of ``family``; None without a usable nft."""
     nft = which("nft")
     if nft is None:
-        return
-    nft_family = "ip" if family is Family.V4 else "ip6"
-    script = "".join(f"delete table {nft_family} {table}\n" for table in tables)
-    run([nft, "-f", "-"], input=script, env=env)
+        return None
+    listed = run([nft, "-j", "list", "ruleset", _nft_family(family)], env=env, timeout=60)
+    if listed.returncode != 0:
+        return None
+    import json
+
+    chains: NftChains = {}
+    for entry in json.loads(listed.stdout or "{}").get("nftables", []):
+        if "chain" in entry:
+            chain = entry["chain"]
+            chains[(chain["table"], chain["name"])] = ("hook" in chain, chain.get("policy", "accept"), 0)
+        elif "rule" in entry:
+            rule = entry["rule"]
+            key = (rule["table"], rule["chain"])
+            if key in chains:
+                base, policy, count = chains[key]
+                chains[key] = (base, policy, count + 1)
+    return chains
+
+
+def nft_chains(family: Family, env: Mapping[str, str] | None = None) -> set[tuple[str, str]]:
+    """(table, chain) of every chain nft holds in ``family``'s iptables tables (all of them if nft is missing,
+    so nothing is taken for ours)."""
+    listing = nft_listing(family, env)
+    if listing is None:
+        return {(table, chain) for table in ("filter", "mangle", "nat", "raw") for chain in BUILTIN_CHAINS}
+    return set(listing)
+
+
+def _delete_if_empty(
+    family: Family, chains: list[tuple[str, str]], tables: list[str], env: Mapping[str, str] | None
+) -> bool:
+    """Delete these built-in chains if they hold no rule (ACCEPT policy), then these tables if they hold no chain."""
+    listing = nft_listing(family, env)
+    nft = which("nft")
+    if listing is None or nft is None:
+        return False
+    name = _nft_family(family)
+    commands = []
+    for table, chain in chains:
+        found = listing.get((table, chain))
+        if found is not None and found[0] and found[1] == "accept" and found[2] == 0:
+            commands.append(f"delete chain {name} {table} {chain}")
+            del listing[(table, chain)]
+    remaining = {table for table, _ in listing}
+    commands += [f"delete table {name} {table}" for table in tables if table not in remaining]
+    deleted = False
+    for command in commands:  # one by one: one refusal must not keep the others
+        deleted |= run([nft, command], env=env).returncode == 0
+    return deleted
+
+
+def drop_nft_leftovers(
+    family: Family, new_tables: list[str], new_chains: list[tuple[str, str]], env: Mapping[str, str] | None
+) -> bool:
+    """After a rollback on the nft backend: the tables and built-in chains our failed write created go
+    again (iptables-nft creates them on first use and never removes them), once they hold nothing."""
+    if not new_tables and not new_chains:
+        return False
+    chains = [*new_chains, *((table, chain) for table in new_tables for chain in sorted(BUILTIN_CHAINS))]
+    return _delete_if_empty(family, chains, new_tables, env)
+
+
+State = Mapping[str, Mapping[str, list[str]]]
+
+
+def drop_emptied_nft_chains(
+    detection: Detection,
+    live: Mapping[Family, State],
+    env: Mapping[str, str] | None,
+    wanted: Mapping[Family, State] | None = None,
+) -> bool:
+    """After cleanup or a reconcile on the nft backend: built-in chains that held nothing but our rules
+    and now get none go, and then a table left without chains, so ``nft list ruleset`` shows what it
+    showed before our first run (iptables-nft creates them on first use and never removes them)."""
+    deleted = False
+    for family, state in live.items():
+        tables = detection.dump(family).tables
+        kept = (wanted or {}).get(family, {})
+        emptied = [
+            (table, chain)
+            for table, chains in state.items()
+            for chain, specs in chains.items()
+            if chain in BUILTIN_CHAINS
+            and specs
+            and len(specs) == len(tables.get(table, {}).get(chain, []))
+            and not kept.get(table, {}).get(chain)
+        ]
+        if emptied:
+            deleted |= _delete_if_empty(family, emptied, sorted({table for table, _ in emptied}), env)
+    return deleted

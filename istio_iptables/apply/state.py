@@ -5,22 +5,28 @@ explicit default masks), and ``iptables-save`` prints that normal form. To compa
 wants with what a namespace holds, :func:`canonical_spec` renders the model straight into that
 form; tests prove it equal to the kernel's dump for every conformance case on both backends.
 
-What we own in a live namespace is decided from the live state alone (so cleanup works after a
-configuration change): every chain in :data:`~istio_iptables.model.OWN_CHAINS`, every rule of a
-built-in chain that jumps into one, and the other rule shapes our plans put into built-in
-chains (interface RETURNs, TPROXY MARK/CONNMARK rules) when the family holds any of the former.
+What we own in a live namespace: every chain in :data:`~istio_iptables.model.OWN_CHAINS` and every
+rule of a built-in chain that jumps into one (the namespace shows them); any other rule of a
+built-in chain only when this run's configuration writes it or our live chains imply it
+(:func:`owned_state`), so a foreign look-alike such as ``-i eth7 -j RETURN`` is never ours.
 """
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable
 
+from istio_iptables.config import OUTBOUND_MARK
 from istio_iptables.model import (
     ALL_PORTS,
     BUILTIN_CHAINS,
+    ISTIO_DIVERT,
+    ISTIO_INBOUND,
+    ISTIO_OUTPUT,
+    ISTIO_REDIRECT,
+    ISTIO_TPROXY,
     OWN_CHAINS,
     TABLES,
     Address,
@@ -215,31 +221,21 @@ def desired_state(ruleset: RuleSet, resolve_gid: GidResolver = numeric_gid) -> T
 
 # --- what we own in a live dump ----------------------------------------------------
 
-@functools.cache
-def _builtin_shapes() -> tuple[tuple[frozenset[str], str, re.Pattern[str]], ...]:
-    """(tables, chain, shape) of every non-jump rule our plans put into built-in chains (capture.py).
+# A rule of a built-in chain that is not a jump into our chains cannot be told apart from someone
+# else's by its text (`-i eth7 -j RETURN` could be anyone's). Such a rule is ours only when
+# something ties it to us: the configuration of this run writes it (as Istio's --cleanup-only
+# works from the flags it is given), or our live chains imply it (see _tied_to_our_chains).
+# Patterns, not compiled at import (re caches them on first use): a fresh namespace never needs them.
+_TPROXY_MARK = r"--(?:tproxy-mark|set-xmark) (0x[0-9a-f]+)/"
+_INTERFACE_RETURN = r"-[io] \S+ -j RETURN"
+_MARKED_RETURN = r"-p tcp -m mark --mark (0x[0-9a-f]+) -j RETURN"
+_PROXY_OWNER_RETURN = r"-m owner --([ug]id)-owner (\d+) -j RETURN"
+_OWNER_MARK = (
+    rf"! -d \S+ -o lo -p tcp -m owner --([ug]id)-owner (\d+) -j MARK --set-xmark {OUTBOUND_MARK:#x}/0xffffffff"
+)
+_VIRT_JUMP = rf"-i (\S+) (?:.* )?-j {ISTIO_REDIRECT}"
 
-    Compiled on first use: a fresh namespace never needs them.
-    """
-    masks = "--nfmask 0xffffffff --ctmask 0xffffffff"
-    hexa = r"0x[0-9a-f]+"
-    owner = rf"! -d \S+ -o lo -p tcp -m owner --[ug]id-owner \d+ -j MARK --set-xmark {hexa}/0xffffffff"
-    return (
-        (frozenset({"nat", "mangle"}), "PREROUTING", re.compile(r"-i \S+ -j RETURN")),
-        (frozenset({"nat", "mangle"}), "OUTPUT", re.compile(r"-o \S+ -j RETURN")),
-        (
-            frozenset({"mangle"}),
-            "PREROUTING",
-            re.compile(rf"-p tcp -m mark --mark {hexa} -j CONNMARK --save-mark {masks}"),
-        ),
-        (frozenset({"mangle"}), "OUTPUT", re.compile(rf"-o lo -p tcp -m mark --mark {hexa} -j RETURN")),
-        (frozenset({"mangle"}), "OUTPUT", re.compile(owner)),
-        (
-            frozenset({"mangle"}),
-            "OUTPUT",
-            re.compile(rf"-p tcp -m connmark --mark {hexa} -j CONNMARK --restore-mark {masks}"),
-        ),
-    )
+OwnedKey = tuple[str, str, str]  # (table, built-in chain, rule spec)
 
 
 def jumps_to_own_chain(spec: str) -> bool:
@@ -247,15 +243,62 @@ def jumps_to_own_chain(spec: str) -> bool:
     return target in OWN_CHAINS and (head == "" or head.endswith(" "))
 
 
-def builtin_shape_is_ours(table: str, chain: str, spec: str) -> bool:
-    return any(
-        table in tables and chain == shape_chain and shape.fullmatch(spec)
-        for tables, shape_chain, shape in _builtin_shapes()
-    )
+def live_tproxy_mark(chains: Chains) -> int | None:
+    """The mark of our live TPROXY chains (mangle ISTIO_TPROXY / ISTIO_DIVERT, or the RETURN of marked
+    packets that heads mangle ISTIO_INBOUND when no inbound port is captured), if any."""
+    for spec in [*chains.get(ISTIO_TPROXY, []), *chains.get(ISTIO_DIVERT, [])]:
+        found = re.search(_TPROXY_MARK, spec)
+        if found:
+            return int(found.group(1), 16)
+    for spec in chains.get(ISTIO_INBOUND, [])[:1]:
+        found = re.fullmatch(_MARKED_RETURN, spec)
+        if found:
+            return int(found.group(1), 16)
+    return None
 
 
-def owned_state(dump: SaveDump) -> TableState:
-    """Our part of a live family: own chains whole, and our rules of built-in chains in order."""
+def _tied_to_our_chains(dump: SaveDump, family: Family) -> set[OwnedKey]:
+    """Non-jump rules of built-in chains that our live chains imply, whatever the flags of this run.
+
+    - TPROXY: our ISTIO_TPROXY/ISTIO_DIVERT carry the mark M; a TPROXY configuration always adds the
+      mangle rules that save, keep and restore M, and the 0x53a MARK of each proxy owner that our
+      nat ISTIO_OUTPUT exempts.
+    - ``-k X``: our ``-i X ... -j ISTIO_REDIRECT`` in nat PREROUTING comes with ``-i X -j RETURN``.
+    """
+    tied: set[OwnedKey] = set()
+    mangle = dump.tables.get("mangle", {})
+    mark = live_tproxy_mark(mangle)
+    if mark is not None:
+        implied = [
+            Rule("mangle", "PREROUTING", (Protocol("tcp"), Mark(mark)), ConnMarkSave()),
+            Rule("mangle", "OUTPUT", (Interface("out", "lo"), Protocol("tcp"), Mark(mark)), Verdict("RETURN")),
+            Rule("mangle", "OUTPUT", (Protocol("tcp"), ConnMark(mark)), ConnMarkRestore()),
+        ]
+        tied |= {(rule.table, rule.chain, canonical_spec(rule, family)) for rule in implied}
+        owners = {
+            found.groups()
+            for spec in dump.tables.get("nat", {}).get(ISTIO_OUTPUT, [])
+            if (found := re.fullmatch(_PROXY_OWNER_RETURN, spec))
+        }
+        for spec in mangle.get("OUTPUT", []):
+            found = re.fullmatch(_OWNER_MARK, spec)
+            if found and found.groups() in owners:
+                tied.add(("mangle", "OUTPUT", spec))
+    prerouting = dump.tables.get("nat", {}).get("PREROUTING", [])
+    for spec in prerouting:
+        found = re.fullmatch(_VIRT_JUMP, spec)
+        if found:
+            tied.add(("nat", "PREROUTING", f"-i {found.group(1)} -j RETURN"))
+    return tied
+
+
+def owned_state(dump: SaveDump, wanted: TableState | None = None, family: Family = Family.V4) -> TableState:
+    """Our part of a live family: own chains whole, and our rules of built-in chains in order.
+
+    Of a built-in chain: every rule jumping into one of our chains; any other rule only as often
+    as ``wanted`` (the state this run's configuration produces) holds it, or once if our live
+    chains imply it. Nothing at all when the family holds none of our chains and no jump to one.
+    """
     ours: TableState = {}
     for table in TABLES:
         chains = dump.tables.get(table, {})
@@ -271,11 +314,33 @@ def owned_state(dump: SaveDump) -> TableState:
     )
     if not ours and not has_jumps:
         return {}
+    claims: Counter[OwnedKey] = Counter(
+        (table, name, spec)
+        for table, chains in (wanted or {}).items()
+        for name, specs in chains.items()
+        if name in BUILTIN_CHAINS
+        for spec in specs
+        if not jumps_to_own_chain(spec)
+    )
+    tproxy_live = live_tproxy_mark(dump.tables.get("mangle", {})) is not None
+    for (table, name, spec), count in list(claims.items()):
+        # -c X of a TPROXY configuration also wrote X's RETURNs into mangle: a reconcile to REDIRECT
+        # (whose flags name X only in nat) still owns them while our TPROXY chains are live.
+        if tproxy_live and table == "nat" and re.fullmatch(_INTERFACE_RETURN, spec):
+            claims[("mangle", name, spec)] = max(claims[("mangle", name, spec)], count)
+    for key in _tied_to_our_chains(dump, family):
+        claims[key] = max(claims[key], 1)
     for table in TABLES:
         for name, specs in dump.tables.get(table, {}).items():
             if name not in BUILTIN_CHAINS:
                 continue
-            mine = [spec for spec in specs if jumps_to_own_chain(spec) or builtin_shape_is_ours(table, name, spec)]
+            mine = []
+            for spec in specs:
+                if jumps_to_own_chain(spec):
+                    mine.append(spec)
+                elif claims[(table, name, spec)] > 0:
+                    claims[(table, name, spec)] -= 1
+                    mine.append(spec)
             if mine:
                 ours.setdefault(table, {})[name] = mine
     return ours
@@ -345,5 +410,71 @@ def transition_script(live: TableState, ruleset: RuleSet | None) -> str:
         lines += [f"-X {name}" for name in obsolete]
         if ruleset is not None:
             lines += [rule_line(rule) for rule in ruleset.rules_of(table)]  # type: ignore[arg-type]
+        lines.append("COMMIT")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+# --- undoing a failed write -----------------------------------------------------------
+
+
+def _positions(chain: list[str], mine: list[str]) -> list[int]:
+    """1-based positions of ``mine`` (a subsequence of ``chain``, in order) within ``chain``."""
+    positions: list[int] = []
+    for number, spec in enumerate(chain, start=1):
+        if len(positions) < len(mine) and spec == mine[len(positions)]:
+            positions.append(number)
+    return positions
+
+
+def _max_claims(*states: TableState) -> TableState:
+    """The built-in-chain rules of several states, each as often as the state holding it most often."""
+    counts: dict[tuple[str, str], Counter[str]] = {}
+    for state in states:
+        for table, chains in state.items():
+            for name, specs in chains.items():
+                if name in BUILTIN_CHAINS:
+                    counts[(table, name)] = counts.get((table, name), Counter()) | Counter(specs)
+    merged: TableState = {}
+    for (table, name), counter in counts.items():
+        merged.setdefault(table, {})[name] = list(counter.elements())
+    return merged
+
+
+def rollback_script(before: SaveDump, now: SaveDump, tables: Iterable[str], wanted: TableState, family: Family) -> str:
+    """Restore input (for ``--noflush``) that puts our part of ``tables`` back as ``before`` held it.
+
+    The inverse of a failed run's transition, computed from what the namespace holds ``now`` (a
+    table whose write never committed needs nothing): our chains that differ are redeclared and
+    refilled, chains the run created are deleted, our rules of built-in chains are deleted and the
+    old ones inserted at their old positions. Foreign rules are never written, so they keep their
+    counters, and no chain or table is declared that was not there.
+    """
+    ours_before = owned_state(before, wanted, family)
+    ours_now = owned_state(now, _max_claims(wanted, ours_before), family)
+    lines: list[str] = []
+    for table in tables:
+        was, held = before.tables.get(table, {}), now.tables.get(table, {})
+        if was == held:
+            continue
+        old, new = ours_before.get(table, {}), ours_now.get(table, {})
+        refill = [name for name in old if name not in BUILTIN_CHAINS and new.get(name) != old[name]]
+        obsolete = [name for name in new if name not in BUILTIN_CHAINS and name not in old]
+        builtin = [
+            name
+            for name in sorted({*old, *new} & BUILTIN_CHAINS)
+            if old.get(name, []) != new.get(name, [])
+            or _positions(was.get(name, []), old.get(name, [])) != _positions(held.get(name, []), new.get(name, []))
+        ]
+        if not (refill or obsolete or builtin):
+            continue
+        lines.append(f"*{table}")
+        lines += [f":{check_token(name)} - [0:0]" for name in [*refill, *obsolete]]
+        lines += [f"-D {name} {spec}" for name in builtin for spec in new.get(name, [])]
+        lines += [f"-X {name}" for name in obsolete]
+        lines += [f"-A {name} {spec}" for name in refill for spec in old[name]]
+        for name in builtin:
+            mine = old.get(name, [])
+            positions = _positions(was.get(name, []), mine)
+            lines += [f"-I {name} {position} {spec}" for position, spec in zip(positions, mine, strict=True)]
         lines.append("COMMIT")
     return "\n".join(lines) + "\n" if lines else ""

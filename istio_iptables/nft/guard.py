@@ -53,3 +53,13 @@ def remove_nft_tables() -> None:
     state = system.NamespaceState()
     system.read_nft_state(state)
     system.remove_our_tables(state.our_tables)
+
+
+def cleanup_nft_tables(config: Config) -> bool:
+    """``--cleanup-only`` without --native-nftables: our nft tables go too (the apply path refuses
+    while they exist, so cleanup must see them). True if there were any."""
+    if not our_tables_may_exist():
+        return False
+    from istio_iptables.nft.run import cleanup
+
+    return cleanup(config)

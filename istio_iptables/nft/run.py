@@ -14,7 +14,7 @@ from typing import TextIO
 from istio_iptables.config import Config
 from istio_iptables.errors import DriftError, IstioIptablesError
 from istio_iptables.logging_setup import log
-from istio_iptables.model import Plan
+from istio_iptables.model import Family, Plan
 from istio_iptables.nft import system
 from istio_iptables.nft.capture import build_nft_ruleset
 from istio_iptables.nft.render import render_cleanup, render_script
@@ -26,7 +26,7 @@ def run_nftables(config: Config, out: TextIO, plan: Plan) -> None:
         if config.dry_run:
             out.write(render_cleanup())
         elif not config.skip_rule_apply:
-            cleanup()
+            cleanup(config)
         return
     ruleset = build_nft_ruleset(config)
     if config.dry_run:
@@ -40,6 +40,10 @@ def run_nftables(config: Config, out: TextIO, plan: Plan) -> None:
             "this namespace already holds istio-iptables rules in iptables form: "
             f"{state.describe_iptables_form()}; re-run with --reconcile to replace them with nftables"
         )
+    if plan.routes is not None:
+        from istio_iptables.apply import routes
+
+        routes.check_loopback_up()  # before anything is written: exit 4, not half the routes
     # With --reconcile, iptables-nft's chains go in the same transaction in which ours arrive.
     removal = system.iptables_nft_removal_lines(state)
     system.apply_script(render_script(ruleset, present=state.our_tables, also=removal, held=state.held()))
@@ -47,17 +51,40 @@ def run_nftables(config: Config, out: TextIO, plan: Plan) -> None:
         system.remove_legacy_form(state)
         log.info("--reconcile: replaced %s", state.describe_iptables_form())
     ensure_routes(plan, state)
+    remove_replaced_routes(config, plan, state)
 
 
-def cleanup() -> None:
-    """Delete exactly our tables, and the TPROXY route and ::6 address they implied."""
+def remove_replaced_routes(config: Config, plan: Plan, before: system.NamespaceState) -> None:
+    """Our tables were replaced: the old configuration's TPROXY routing and ::6 go if this one has none."""
+    stale = {(before.tproxy_mark, config.route_table)} if before.tproxy_mark is not None else set()
+    wanted = plan.routes
+    unchanged = wanted is not None and stale <= {(wanted.mark, wanted.table)} and len(wanted.families) == 2
+    drop_v6 = before.our_ipv6 and not plan.ipv6_passthrough_address
+    if (not stale or unchanged) and not drop_v6:
+        return
+    from istio_iptables.apply import routes
+
+    routes.remove(stale, passthrough_v6=drop_v6, keep=wanted)
+
+
+def cleanup(config: Config) -> bool:
+    """Delete exactly our tables, and the TPROXY routing and ::6 address they implied; True if anything went.
+
+    Policy routing is ours by mark and table, as on the iptables backends (engine._cleanup): the
+    mark of our live TPROXY rule and the one given to this run, each with the table given to it.
+    """
     state = system.NamespaceState()
     system.read_nft_state(state)
     system.remove_our_tables(state.our_tables)
-    if state.tproxy_mark is not None or state.our_ipv6:
-        from istio_iptables.apply import routes
+    from istio_iptables.apply import routes
 
-        routes.remove(state.tproxy_mark, passthrough_v6=state.our_ipv6)
+    marks = {config.tproxy_mark} | ({state.tproxy_mark} if state.tproxy_mark is not None else set())
+    pairs = {(mark, config.route_table) for mark in marks}
+    orphans = routes.fwmark_rules_present(pairs)
+    routed = False
+    if state.tproxy_mark is not None or state.our_ipv6 or orphans:
+        routed = routes.remove(pairs, passthrough_v6=state.our_ipv6 or Family.V6 in orphans)
+    return bool(state.our_tables) or routed
 
 
 def ensure_routes(plan: Plan, before: system.NamespaceState) -> None:
