@@ -32,6 +32,20 @@ def require_kernel() -> None:
         pytest.skip(reason)
 
 
+@pytest.fixture(autouse=True)
+def fresh_logger() -> Iterator[None]:
+    """Put the module-global logger back as the test found it (unconfigured: records go to ``logging``).
+
+    An in-process CLI run configures it onto the CliRunner's stream, which is gone after the run.
+    """
+    from istio_iptables.logging_setup import log
+
+    before = dict(vars(log))
+    yield
+    vars(log).clear()
+    vars(log).update(before)
+
+
 @pytest.fixture
 def netns() -> Iterator[NetNS]:
     require_kernel()
