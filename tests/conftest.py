@@ -77,10 +77,30 @@ def pair(netns_factory: Callable[[str], NetNS]) -> Iterator[Pair]:
     made.close()
 
 
+# Fixtures that need root (namespaces, podman): a test using any of them, directly or through another
+# fixture, is marked ``netns``, so ``pytest -m "not netns"`` selects the rootless unit subset.
+ROOT_FIXTURES = frozenset({"netns", "netns_factory", "image"})
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if "netns" in item.fixturenames or "netns_factory" in item.fixturenames:
+        if ROOT_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.netns)
+
+
+@pytest.fixture(autouse=True)
+def namespaces_only_when_marked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test that makes a namespace without the ``netns`` marker fails, so ``-m "not netns"`` stays rootless.
+
+    (Mark it with ``pytestmark = pytest.mark.netns`` or use the ``netns``/``netns_factory`` fixtures.)
+    """
+    if request.node.get_closest_marker("netns") is not None:
+        return
+
+    def refuse(self: NetNS, *args: object, **kwargs: object) -> None:
+        pytest.fail(f"{request.node.nodeid} makes a network namespace but is not marked netns")
+
+    monkeypatch.setattr(NetNS, "__init__", refuse)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -1,4 +1,5 @@
-"""Tests import support modules, never each other; scripts/ and bench/ import no test module.
+"""How the tests are laid out: they import support modules, never each other; scripts/ and bench/ import
+no test module; only tests marked ``netns`` make namespaces.
 
 A test module imported elsewhere runs its module-level setup twice and ties unrelated tests
 together (renaming or moving one breaks the other); shared helpers live in support modules
@@ -9,6 +10,10 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+
+import pytest
+
+from tests.netns import NetNS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,3 +48,9 @@ def test_scripts_and_benchmarks_import_no_test_module() -> None:
     assert paths, "scripts/ and bench/ moved? update this test"
     offenders = {str(path.relative_to(ROOT)): imports for path in paths if (imports := imported_test_modules(path))}
     assert offenders == {}
+
+
+def test_a_test_not_marked_netns_cannot_make_a_namespace() -> None:
+    """tests/conftest.py refuses it, so ``pytest -m "not netns"`` never needs root (see README)."""
+    with pytest.raises(pytest.fail.Exception, match="not marked netns"):
+        NetNS()
