@@ -89,18 +89,26 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(autouse=True)
-def namespaces_only_when_marked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+def namespaces_only_when_marked(request: pytest.FixtureRequest) -> Iterator[None]:
     """A test that makes a namespace without the ``netns`` marker fails, so ``-m "not netns"`` stays rootless.
 
     (Mark it with ``pytestmark = pytest.mark.netns`` or use the ``netns``/``netns_factory`` fixtures.)
+    Patched by hand rather than with ``monkeypatch``: an autouse fixture set up first is torn down
+    last, and a test's own ``monkeypatch`` (PATH, say) must be undone before its namespaces are deleted.
     """
     if request.node.get_closest_marker("netns") is not None:
+        yield
         return
 
     def refuse(self: NetNS, *args: object, **kwargs: object) -> None:
         pytest.fail(f"{request.node.nodeid} makes a network namespace but is not marked netns")
 
-    monkeypatch.setattr(NetNS, "__init__", refuse)
+    original = NetNS.__init__
+    NetNS.__init__ = refuse  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        NetNS.__init__ = original  # type: ignore[method-assign]
 
 
 @pytest.hookimpl(hookwrapper=True)
