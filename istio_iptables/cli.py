@@ -330,9 +330,11 @@ def command(ctx: click.Context, **values: Any) -> None:
         from istio_iptables.run import run
 
         # Enter the target namespace before parsing: IPv6 detection reads its addresses. A dry run
-        # writes nothing, so it stays where it is (and needs no privilege).
+        # of the rules writes and reads nothing, so it stays where it is (and needs no privilege);
+        # the cleanup preview reads the live rules, so it runs where the cleanup would.
         dry_run = raw.flag("dry_run")
-        namespace = raw.values.get("network_namespace") if not dry_run else None
+        cleanup_only = raw.flag("cleanup_only")
+        namespace = raw.values.get("network_namespace") if cleanup_only or not dry_run else None
         with entered(namespace.value if namespace else "", namespace.source if namespace else "") as path:
             config = parse(raw, _host(ctx))
             dry_run_file = os.environ.get(DRY_RUN_FILE_VARIABLE, "")

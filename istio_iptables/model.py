@@ -238,6 +238,14 @@ class SetMark:
 
 
 @record
+class ConnMarkSet:
+    """``-j CONNMARK --set-xmark``: the connection mark becomes ``(ctmark & ~mask) ^ value`` (ambient's 0x111/0xfff)."""
+
+    value: int
+    mask: int = FULL_MASK
+
+
+@record
 class ConnMarkSave:
     pass
 
@@ -253,7 +261,7 @@ class CtZone:
 
 
 Target: TypeAlias = (
-    Jump | Verdict | Redirect | Tproxy | SetMark | ConnMarkSave | ConnMarkRestore | CtZone | Unsupported
+    Jump | Verdict | Redirect | Tproxy | SetMark | ConnMarkSet | ConnMarkSave | ConnMarkRestore | CtZone | Unsupported
 )
 
 RETURN = Verdict("RETURN")

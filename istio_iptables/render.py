@@ -16,6 +16,7 @@ from istio_iptables.model import (
     ConnMark,
     ConnMarkRestore,
     ConnMarkSave,
+    ConnMarkSet,
     ConnState,
     CtZone,
     Interface,
@@ -114,6 +115,8 @@ def target_tokens(target: Target) -> list[str]:
         if target.mask != FULL_MASK:
             return ["-j", "MARK", "--set-xmark", _masked(target.value, target.mask)]
         return ["-j", "MARK", "--set-mark", str(target.value)]
+    if isinstance(target, ConnMarkSet):
+        return ["-j", "CONNMARK", "--set-xmark", f"{target.value:#x}/{target.mask:#x}"]
     if isinstance(target, ConnMarkSave):
         return ["-j", "CONNMARK", "--save-mark"]
     if isinstance(target, ConnMarkRestore):

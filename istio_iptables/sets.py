@@ -89,7 +89,9 @@ def port_matches(
     if not use_set(use_sets, len(ports)):
         return [Ports("dst", (port,)) for port in ports]
     members = tuple(ports)
-    named = NamedSet(set_name(purpose, members, None), "port", None, members)
+    # The digest is of the single ports, as `ipset save` lists a bitmap:port set, so that
+    # holds_what_its_name_says can check a set with ranges too (plain port lists keep their names).
+    named = NamedSet(set_name(purpose, single_ports(members), None), "port", None, members)
     rules.sets[named.name] = named
     return [SetMatch(named.name, "dst")]
 
@@ -112,6 +114,15 @@ def set_members(cidrs: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
     for cidr in cidrs:
         members.extend(cidr.subnets() if cidr.prefixlen == 0 else (cidr,))
     return tuple(dict.fromkeys(members))
+
+
+def single_ports(entries: Iterable[PortEntry]) -> list[int]:
+    """Every port the entries cover, each once."""
+    covered: set[int] = set()
+    for entry in entries:
+        first, last = port_bounds(entry)
+        covered.update(range(first, last + 1))
+    return sorted(covered)
 
 
 def member_text(member: IPNetwork | PortEntry) -> str:

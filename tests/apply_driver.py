@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import sys
 
+from tests.lifecycle_support import lifecycle
 from tests.netns import NetNS
-from tests.test_apply_lifecycle import lifecycle
 
 
 class ExistingNetNS(NetNS):

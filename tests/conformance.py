@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,3 +72,13 @@ def golden_restore_documents(path: Path) -> list[str]:
             previous_table = table
         documents[-1].append(line)
     return ["\n".join(lines) + "\n" for lines in documents]
+
+
+def _canonical_cidr(match: re.Match[str]) -> str:
+    return str(ipaddress.ip_network(match.group(0), strict=False))
+
+
+def normalise(text: str) -> str:
+    """Spellings the kernel treats as equal: --to-port/--to-ports, non-canonical CIDRs."""
+    text = text.replace("--to-port ", "--to-ports ")
+    return re.sub(r"[0-9a-fA-F.:]*[.:][0-9a-fA-F.:]*/[0-9]+", _canonical_cidr, text)

@@ -32,6 +32,20 @@ def require_kernel() -> None:
         pytest.skip(reason)
 
 
+@pytest.fixture(autouse=True)
+def fresh_logger() -> Iterator[None]:
+    """Put the module-global logger back as the test found it (unconfigured: records go to ``logging``).
+
+    An in-process CLI run configures it onto the CliRunner's stream, which is gone after the run.
+    """
+    from istio_iptables.logging_setup import log
+
+    before = dict(vars(log))
+    yield
+    vars(log).clear()
+    vars(log).update(before)
+
+
 @pytest.fixture
 def netns() -> Iterator[NetNS]:
     require_kernel()
@@ -63,10 +77,38 @@ def pair(netns_factory: Callable[[str], NetNS]) -> Iterator[Pair]:
     made.close()
 
 
+# Fixtures that need root (namespaces, podman): a test using any of them, directly or through another
+# fixture, is marked ``netns``, so ``pytest -m "not netns"`` selects the rootless unit subset.
+ROOT_FIXTURES = frozenset({"netns", "netns_factory", "image"})
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if "netns" in item.fixturenames or "netns_factory" in item.fixturenames:
+        if ROOT_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.netns)
+
+
+@pytest.fixture(autouse=True)
+def namespaces_only_when_marked(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that makes a namespace without the ``netns`` marker fails, so ``-m "not netns"`` stays rootless.
+
+    (Mark it with ``pytestmark = pytest.mark.netns`` or use the ``netns``/``netns_factory`` fixtures.)
+    Patched by hand rather than with ``monkeypatch``: an autouse fixture set up first is torn down
+    last, and a test's own ``monkeypatch`` (PATH, say) must be undone before its namespaces are deleted.
+    """
+    if request.node.get_closest_marker("netns") is not None:
+        yield
+        return
+
+    def refuse(self: NetNS, *args: object, **kwargs: object) -> None:
+        pytest.fail(f"{request.node.nodeid} makes a network namespace but is not marked netns")
+
+    original = NetNS.__init__
+    NetNS.__init__ = refuse  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        NetNS.__init__ = original  # type: ignore[method-assign]
 
 
 @pytest.hookimpl(hookwrapper=True)

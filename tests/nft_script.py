@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from tests.test_golden_text import normalise as normalise_cidrs
+from tests.conformance import normalise as normalise_cidrs
 
 Chains = dict[str, tuple[str, list[str]]]  # chain -> (hook spec or "", rules)
 

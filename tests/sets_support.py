@@ -7,10 +7,12 @@ the injector runs it.
 
 from __future__ import annotations
 
+import ipaddress
 import subprocess
 import sys
 from collections.abc import Callable
 
+from istio_iptables.config import CidrSelection, Config, PortSelection
 from tests.netns import NetNS
 
 # How each backend is asked for on the command line.
@@ -89,3 +91,17 @@ class Pair:
         for server in self.servers:
             server.kill()
             server.wait()
+
+
+def cidrs(count: int, first_octet: int = 10) -> tuple[ipaddress.IPv4Network, ...]:
+    return tuple(ipaddress.ip_network(f"{first_octet}.{i // 256}.{i % 256}.0/24") for i in range(count))
+
+
+def config(**values: object) -> Config:
+    base: dict[str, object] = {
+        "proxy_uids": ("1337",),
+        "proxy_gids": ("1337",),
+        "inbound_ports": PortSelection(wildcard=True),
+        "outbound_include": CidrSelection(wildcard=True),
+    }
+    return Config(**{**base, **values})  # type: ignore[arg-type]

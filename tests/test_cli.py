@@ -6,20 +6,10 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner, Result
 
-from istio_iptables import cli
 from istio_iptables.errors import ExitCode
+from tests.cli_support import INJECTOR_ARGV, invoke
 from tests.fakes import FakeHost
-
-INJECTOR_ARGV = [
-    "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*",
-    "-d", "15090,15021,15020", "--log_output_level=default:info",
-]  # fmt: skip
-
-
-def invoke(args: list[str], env: dict[str, str] | None = None, host: FakeHost | None = None) -> Result:
-    return CliRunner().invoke(cli.command, args, env=env or {}, obj={"host": host or FakeHost()})
 
 
 def test_injector_argv_works_unchanged() -> None:

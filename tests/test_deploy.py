@@ -12,8 +12,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.cli_support import INJECTOR_ARGV
 from tests.container import init_container, manifests
-from tests.test_cli import INJECTOR_ARGV
 
 # The oldest Kubernetes Istio still supports, and the newest the bundled schemas know.
 KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.utils.latest_version() + ".0")

@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import ipaddress
 import re
 
 import pytest
 from click.testing import CliRunner
 
 from istio_iptables import cli
-from tests.conformance import Case, golden_restore_documents, load_cases
+from tests.conformance import Case, golden_restore_documents, load_cases, normalise
 from tests.fakes import FakeHost
 
 CASES = [case for case in load_cases() if case.golden_iptables is not None]
 RESOLV_CONF = "/test/resolv.conf"
-
-
-def _canonical_cidr(match: re.Match[str]) -> str:
-    return str(ipaddress.ip_network(match.group(0), strict=False))
-
-
-def normalise(text: str) -> str:
-    """Spellings the kernel treats as equal: --to-port/--to-ports, non-canonical CIDRs."""
-    text = text.replace("--to-port ", "--to-ports ")
-    return re.sub(r"[0-9a-fA-F.:]*[.:][0-9a-fA-F.:]*/[0-9]+", _canonical_cidr, text)
 
 
 def split_documents(output: str) -> list[str]:

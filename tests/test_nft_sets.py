@@ -14,10 +14,11 @@ from istio_iptables.nft.model import MANGLE, NAT, AddrInSet, NftSet, PortInSet
 from istio_iptables.nft.render import match_text, render_script, set_lines
 from istio_iptables.render import RenderError
 from istio_iptables.sets import SET_THRESHOLD
-from tests.conformance import Case
-from tests.test_nft_text import CASES, nft_dry_run
-from tests.test_sets import cidrs, config
+from tests.cli_support import nft_dry_run
+from tests.conformance import Case, load_cases
+from tests.sets_support import cidrs, config
 
+CASES = [case for case in load_cases() if case.golden_nftables is not None]
 V6_CIDRS = tuple(ipaddress.ip_network(f"fd00:{i:x}::/32") for i in range(100))
 
 

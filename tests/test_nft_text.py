@@ -3,29 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from click.testing import CliRunner
 
-from istio_iptables import cli
+from tests.cli_support import nft_dry_run
 from tests.conformance import Case, load_cases
-from tests.fakes import FakeHost
 from tests.nft_script import final_ruleset
 
 CASES = [case for case in load_cases() if case.golden_nftables is not None]
-RESOLV_CONF = "/test/resolv.conf"
-
-
-def nft_dry_run(case: Case, *extra: str) -> str:
-    host = FakeHost(files={RESOLV_CONF: case.resolv_conf or ""})
-    result = CliRunner().invoke(
-        cli.command,
-        ["--dry-run", "--native-nftables", *extra, *case.cli_args(RESOLV_CONF)],
-        env=case.env,
-        obj={"host": host},
-    )
-    assert result.exit_code == 0, result.output
-    return result.stdout
-
-
 def test_every_golden_case_is_covered() -> None:
     assert len(CASES) == 28
 

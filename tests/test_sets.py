@@ -10,7 +10,7 @@ import pytest
 
 from istio_iptables import ipset
 from istio_iptables.capture import build_plan
-from istio_iptables.config import CidrSelection, Config, PortSelection
+from istio_iptables.config import CidrSelection, PortSelection
 from istio_iptables.errors import EnvironmentProblem
 from istio_iptables.model import Family, NamedSet, Ports, RuleSet, SetMatch
 from istio_iptables.render import render_documents
@@ -26,25 +26,12 @@ from istio_iptables.sets import (
     set_members,
     set_name,
 )
+from tests.cli_support import invoke
 from tests.conformance import load_cases
 from tests.fakes import FakeHost
-from tests.test_cli import invoke
+from tests.sets_support import cidrs, config
 
 V4 = Family.V4
-
-
-def cidrs(count: int, first_octet: int = 10) -> tuple[ipaddress.IPv4Network, ...]:
-    return tuple(ipaddress.ip_network(f"{first_octet}.{i // 256}.{i % 256}.0/24") for i in range(count))
-
-
-def config(**values: object) -> Config:
-    base: dict[str, object] = {
-        "proxy_uids": ("1337",),
-        "proxy_gids": ("1337",),
-        "inbound_ports": PortSelection(wildcard=True),
-        "outbound_include": CidrSelection(wildcard=True),
-    }
-    return Config(**{**base, **values})  # type: ignore[arg-type]
 
 
 def test_short_lists_keep_one_rule_per_entry_and_long_ones_become_one_set() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,66 @@ def test_which_finds_executables_in_path(tmp_path: Path, monkeypatch: pytest.Mon
     assert spawn.run(["tool"]).stdout == "shim\n" and spawn.which("nope") is None
     with pytest.raises(FileNotFoundError):
         spawn.run([str(tmp_path / "missing")])
+
+
+def _open_descriptors() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def _children() -> set[int]:
+    """This process's children, zombies included (the kernel lists a child until it is reaped)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # it ended while we looked
+        if int(fields[1]) == os.getpid():
+            found.add(int(stat.parent.name))
+    return found
+
+
+@pytest.fixture
+def leak_check() -> Iterator[None]:
+    """Every path through the test must leave no descriptor open and no child unreaped."""
+    descriptors, children = _open_descriptors(), _children()
+    yield
+    assert _children() == children
+    assert _open_descriptors() == descriptors
+
+
+def test_several_programs_run_at_once_and_come_back_in_order(leak_check: None) -> None:
+    finished = spawn.run_all([["sh", "-c", "sleep 0.2; echo $N"], ["sh", "-c", "echo two >&2"]], env={"N": "one"})
+    assert [(done.stdout, done.stderr) for done in finished] == [("one\n", ""), ("", "two\n")]
+
+
+def test_a_program_that_cannot_start_takes_the_started_ones_down_with_it(leak_check: None) -> None:
+    with pytest.raises(FileNotFoundError):
+        spawn.run_all([["sleep", "30"], ["/nonexistent/program"]])
+
+
+def test_a_timeout_in_one_program_reaps_them_all(leak_check: None) -> None:
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        spawn.run_all([["sleep", "30"], ["sleep", "30"]], timeout=0.3)
+    assert time.monotonic() - started < 10
+
+
+def test_a_failure_while_collecting_output_kills_and_reaps_the_program(
+    leak_check: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_read(fd: int, size: int) -> bytes:
+        raise OSError("read failed")
+
+    running = spawn.Running(["sh", "-c", "echo ready; sleep 30"])
+    monkeypatch.setattr(spawn.os, "read", broken_read)
+    with pytest.raises(OSError, match="read failed"):
+        running.wait(5)
+    monkeypatch.undo()
+    with spawn.Running(["sleep", "30"]):
+        pass  # leaving the block unwaited kills and reaps it
+
+
+def test_a_timeout_reaps_and_closes(leak_check: None) -> None:
+    with pytest.raises(TimeoutError):
+        spawn.run(["sh", "-c", "sleep 30"], input="x" * 1_000_000, timeout=0.2)

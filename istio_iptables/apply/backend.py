@@ -14,7 +14,7 @@ from typing import Literal
 from istio_iptables.apply.state import SaveDump, parse_save
 from istio_iptables.errors import EnvironmentProblem
 from istio_iptables.model import Family
-from istio_iptables.spawn import Running, which
+from istio_iptables.spawn import run_all, which
 
 BackendName = Literal["legacy", "nft"]
 BACKENDS: tuple[BackendName, ...] = ("legacy", "nft")
@@ -69,14 +69,15 @@ def run_saves(
 ) -> dict[tuple[BackendName, Family], str]:
     """Run every save at once (they are independent) and collect their output."""
     outputs: dict[tuple[BackendName, Family], str] = {}
-    running = {}
+    paths: dict[tuple[BackendName, Family], str] = {}
     for (backend, family), program in programs.items():
         if backend == "legacy" and not legacy_tables_exist(family):
             outputs[(backend, family)] = ""  # what the save would print, without starting it
             continue
-        running[(backend, family)] = Running([find_program(program)], env=env)
-    for (backend, family), process in running.items():
-        finished = process.wait(timeout=60)
+        paths[(backend, family)] = find_program(program)
+    # run_all reaps every save if one cannot start or times out.
+    finished_saves = run_all([[path] for path in paths.values()], env=env, timeout=60)
+    for (backend, family), finished in zip(paths, finished_saves, strict=True):
         stdout, stderr = finished.stdout, finished.stderr
         if finished.returncode != 0:
             if family not in needed:

@@ -33,6 +33,7 @@ from istio_iptables.model import (
     ConnMark,
     ConnMarkRestore,
     ConnMarkSave,
+    ConnMarkSet,
     ConnState,
     CtZone,
     Family,
@@ -142,6 +143,11 @@ def _protocol_of(matches: Iterable[Match]) -> str:
     return next((match.name for match in matches if isinstance(match, Protocol)), "tcp")
 
 
+def _kernel_mark(value: int, mask: int) -> str:
+    """libxt_mark and libxt_connmark print the mask only when it is not the full one."""
+    return f"{value:#x}" if mask == _FULL_MASK else f"{value:#x}/{mask:#x}"
+
+
 def _module_tokens(match: Match, protocol: str, resolve_gid: GidResolver) -> list[str]:
     if isinstance(match, Ports):
         if len(match.ports) == 1:
@@ -155,9 +161,9 @@ def _module_tokens(match: Match, protocol: str, resolve_gid: GidResolver) -> lis
         owner = resolve_gid(match.id) if match.kind == "gid" else match.id
         return ["-m", "owner", *_negated(match.negate, f"--{match.kind}-owner", owner)]
     if isinstance(match, Mark):
-        return ["-m", "mark", *_negated(match.negate, "--mark", f"{match.value:#x}")]
+        return ["-m", "mark", *_negated(match.negate, "--mark", _kernel_mark(match.value, match.mask))]
     if isinstance(match, ConnMark):
-        return ["-m", "connmark", *_negated(match.negate, "--mark", f"{match.value:#x}")]
+        return ["-m", "connmark", *_negated(match.negate, "--mark", _kernel_mark(match.value, match.mask))]
     if isinstance(match, ConnState):
         states = [state for state in _CTSTATE_ORDER if state in match.states]
         return ["-m", "conntrack", "--ctstate", ",".join(states)]
@@ -178,7 +184,9 @@ def _target_tokens(target: Target, family: Family) -> list[str]:
         mark = f"{target.mark:#x}/{target.mask:#x}"
         return ["-j", "TPROXY", "--on-port", str(target.port), "--on-ip", on_ip, "--tproxy-mark", mark]
     if isinstance(target, SetMark):
-        return ["-j", "MARK", "--set-xmark", f"{target.value:#x}/{_FULL_MASK:#x}"]
+        return ["-j", "MARK", "--set-xmark", f"{target.value:#x}/{target.mask:#x}"]
+    if isinstance(target, ConnMarkSet):
+        return ["-j", "CONNMARK", "--set-xmark", f"{target.value:#x}/{target.mask:#x}"]
     if isinstance(target, ConnMarkSave | ConnMarkRestore):
         action = "--save-mark" if isinstance(target, ConnMarkSave) else "--restore-mark"
         return ["-j", "CONNMARK", action, "--nfmask", f"{_FULL_MASK:#x}", "--ctmask", f"{_FULL_MASK:#x}"]
