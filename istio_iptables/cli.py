@@ -175,6 +175,9 @@ def raw_settings(ctx: click.Context, values: dict[str, Any]) -> Any:
               hidden=True)
 @click.option("-f", "--restore-format", "restore_format", is_flag=False, flag_value="true", default=None,
               hidden=True)
+@click.option("--from-pod", "from_pod", default=None, metavar="FILE",
+              help="Take the settings from a Pod object (JSON or YAML, '-' for stdin) as istio-cni does; "
+              "flags given here win.")
 # Our own --help and --version: click's translate their texts with gettext on every run, which
 # imports locale (~1 ms).
 @click.option("-h", "--help", is_flag=True, expose_value=False, is_eager=True, callback=_show_help,
@@ -192,6 +195,12 @@ def command(ctx: click.Context, **values: Any) -> None:
 
     raw = raw_settings(ctx, values)
     try:
+        if values["from_pod"] is not None:
+            from istio_iptables.frontends.pod import settings_from_pod_file
+
+            raw = settings_from_pod_file(values["from_pod"], raw)
+            if raw is None:
+                return
         from istio_iptables.apply.netns import entered
         from istio_iptables.config import parse, parse_bool
         from istio_iptables.run import run
