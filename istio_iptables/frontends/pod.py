@@ -293,14 +293,13 @@ def _annotated(annotations: Mapping[str, str], key: str, default: str, kind: str
         return Setting(default, f"annotation {key} (default)")
     value = annotations[key]
     source = f"annotation {key}"
-    if kind.startswith("ports"):
-        if not (kind.endswith("*") and value == "*"):
-            # Istio trims around each port; the parser that follows takes them as numbers.
-            items = [item.strip() for item in value.strip().split(",")] if value.strip() else []
-            for item in items:
-                if not item.isdigit() or not 0 <= int(item) <= 65535:
-                    raise ConfigError(source, value, f"{item!r} is not a port")
-            value = ",".join(items)
+    if kind.startswith("ports") and not (kind.endswith("*") and value == "*"):
+        # Istio trims around each port; the parser that follows takes them as numbers.
+        items = [item.strip() for item in value.strip().split(",")] if value.strip() else []
+        for item in items:
+            if not item.isdigit() or not 0 <= int(item) <= 65535:
+                raise ConfigError(source, value, f"{item!r} is not a port")
+        value = ",".join(items)
     return Setting(value, source)
 
 
