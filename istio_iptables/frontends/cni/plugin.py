@@ -96,8 +96,13 @@ def main(environ: Mapping[str, str], stdin: TextIO, stdout: TextIO) -> int:
 
 
 def program() -> NoReturn:
-    """The ``istio-cni`` executable."""
-    code = main(os.environ, sys.stdin, sys.stdout)
+    """The ``istio-cni`` executable: a CNI plugin, or ``istio-cni install|uninstall ...`` on a node."""
+    if sys.argv[1:2] and sys.argv[1] in ("install", "uninstall", "-h", "--help"):
+        from istio_iptables.frontends.cni.install import main as install_main
+
+        code = install_main(sys.argv[1:])
+    else:
+        code = main(os.environ, sys.stdin, sys.stdout)
     try:
         sys.stdout.flush()
         sys.stderr.flush()
