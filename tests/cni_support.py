@@ -203,3 +203,36 @@ def sidecar_pod(name: str = "testPodName", namespace: str = "testNSName", **anno
             ],
         },
     }
+
+
+class UserNamespacePod:
+    """A sandbox like a ``hostUsers: false`` pod's: a network namespace owned by a user namespace
+    that maps the pod's uids 0-65535 to the host's 100000-165535 (as the kubelet does)."""
+
+    HOST_BASE = 100000
+
+    def __init__(self) -> None:
+        import time
+
+        self.process = subprocess.Popen(["unshare", "--user", "--net", "sleep", "600"])
+        mine = os.stat("/proc/self/ns/user").st_ino
+        for _ in range(250):
+            if os.stat(f"/proc/{self.process.pid}/ns/user").st_ino != mine:
+                break
+            time.sleep(0.02)
+        for name in ("uid_map", "gid_map"):
+            Path(f"/proc/{self.process.pid}/{name}").write_text(f"0 {self.HOST_BASE} 65536\n")
+
+    @property
+    def netns(self) -> str:
+        return f"/proc/{self.process.pid}/ns/net"
+
+    def run(self, *command: str, as_pod: bool = True) -> str:
+        """``command`` in the pod's network namespace, seen from the pod's user namespace or the host's."""
+        user = [f"--user=/proc/{self.process.pid}/ns/user"] if as_pod else []
+        return subprocess.run(["nsenter", *user, f"--net={self.netns}", *command], capture_output=True, text=True,
+                              check=True, timeout=60).stdout
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()

@@ -6,7 +6,8 @@ layout of issue 13 these become the engine's actions.
 
 Pods with their own user namespace (``hostUsers: false``): their network namespace belongs to
 that user namespace, and the kernel accepts owner (uid/gid) matches only from a writer in the
-namespace's own user namespace, translating the pod's uids as the pod sees them. Istio runs
+namespace's own user namespace (from the host's: EINVAL); it reads their uids through that
+namespace's map, so 1337 is the pod's 1337. Istio runs
 iptables there through ``nsenter --user --net``; we fork once, enter the user namespace and then
 the network namespace, and run the same action in the child.
 """
@@ -130,9 +131,31 @@ def _own_user_namespace(netns: str) -> int | None:
     return owner
 
 
+# What the actions import lazily: loaded before the fork, because after it our uid is the pod's
+# root, which may not read the host's Python installation (e.g. under /root).
+_PRELOAD = (
+    "ctypes", "dataclasses", "difflib", "grp", "pwd", "_socket", "encodings.ascii", "encodings.latin_1",
+    "istio_iptables.host", "istio_iptables.run",
+    "istio_iptables.capture", "istio_iptables.apply.engine", "istio_iptables.apply.backend",
+    "istio_iptables.apply.state", "istio_iptables.apply.restore", "istio_iptables.apply.routes",
+    "istio_iptables.ipset", "istio_iptables.nft.guard", "istio_iptables.nft.run", "istio_iptables.nft.system",
+    "istio_iptables.nft.capture", "istio_iptables.nft.render", "istio_iptables.validation",
+)
+# TPROXY routes and IPv6's ::6 need pyroute2 (~100 ms more, for hostUsers: false pods only).
+_PRELOAD_ROUTES = ("pyroute2", "pyroute2.netlink.exceptions", "pyroute2.iproute.linux")
+
+
+def _preload() -> None:
+    import importlib
+
+    for name in _PRELOAD + _PRELOAD_ROUTES:
+        importlib.import_module(name)
+
+
 def _in_child(user_namespace: int, netns: str, action: Callable[[str], None]) -> None:
     import json
 
+    _preload()
     reader, writer = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: enter, act, report, and leave without the parent's cleanup
@@ -142,6 +165,7 @@ def _in_child(user_namespace: int, netns: str, action: Callable[[str], None]) ->
             net = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
             _setns(user_namespace, CLONE_NEWUSER, "the pod's user namespace")
             _setns(net, CLONE_NEWNET, "the pod's network namespace")
+            _become_namespace_root()
             action(netns)
         except IstioIptablesError as error:
             outcome = {"ok": False, "kind": type(error).__name__, "message": str(error), "code": int(error.exit_code)}
@@ -163,6 +187,20 @@ def _in_child(user_namespace: int, netns: str, action: Callable[[str], None]) ->
         if outcome["kind"] == "DriftError":
             raise DriftError(outcome["message"])
         raise error
+
+
+def _become_namespace_root() -> None:
+    """Be uid/gid 0 of the pod's user namespace, as ``nsenter --user`` does.
+
+    Our host uid 0 is not mapped in the pod's user namespace: without this, the iptables and nft
+    programs we start would run as the overflow uid and lose every capability at exec.
+    """
+    import contextlib
+
+    with contextlib.suppress(OSError):  # /proc/PID/setgroups is "deny" there: keep what we have
+        os.setgroups([])
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
 
 
 def _setns(descriptor: int, kind: int, what: str) -> None:
