@@ -115,3 +115,19 @@ def test_the_command(tmp_path: Path) -> None:
     done = subprocess.run([*PLUGIN, "install", "--cni-conf-dir", str(tmp_path / "none")], capture_output=True,
                           text=True, timeout=30)
     assert done.returncode == 1 and "Traceback" not in done.stderr
+
+
+def test_kubeconfig_from_the_service_account(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from istio_iptables.frontends.cni.install import write_kubeconfig
+    from istio_iptables.system.kube import load_config
+
+    (tmp_path / "token").write_text("sa-token\n")
+    (tmp_path / "ca.crt").write_bytes(b"-----BEGIN CERTIFICATE-----\n")
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    path = tmp_path / "run" / "istio-cni-kubeconfig"
+    write_kubeconfig(str(path), str(tmp_path))
+    config = load_config(str(path))
+    assert (config.server, config.token, config.ca_data) == ("https://10.96.0.1:443", "sa-token",
+                                                              b"-----BEGIN CERTIFICATE-----\n")
+    assert os.stat(path).st_mode & 0o777 == 0o600

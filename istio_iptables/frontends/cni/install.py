@@ -196,6 +196,31 @@ def uninstall(directory: str, *, name: str = "", chained: bool = True, istio_own
     return None
 
 
+def write_kubeconfig(path: str, service_account_dir: str = "/var/run/secrets/kubernetes.io/serviceaccount") -> None:
+    """The plugin's credentials, from this (DaemonSet) pod's service account, as install-cni writes them."""
+    import base64
+
+    host, port = os.environ.get("KUBERNETES_SERVICE_HOST", ""), os.environ.get("KUBERNETES_SERVICE_PORT", "")
+    if not host or not port:
+        raise InstallError("KUBERNETES_SERVICE_HOST/PORT are not set: not running in a cluster")
+    try:
+        with open(os.path.join(service_account_dir, "token"), encoding="utf-8") as handle:
+            token = handle.read().strip()
+        with open(os.path.join(service_account_dir, "ca.crt"), "rb") as handle:
+            ca = base64.b64encode(handle.read()).decode()
+    except OSError as error:
+        raise InstallError(f"cannot read the service account: {error}") from None
+    server = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+    text = (
+        "apiVersion: v1\nkind: Config\nclusters:\n- cluster:\n"
+        f"    certificate-authority-data: {ca}\n    server: {server}\n  name: local\n"
+        "contexts:\n- context:\n    cluster: local\n    user: istio-cni\n  name: istio-cni-context\n"
+        f"current-context: istio-cni-context\nusers:\n- name: istio-cni\n  user:\n    token: {token}\n"
+    )
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    write_atomically(path, text, 0o600)
+
+
 def main(argv: Sequence[str]) -> int:
     import argparse
 
@@ -212,8 +237,12 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--exclude-namespaces", default="", help="comma separated")
     parser.add_argument("--pod-namespace", default="istio-system")
     parser.add_argument("--native-nftables", action="store_true")
+    parser.add_argument("--write-kubeconfig", action="store_true",
+                        help="also write <cni-agent-run-dir>/istio-cni-kubeconfig from this pod's service account")
     args = parser.parse_args(argv)
     try:
+        if args.action == "install" and args.write_kubeconfig:
+            write_kubeconfig(os.path.join(args.cni_agent_run_dir, "istio-cni-kubeconfig"))
         if args.action == "install":
             ours = plugin_config(
                 log_level=args.log_level,
