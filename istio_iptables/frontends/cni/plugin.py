@@ -46,6 +46,9 @@ class PluginConfig:
             raise CniError(spec.INVALID_CONFIG, "exclude_namespaces must be a list of namespace names")
         self.pod_namespace = _field(config, "pod_namespace", str, "")
         self.native_nftables = _field(config, "native_nftables", bool, False)
+        # Ours, off by default: runtimes outside Kubernetes (podman's CNI backend) pass K8S_POD_NAME
+        # but no namespace; with this set, such a container is looked up as a pod of that namespace.
+        self.assume_pod_namespace = _field(config, "assume_pod_namespace", str, "")
         kubernetes = _field(config, "kubernetes", dict, {}) or {}
         self.kubeconfig = _field(kubernetes, "kubeconfig", str, "", "kubernetes.")
         if not self.kubeconfig and self.run_dir:
@@ -158,6 +161,8 @@ COMMANDS = {"ADD": add, "DEL": delete, "CHECK": check, "STATUS": status, "GC": g
 def _pod_to_program(request: spec.Request, plugin: PluginConfig) -> tuple[Any, Any] | None:
     """Istio's ``doAddRun`` decisions: (pod info, settings) for a pod that gets rules, else None."""
     namespace, name = request.args.get("K8S_POD_NAMESPACE", ""), request.args.get("K8S_POD_NAME", "")
+    if name and not namespace:
+        namespace = plugin.assume_pod_namespace
     if not namespace or not name:
         log.debug("not a Kubernetes pod (no K8S_POD_NAMESPACE/K8S_POD_NAME in CNI_ARGS)")
         return None
