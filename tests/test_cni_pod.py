@@ -168,3 +168,30 @@ def test_from_pod_with_a_bad_annotation_exits_2_naming_it(tmp_path: Path) -> Non
     assert "sidecar.istio.io/interceptionMode" in result.stderr and "Traceback" not in result.stderr
     result = run_cli("--dry-run", "--from-pod", str(tmp_path / "missing.json"))
     assert result.returncode == 2 and "--from-pod" in result.stderr
+
+
+def test_the_plugins_own_spelling_of_the_status_annotation_is_the_mappings() -> None:
+    from istio_iptables.frontends import pod
+    from istio_iptables.frontends.cni import plugin
+
+    assert plugin.SIDECAR_STATUS_ANNOTATION == pod.STATUS_ANNOTATION
+
+
+def test_the_plugins_light_paths_import_neither_typing_nor_the_engine() -> None:
+    """Skips and DEL of a gone namespace start with json and our small modules only (bench/bench_cni.py)."""
+    code = (
+        "import sys, io, os\n"
+        "from istio_iptables.frontends.cni.plugin import main\n"
+        "env = {'CNI_COMMAND': 'ADD', 'CNI_CONTAINERID': 'c', 'CNI_IFNAME': 'eth0', 'CNI_NETNS': '/none',\n"
+        "       'CNI_ARGS': 'K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=a'}\n"
+        "conf = '{\"cniVersion\": \"1.0.0\", \"name\": \"n\", \"type\": \"istio-cni\", "
+        "\"exclude_namespaces\": [\"kube-system\"]}'\n"
+        "assert main(env, io.StringIO(conf), io.StringIO()) == 0\n"
+        "assert main({**env, 'CNI_COMMAND': 'DEL'}, io.StringIO(conf), io.StringIO()) == 0\n"
+        "heavy = [m for m in ('typing', 'istio_iptables.config', 'istio_iptables.apply.engine', 'ssl', 'click')\n"
+        "         if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
