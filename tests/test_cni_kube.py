@@ -137,3 +137,22 @@ def test_kubeconfig_is_found_in_the_agent_run_dir(netns: NetNS, api: FakeApiServ
     status, answer, stderr = invoke("ADD", config, netns=netns.path)
     assert status == 0 and answer == prev_result(), stderr
     assert any("ISTIO_OUTPUT" in line for line in all_rules(netns))
+
+
+def test_client_certificate_data_leaves_no_file_behind(api: FakeApiServer, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import base64
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    document = kube.read_kubeconfig_text(api.write_kubeconfig(tmp_path / "kubeconfig").read_text())
+    document["users"][0]["user"] = {
+        "client-certificate-data": base64.b64encode(api.cert.read_bytes()).decode(),
+        "client-key-data": base64.b64encode(api.key.read_bytes()).decode(),
+    }
+    config = kube.config_from_kubeconfig(document, str(tmp_path), "test")
+    kube.KubeClient(config)._tls()
+    assert list((tmp_path / "tmp").iterdir()) == []

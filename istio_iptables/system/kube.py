@@ -45,7 +45,7 @@ class KubeConfig:
         ca_file: str = "",
         ca_data: bytes = b"",
         insecure: bool = False,
-        client_cert: tuple[str, str] | None = None,
+        client_cert: tuple[str, str] | tuple[bytes, bytes] | None = None,
         source: str = "",
     ) -> None:
         self.server = server.rstrip("/")
@@ -127,12 +127,12 @@ def config_from_kubeconfig(document: Any, base_dir: str, source: str) -> KubeCon
                 token = handle.read().strip()
         except OSError as error:
             raise KubeError(f"cannot read the token file {user['tokenFile']}: {error.strerror}") from None
-    client_cert = None
+    client_cert: tuple[str, str] | tuple[bytes, bytes] | None = None
     cert, key = user.get("client-certificate"), user.get("client-key")
     cert_data, key_data = data(user.get("client-certificate-data")), data(user.get("client-key-data"))
     if cert_data and key_data:
-        cert, key = _private_file(cert_data), _private_file(key_data)
-    if cert and key:
+        client_cert = (cert_data, key_data)
+    elif cert and key:
         client_cert = (path(cert), path(key))
     return KubeConfig(
         server,
@@ -204,7 +204,17 @@ class KubeClient:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
         if self.config.client_cert:
-            context.load_cert_chain(*self.config.client_cert)
+            cert, key = self.config.client_cert
+            if isinstance(cert, bytes) and isinstance(key, bytes):
+                # ssl loads certificates from files only: private temporary ones, removed at once.
+                cert_file, key_file = _private_file(cert), _private_file(key)
+                try:
+                    context.load_cert_chain(cert_file, key_file)
+                finally:
+                    os.unlink(cert_file)
+                    os.unlink(key_file)
+            else:
+                context.load_cert_chain(cert, key)  # type: ignore[arg-type]
         return context
 
 

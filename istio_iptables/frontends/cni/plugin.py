@@ -138,6 +138,10 @@ def delete(request: spec.Request, plugin: PluginConfig) -> None:
     if not request.netns or not os.path.exists(request.netns):
         log.debug("DEL: the namespace %r is gone, and our rules with it", request.netns)
         return
+    skipped = _skipped_without_api(request, plugin)
+    if skipped:
+        log.debug("DEL: %s, so ADD wrote nothing to remove", skipped)
+        return
     from istio_iptables.frontends.cni import actions
 
     _engine_call(lambda: actions.remove_rules(request.netns, plugin.native_nftables))
@@ -166,27 +170,43 @@ def garbage_collect(request: spec.Request, plugin: PluginConfig) -> None:
 COMMANDS = {"ADD": add, "DEL": delete, "CHECK": check, "STATUS": status, "GC": garbage_collect}
 
 
-def _pod_to_program(request: spec.Request, plugin: PluginConfig) -> tuple[Any, Any] | None:
-    """Istio's ``doAddRun`` decisions: (pod info, settings) for a pod that gets rules, else None."""
+def _pod_identity(request: spec.Request, plugin: PluginConfig) -> tuple[str, str]:
     namespace, name = request.args.get("K8S_POD_NAMESPACE", ""), request.args.get("K8S_POD_NAME", "")
     if name and not namespace:
         namespace = plugin.assume_pod_namespace
-    if not namespace or not name:
-        log.debug("not a Kubernetes pod (no K8S_POD_NAMESPACE/K8S_POD_NAME in CNI_ARGS)")
-        return None
-    if name.startswith(OWN_AGENT_PREFIX) and namespace == plugin.pod_namespace:
-        log.info("pod %s/%s looks like our own agent pod, skipping", namespace, name)
-        return None
-    if namespace in plugin.exclude_namespaces:
-        log.info("pod namespace %s excluded", namespace)
-        return None
+    return namespace, name
+
+
+def _runtime_annotations(request: spec.Request) -> dict[str, str] | None:
     runtime_config = request.config.get("runtimeConfig")
     annotations = runtime_config.get(POD_ANNOTATIONS_CAPABILITY) if isinstance(runtime_config, Mapping) else None
-    annotations = {str(k): str(v) for k, v in annotations.items()} if isinstance(annotations, Mapping) else None
+    return {str(k): str(v) for k, v in annotations.items()} if isinstance(annotations, Mapping) else None
+
+
+def _skipped_without_api(request: spec.Request, plugin: PluginConfig) -> str:
+    """Istio's decisions that need no API call: why the pod gets no rules, or "" to go on."""
+    namespace, name = _pod_identity(request, plugin)
+    if not namespace or not name:
+        return "not a Kubernetes pod (no K8S_POD_NAMESPACE/K8S_POD_NAME in CNI_ARGS)"
+    if name.startswith(OWN_AGENT_PREFIX) and namespace == plugin.pod_namespace:
+        return f"pod {namespace}/{name} looks like our own agent pod"
+    if namespace in plugin.exclude_namespaces:
+        return f"pod namespace {namespace} excluded"
+    annotations = _runtime_annotations(request)
     if annotations is not None and SIDECAR_STATUS_ANNOTATION not in annotations and not plugin.ambient_enabled:
         # Istio would read the pod and skip it for the missing annotation: the same answer, without the API.
-        log.info("pod %s/%s excluded: no %s annotation (from the runtime)", namespace, name, SIDECAR_STATUS_ANNOTATION)
+        return f"pod {namespace}/{name} excluded: no {SIDECAR_STATUS_ANNOTATION} annotation (from the runtime)"
+    return ""
+
+
+def _pod_to_program(request: spec.Request, plugin: PluginConfig) -> tuple[Any, Any] | None:
+    """Istio's ``doAddRun`` decisions: (pod info, settings) for a pod that gets rules, else None."""
+    skipped = _skipped_without_api(request, plugin)
+    if skipped:
+        (log.debug if skipped.startswith("not a") else log.info)("%s, skipping", skipped)
         return None
+    namespace, name = _pod_identity(request, plugin)
+    annotations = _runtime_annotations(request)
 
     from istio_iptables.frontends import pod as pods
 
@@ -286,12 +306,14 @@ def _as_cni_error(error: Exception) -> CniError:
         return error
     if isinstance(error, ConfigError) and error.source == "CNI_NETNS":
         return CniError(spec.CONTAINER_UNKNOWN, str(error))
-    if isinstance(error, ConfigError):
-        return CniError(spec.INVALID_POD_SETTINGS, str(error))
     if isinstance(error, DriftError):
         return CniError(spec.DRIFT, str(error).splitlines()[0], "\n".join(str(error).splitlines()[1:]))
-    if isinstance(error, IstioIptablesError):
-        code = spec.ENVIRONMENT if error.exit_code == ExitCode.ENVIRONMENT else spec.APPLY_FAILED
+    if isinstance(error, IstioIptablesError):  # by exit code: errors from a child arrive as the base class
+        code = {
+            ExitCode.INVALID_INPUT: spec.INVALID_POD_SETTINGS,
+            ExitCode.DRIFT: spec.DRIFT,
+            ExitCode.ENVIRONMENT: spec.ENVIRONMENT,
+        }.get(error.exit_code, spec.APPLY_FAILED)
         return CniError(code, str(error))
     raise error
 
