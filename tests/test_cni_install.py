@@ -69,12 +69,18 @@ def test_install_into_a_named_file(tmp_path: Path, name: str) -> None:
     assert Path(path).read_text() == (DATA / "list.conflist.golden").read_text()
 
 
-def test_istio_owned_file_leaves_the_nodes_alone(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("name", "golden", "node_file"),
+    [("list.conflist", "istio-owned.conflist.golden", "list.conflist"),
+     ("list.conf", "istio-owned.conflist.golden", "list.conflist"),
+     ("bridge.conflist", "istio-owned-bridge.conflist.golden", "bridge.conf")],
+)
+def test_istio_owned_file_leaves_the_nodes_alone(tmp_path: Path, name: str, golden: str, node_file: str) -> None:
     directory = node_dir(tmp_path)
-    path = install(str(directory), istio_test_config(ambient_enabled=True), name="list.conflist",
+    path = install(str(directory), istio_test_config(ambient_enabled=True), name=name,
                    istio_owned="02-istio-conf.conflist")
-    assert Path(path).read_text() == (DATA / "istio-owned.conflist.golden").read_text()
-    assert (directory / "list.conflist").read_text() == (DATA / "list.conflist").read_text()
+    assert Path(path).read_text() == (DATA / golden).read_text()
+    assert (directory / node_file).read_text() == (DATA / node_file).read_text()
     assert uninstall(str(directory), istio_owned="02-istio-conf.conflist") == path and not Path(path).exists()
 
 
