@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from istio_iptables.apply.netns import entered
 
 PYTHON = sys.executable
+# The console script, as a node runs it (a venv made before istio-cni existed lacks it: `make venv`).
 PLUGIN = str(Path(PYTHON).with_name("istio-cni"))
 CLI = str(Path(PYTHON).with_name("istio-iptables"))
 TOKEN = "bench-token"
@@ -144,6 +145,8 @@ def main() -> None:
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces)")
+    if not os.access(PLUGIN, os.X_OK):
+        raise SystemExit(f"{PLUGIN} is missing: reinstall the package (pip install -e . in the venv)")
     subprocess.run([PYTHON, "-m", "compileall", "-q", str(Path(__file__).resolve().parents[1] / "istio_iptables")],
                    check=True)
     directory = Path(tempfile.mkdtemp(prefix="bench-cni-"))
