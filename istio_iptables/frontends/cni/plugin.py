@@ -54,6 +54,7 @@ class PluginConfig:
         # Ours, off by default: runtimes outside Kubernetes (podman's CNI backend) pass K8S_POD_NAME
         # but no namespace; with this set, such a container is looked up as a pod of that namespace.
         self.assume_pod_namespace = _field(config, "assume_pod_namespace", str, "")
+        self.enable_ambient_detection_retry = _field(config, "enable_ambient_detection_retry", bool, False)
         kubernetes = _field(config, "kubernetes", dict, {}) or {}
         self.kubeconfig = _field(kubernetes, "kubeconfig", str, "", "kubernetes.")
         if not self.kubeconfig and self.run_dir:
@@ -212,8 +213,9 @@ def _pod_to_program(request: spec.Request, plugin: PluginConfig) -> tuple[Any, A
 
     client = _client(plugin)
     if plugin.ambient_enabled and _is_ambient(client, plugin, namespace, name):
-        raise CniError(spec.AMBIENT_UNSUPPORTED, f"pod {namespace}/{name} is an ambient pod: Istio's node agent "
-                       "redirects those, this plugin programs sidecar pods only")
+        if request.command == "ADD":
+            _hand_to_node_agent(request, plugin, namespace, name)
+        return None
     pod_object = _read(lambda: client.get_pod(namespace, name), plugin)
     try:
         info = pods.pod_info(pod_object, annotations)
@@ -256,10 +258,31 @@ def _read(read: Any, plugin: PluginConfig) -> Mapping[str, Any]:
 
 
 def _is_ambient(client: Any, plugin: PluginConfig, namespace: str, name: str) -> bool:
-    """Istio's enablement selectors (pod and namespace label selectors) on the pod and its namespace."""
-    pod_object = _read(lambda: client.get_pod(namespace, name), plugin)
-    namespace_object = _read(lambda: client.get_namespace(namespace), plugin)
-    pod_labels = (pod_object.get("metadata") or {}).get("labels") or {}
+    """Istio's ``isAmbientPod``: the enablement selectors on the pod and its namespace's labels.
+
+    Host-network pods and pods with a sidecar never are. When the API cannot say, Istio goes on as
+    for a sidecar pod, unless ``enable_ambient_detection_retry`` asks it to retry and then fail.
+    """
+    attempts = (POD_RETRIEVAL_ATTEMPTS if plugin.enable_ambient_detection_retry else 1) + 1
+    try:
+        from istio_iptables.system import kube
+
+        def read_both() -> Mapping[str, Any]:
+            return {"pod": client.get_pod(namespace, name), "namespace": client.get_namespace(namespace)}
+
+        both = kube.with_retries(read_both, attempts, POD_RETRIEVAL_INTERVAL)
+    except Exception as error:
+        log.error("failed to check whether pod %s/%s is ambient: %s", namespace, name, error)
+        if plugin.enable_ambient_detection_retry:
+            raise CniError(spec.POD_UNREADABLE, f"cannot tell whether the pod is ambient: {error}") from None
+        return False
+    pod_object, namespace_object = both["pod"], both["namespace"]
+    metadata = pod_object.get("metadata") or {}
+    if (pod_object.get("spec") or {}).get("hostNetwork") or SIDECAR_STATUS_ANNOTATION in (
+        metadata.get("annotations") or {}
+    ):
+        return False
+    pod_labels = metadata.get("labels") or {}
     namespace_labels = (namespace_object.get("metadata") or {}).get("labels") or {}
     for selector in plugin.enablement_selectors:
         if not isinstance(selector, Mapping):
@@ -269,6 +292,22 @@ def _is_ambient(client: Any, plugin: PluginConfig, namespace: str, name: str) ->
         ):
             return True
     return False
+
+
+def _hand_to_node_agent(request: spec.Request, plugin: PluginConfig, namespace: str, name: str) -> None:
+    """Istio's ``PushCNIEvent``: the agent, not this plugin, redirects an ambient pod's traffic."""
+    from istio_iptables.errors import EnvironmentProblem
+    from istio_iptables.system import node_agent
+
+    previous = request.config.get("prevResult")
+    ips = previous.get("ips") if isinstance(previous, Mapping) else None
+    try:
+        event = node_agent.add_event(request.netns, name, namespace, ips if isinstance(ips, list) else [])
+        node_agent.push_add_event(os.path.join(plugin.run_dir, node_agent.EVENT_SOCKET_NAME), event)
+    except (EnvironmentProblem, ValueError) as error:
+        raise CniError(spec.NODE_AGENT_UNREACHABLE,
+                       f"istio-cni cmdAdd failed to contact node Istio CNI agent: {error}") from None
+    log.info("pod %s/%s is ambient: handed to Istio's node agent", namespace, name)
 
 
 def _selects(selector: Any, labels: Mapping[str, str]) -> bool:

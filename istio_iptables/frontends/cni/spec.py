@@ -36,7 +36,7 @@ INVALID_POD_SETTINGS = 102  # an annotation or the istio-proxy container holds a
 DRIFT = 103  # CHECK: the namespace holds other rules than this pod's
 ENVIRONMENT = 104  # privilege, a binary, a kernel feature, a lock
 POD_UNREADABLE = 105  # the Kubernetes API did not give us the pod
-AMBIENT_UNSUPPORTED = 106  # an ambient pod: Istio's node agent handles those, not this plugin
+NODE_AGENT_UNREACHABLE = 106  # an ambient pod, and Istio's node agent did not take it
 
 
 class CniError(Exception):
