@@ -115,6 +115,11 @@ def test_the_command(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     entry = json.loads((directory / "bridge.conflist").read_text())["plugins"][-1]
     assert entry["exclude_namespaces"] == ["kube-system", "istio-system"]
+    assert "capabilities" not in entry
+    done = subprocess.run([*PLUGIN, "install", "--cni-conf-dir", str(directory), "--pod-annotations-capability"],
+                          capture_output=True, text=True, timeout=30)
+    entry = json.loads((directory / "bridge.conflist").read_text())["plugins"][-1]
+    assert entry["capabilities"] == {"io.kubernetes.cri.pod-annotations": True}
     done = subprocess.run([*PLUGIN, "uninstall", "--cni-conf-dir", str(directory)], capture_output=True, text=True,
                           timeout=30)
     assert done.returncode == 0 and "removed from" in done.stderr

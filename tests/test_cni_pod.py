@@ -195,3 +195,10 @@ def test_the_plugins_light_paths_import_neither_typing_nor_the_engine() -> None:
     done = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_the_runtimes_annotations_win_over_the_apis() -> None:
+    pod = sidecar_pod(**{"sidecar.istio.io/interceptionMode": "REDIRECT"})
+    info = pod_info(pod, {"sidecar.istio.io/interceptionMode": "TPROXY"})
+    assert info.annotations["sidecar.istio.io/interceptionMode"] == "TPROXY"
+    assert info.annotations["sidecar.istio.io/status"]  # the API's others stay
