@@ -144,7 +144,7 @@ def test_add_without_prev_result_answers_an_empty_result(netns: NetNS, kube: dic
     assert (code, answer) == (0, {"cniVersion": "1.0.0"}), stderr
 
 
-def test_prev_result_passes_through_byte_for_byte(netns: NetNS, kube: dict[str, Any]) -> None:
+def test_prev_result_passes_through_unchanged(netns: NetNS, kube: dict[str, Any]) -> None:
     previous = {**prev_result(), "x-vendor": {"nested": [1, 2.5, None, "é"]}}
     config = network_config(prev_result=previous, kubernetes=kube)
     env = {key: value for key, value in os.environ.items() if not key.startswith("CNI_")}
