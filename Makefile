@@ -5,7 +5,7 @@ APT_PACKAGES := iptables iproute2 nftables ipset conntrack libip4tc-dev libip6tc
 # Commands that must exist; a missing one triggers the apt-get install.
 REQUIRED_COMMANDS := ip iptables-legacy-restore iptables-nft-restore nft ipset conntrack
 
-.PHONY: deps venv demo test image-test bench clean
+.PHONY: deps venv demo test image-test cni-runtime-test bench clean
 
 deps:
 	@missing=""; for c in $(REQUIRED_COMMANDS); do command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
@@ -36,6 +36,14 @@ image-test: deps venv
 		echo "installing $(IMAGE_APT_PACKAGES)"; apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(IMAGE_APT_PACKAGES) >/dev/null; break; }; done
 	ISTIO_IPTABLES_IMAGE_TEST=1 $(PYTHON) -m pytest -q -rxX tests/test_image.py
+
+# istio-cni called by a real runtime: podman's CNI backend with Debian's bridge plugin (docs/cni.md).
+CNI_RUNTIME_APT_PACKAGES := podman runc containernetworking-plugins busybox-static
+cni-runtime-test: deps venv
+	@test -x /usr/lib/cni/bridge && command -v podman >/dev/null && command -v busybox >/dev/null || { \
+		echo "installing $(CNI_RUNTIME_APT_PACKAGES)"; apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(CNI_RUNTIME_APT_PACKAGES) >/dev/null; }
+	ISTIO_IPTABLES_CNI_RUNTIME_TEST=1 $(PYTHON) -m pytest -q -rxX tests/test_cni_runtime.py
 
 bench: deps venv
 	$(PYTHON) bench/bench_dry_run.py

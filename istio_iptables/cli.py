@@ -302,6 +302,9 @@ def _log_rotate_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @_log_rotate_options
 @click.option("--iptables-trace-logging", "trace_logging", cls=BoolOption, default=None, hidden=True)
 @click.option("-f", "--restore-format", "restore_format", cls=BoolOption, default=None, hidden=True)
+@click.option("--from-pod", "from_pod", default=None, metavar="FILE",
+              help="Take the settings from a Pod object (JSON or YAML, '-' for stdin) as istio-cni does; "
+              "flags given here win.")
 # Our own --help and --version: click's translate their texts with gettext on every run, which
 # imports locale (~1 ms).
 @click.option("-h", "--help", is_flag=True, expose_value=False, is_eager=True, callback=_show_help,
@@ -324,6 +327,12 @@ def command(ctx: click.Context, **values: Any) -> None:
             log.warning("ignoring the argument %s, as Istio does (a boolean flag takes a value only as "
                         "--flag=VALUE)", quote(word))
         raw = raw_settings(ctx, values)
+        if values["from_pod"] is not None:
+            from istio_iptables.frontends.pod import settings_from_pod_file
+
+            raw = settings_from_pod_file(values["from_pod"], raw)
+            if raw is None:
+                return
 
         from istio_iptables.apply.netns import entered
         from istio_iptables.config import parse

@@ -31,6 +31,14 @@ LAYERS: dict[str, str] = {
     "cli": FRONTEND,
     "explain_cli": FRONTEND,
     "__main__": FRONTEND,
+    "frontends.__init__": FRONTEND,
+    "frontends.pod": FRONTEND,
+    "frontends.cni.__init__": FRONTEND,
+    "frontends.cni.__main__": FRONTEND,
+    "frontends.cni.actions": FRONTEND,
+    "frontends.cni.install": FRONTEND,
+    "frontends.cni.plugin": FRONTEND,
+    "frontends.cni.spec": FRONTEND,
     # orchestration
     "run": ORCHESTRATION,
     "apply.engine": ORCHESTRATION,
@@ -67,6 +75,9 @@ LAYERS: dict[str, str] = {
     "apply.netns": SYSTEM,
     "apply.routes": SYSTEM,
     "nft.system": SYSTEM,
+    "system.__init__": SYSTEM,
+    "system.kube": SYSTEM,
+    "system.node_agent": SYSTEM,
 }
 POLICY = frozenset({"capture", "nft.capture"})  # pure, but only for those who decide what to do
 

@@ -1,0 +1,1 @@
+"""``istio-cni``: Istio's sidecar CNI plugin over our engine (see docs/cni.md)."""

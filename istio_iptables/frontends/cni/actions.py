@@ -1,0 +1,211 @@
+"""The plugin's calls into the engine: apply, cleanup and the drift check, in the pod's namespace.
+
+One small function per action, each the existing orchestration (``run.run`` for apply and
+cleanup, as the CLI calls it; the engine's state reader for the check), never a copy of it. In the
+layout of issue 13 these become the engine's actions.
+
+Pods with their own user namespace (``hostUsers: false``): their network namespace belongs to
+that user namespace, and the kernel accepts owner (uid/gid) matches only from a writer in the
+namespace's own user namespace (from the host's: EINVAL); it reads their uids through that
+namespace's map, so 1337 is the pod's 1337. Istio runs
+iptables there through ``nsenter --user --net``; we fork once, enter the user namespace and then
+the network namespace, and run the same action in the child.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable
+
+from istio_iptables.config import Config, RawSettings, Setting
+from istio_iptables.errors import DriftError, EnvironmentProblem, IstioIptablesError
+
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
+NS_GET_USERNS = 0xB701  # _IO(0xb7, 0x1), linux/nsfs.h
+
+
+def apply_rules(raw: RawSettings, netns: str) -> None:
+    """ADD: write the pod's rules (idempotent; a repeated ADD finds them in place)."""
+    _in_pod_namespace(netns, lambda path: _run(raw, path))
+
+
+def remove_rules(netns: str, native_nftables: bool) -> None:
+    """DEL: remove exactly what we added; a namespace that is gone has nothing left to remove."""
+    if not netns or not os.path.exists(netns):
+        return
+    flags = {"cleanup_only": Setting("true", "CNI DEL"), "cni_mode": Setting("true", "istio-cni")}
+    if native_nftables:
+        flags["native_nftables"] = Setting("true", "native_nftables")
+    raw = RawSettings(values={"proxy_uid": Setting("1337", "istio-cni")}, flags=flags, enable_ipv6=False)
+    _in_pod_namespace(netns, lambda path: _run(raw, path))
+
+
+def check_rules(raw: RawSettings, netns: str) -> None:
+    """CHECK: raise :class:`DriftError` unless the namespace holds exactly the pod's rules (reads only)."""
+    _in_pod_namespace(netns, lambda path: _check(raw, path))
+
+
+def _run(raw: RawSettings, path: str) -> None:
+    from istio_iptables.config import parse
+    from istio_iptables.host import RealHost
+    from istio_iptables.run import run
+
+    config = parse(raw, RealHost())
+    run(config, io.StringIO(), namespace_path=path)
+
+
+def _check(raw: RawSettings, path: str) -> None:
+    from istio_iptables.config import parse
+    from istio_iptables.host import RealHost
+
+    config = parse(raw, RealHost())
+    if config.native_nftables:
+        _check_nftables(config)
+    else:
+        _check_iptables(config, path)
+
+
+def _check_iptables(config: Config, path: str) -> None:
+    from istio_iptables.apply.backend import detect
+    from istio_iptables.apply.engine import child_environment
+    from istio_iptables.apply.state import desired_state, diff_states, owned_state
+    from istio_iptables.capture import build_plan
+
+    plan = build_plan(config)
+    families = tuple(ruleset.family for ruleset in plan.rulesets)
+    detection = detect(config.force_iptables_binary, families, child_environment(config, path))
+    drift: list[str] = []
+    for ruleset in plan.rulesets:
+        live = owned_state(detection.dump(ruleset.family))
+        drift += diff_states(live, desired_state(ruleset), ruleset.family)
+    if drift:
+        raise DriftError("the pod's namespace does not hold the pod's rules:\n" + "\n".join(drift))
+
+
+def _check_nftables(config: Config) -> None:
+    """Native nftables: our tables must be there and iptables' form absent (contents not compared yet)."""
+    from istio_iptables.nft import system
+
+    del config
+    state = system.read_state()
+    if state.has_iptables_form:
+        raise DriftError(f"the pod's namespace holds iptables rules: {state.describe_iptables_form()}")
+    if not state.our_tables:
+        raise DriftError("the pod's namespace holds none of the pod's nftables tables")
+
+
+def _in_pod_namespace(netns: str, action: Callable[[str], None]) -> None:
+    """Run ``action(path)`` inside the pod's network namespace (and its user namespace, if it has one)."""
+    from istio_iptables.apply.netns import entered
+
+    user_namespace = _own_user_namespace(netns)
+    if user_namespace is None:
+        with entered(netns, "CNI_NETNS") as path:
+            action(path)
+        return
+    try:
+        _in_child(user_namespace, netns, action)
+    finally:
+        os.close(user_namespace)
+
+
+def _own_user_namespace(netns: str) -> int | None:
+    """A descriptor of the user namespace owning ``netns`` when it is not ours (``hostUsers: false``)."""
+    import fcntl
+
+    try:
+        target = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None  # entered() reports it, naming CNI_NETNS
+    try:
+        owner = fcntl.ioctl(target, NS_GET_USERNS)
+    except OSError:
+        return None  # not a namespace file, or a kernel without the ioctl: nothing to enter
+    finally:
+        os.close(target)
+    if os.fstat(owner).st_ino == os.stat("/proc/self/ns/user").st_ino:
+        os.close(owner)
+        return None
+    return owner
+
+
+# What the actions import lazily: loaded before the fork, because after it our uid is the pod's
+# root, which may not read the host's Python installation (e.g. under /root).
+_PRELOAD = (
+    "ctypes", "dataclasses", "difflib", "grp", "pwd", "_socket", "encodings.ascii", "encodings.latin_1",
+    "istio_iptables.host", "istio_iptables.run",
+    "istio_iptables.capture", "istio_iptables.apply.engine", "istio_iptables.apply.backend",
+    "istio_iptables.apply.state", "istio_iptables.apply.restore", "istio_iptables.apply.routes",
+    "istio_iptables.ipset", "istio_iptables.nft.guard", "istio_iptables.nft.run", "istio_iptables.nft.system",
+    "istio_iptables.nft.capture", "istio_iptables.nft.render", "istio_iptables.validation",
+)
+# TPROXY routes and IPv6's ::6 need pyroute2 (~100 ms more, for hostUsers: false pods only).
+_PRELOAD_ROUTES = ("pyroute2", "pyroute2.netlink.exceptions", "pyroute2.iproute.linux")
+
+
+def _preload() -> None:
+    import importlib
+
+    for name in _PRELOAD + _PRELOAD_ROUTES:
+        importlib.import_module(name)
+
+
+def _in_child(user_namespace: int, netns: str, action: Callable[[str], None]) -> None:
+    import json
+
+    _preload()
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: enter, act, report, and leave without the parent's cleanup
+        os.close(reader)
+        outcome: dict[str, object] = {"ok": True}
+        try:
+            net = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+            _setns(user_namespace, CLONE_NEWUSER, "the pod's user namespace")
+            _setns(net, CLONE_NEWNET, "the pod's network namespace")
+            _become_namespace_root()
+            action(netns)
+        except IstioIptablesError as error:
+            outcome = {"ok": False, "kind": type(error).__name__, "message": str(error), "code": int(error.exit_code)}
+        except BaseException as error:  # reported by the parent, never a traceback on a runtime's stdout
+            outcome = {"ok": False, "kind": "EnvironmentProblem", "message": repr(error), "code": 4}
+        os.write(writer, json.dumps(outcome).encode())
+        os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as pipe:
+        report = pipe.read()
+    os.waitpid(pid, 0)
+    try:
+        outcome = json.loads(report)
+    except ValueError:
+        raise EnvironmentProblem("the process that entered the pod's user namespace died") from None
+    if not outcome["ok"]:
+        error = IstioIptablesError(outcome["message"])
+        error.exit_code = outcome["code"]  # type: ignore[misc]
+        if outcome["kind"] == "DriftError":
+            raise DriftError(outcome["message"])
+        raise error
+
+
+def _become_namespace_root() -> None:
+    """Be uid/gid 0 of the pod's user namespace, as ``nsenter --user`` does.
+
+    Our host uid 0 is not mapped in the pod's user namespace: without this, the iptables and nft
+    programs we start would run as the overflow uid and lose every capability at exec.
+    """
+    import contextlib
+
+    with contextlib.suppress(OSError):  # /proc/PID/setgroups is "deny" there: keep what we have
+        os.setgroups([])
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+
+
+def _setns(descriptor: int, kind: int, what: str) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(descriptor, kind) != 0:
+        raise EnvironmentProblem(f"cannot enter {what}: {os.strerror(ctypes.get_errno())}")
