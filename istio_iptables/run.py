@@ -21,6 +21,10 @@ def run(config: Config, out: TextIO, namespace_path: str = "") -> None:
     else:
         from istio_iptables.apply.nslock import namespace_lock
 
+        if config.cni_mode:
+            from istio_iptables.apply.netns import enter_cni_sandbox
+
+            enter_cni_sandbox()
         # One run at a time per network namespace (apply, reconcile, cleanup; every backend): the
         # lock is taken before the first read, so a run decides from a state nobody else is changing.
         with namespace_lock():

@@ -54,17 +54,19 @@ def namespace_identity() -> str:
         return "this network namespace"
 
 
-def describe_holder(pid: int, uid: int) -> str:
+def describe_holder(pid: int, uid: int | None) -> str:
     """``pid 123 (uid 0: istio-iptables -p 15001 ...)``, or what of it is visible from here."""
     if pid <= 0:  # the holder is in a pid namespace we cannot see into
-        return f"a process outside this pid namespace (uid {uid})"
+        return "a process outside this pid namespace" + (f" (uid {uid})" if uid is not None else "")
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
             argv = cmdline.read(300).replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
         argv = ""
     shown = "".join(char if char.isprintable() else "?" for char in argv)[:120]
-    return f"pid {pid} (uid {uid}{': ' + shown if shown else ''})"
+    details = [f"uid {uid}"] if uid is not None else []
+    details += [shown] if shown else []
+    return f"pid {pid}" + (f" ({': '.join(details)})" if details else "")
 
 
 def lock_holder() -> str:
