@@ -9,7 +9,8 @@ stale lock. It is keyed by the namespace itself (its identity, net:[inode]), nev
 It cannot collide with iptables' own xtables lock, which is an ``flock`` on a file (in CNI mode
 the namespace file itself): our children take that lock while we hold this one.
 
-The holder listens on the socket, so a waiting run can connect and learn the holder's pid and
+The socket is inherited by the programs we start, so a killed run holds the lock until its last
+child (an iptables-restore still reading its input, say) has exited. The holder listens on it, so a waiting run can connect and learn the holder's pid and
 uid from the kernel (``SO_PEERCRED``) to name it in its messages.
 """
 
@@ -92,6 +93,9 @@ def _try_bind() -> socket.socket | None:
             return None
         raise EnvironmentProblem(f"cannot take the per-namespace lock: {error.strerror}") from None
     held.listen(64)  # so that waiting runs can ask who we are
+    # Our children (iptables-restore, nft, ipset) inherit it: if this process is killed, the lock
+    # lasts until the last of them has finished writing, so the next run reads a settled namespace.
+    held.set_inheritable(True)
     return held
 
 
