@@ -10,28 +10,32 @@ It cannot collide with iptables' own xtables lock, which is an ``flock`` on a fi
 the namespace file itself): our children take that lock while we hold this one.
 
 The socket is inherited by the programs we start, so a killed run holds the lock until its last
-child (an iptables-restore still reading its input, say) has exited. The holder listens on it, so a waiting run can connect and learn the holder's pid and
-uid from the kernel (``SO_PEERCRED``) to name it in its messages.
+child (an iptables-restore still reading its input, say) has exited. The holder listens on it,
+so a waiting run can connect and learn the holder's pid and uid from the kernel (``SO_PEERCRED``)
+to name it in its messages.
 """
 
 from __future__ import annotations
 
 import os
-import socket
-import struct
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from istio_iptables.errors import ConfigError, EnvironmentProblem
 from istio_iptables.logging_setup import log
+
+if TYPE_CHECKING:
+    import _socket
 
 LOCK_NAME = b"\0istio-iptables/namespace-lock"
 DEFAULT_WAIT_SECONDS = 30.0
 WAIT_ENV = "ISTIO_IPTABLES_LOCK_WAIT"
 MAX_WAIT_SECONDS = 3600
 _POLL_SECONDS = 0.02
-_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_UCRED_SIZE = 12  # struct ucred: pid, uid, gid (3 x int)
 
 
 def wait_seconds(environ: os._Environ[str] | dict[str, str] = os.environ) -> float:
@@ -72,10 +76,13 @@ def describe_holder(pid: int, uid: int | None) -> str:
 
 def lock_holder() -> str:
     """Who holds the lock, asked of the kernel: connect to the holder's socket and read its credentials."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    import _socket  # socket.py would add ~5 ms of imports (selectors, enums) to every run
+
+    probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_NONBLOCK | _socket.SOCK_CLOEXEC)
     try:
         probe.connect(LOCK_NAME)
-        pid, uid, _gid = _PEERCRED.unpack(probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        credentials = probe.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _UCRED_SIZE)
+        pid, uid = (int.from_bytes(credentials[i : i + 4], sys.byteorder, signed=True) for i in (0, 4))
         return describe_holder(pid, uid)
     except OSError:
         return "another process (not identifiable: it does not accept connections)"
@@ -83,8 +90,10 @@ def lock_holder() -> str:
         probe.close()
 
 
-def _try_bind() -> socket.socket | None:
-    held = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+def _try_bind() -> _socket.socket | None:
+    import _socket
+
+    held = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     try:
         held.bind(LOCK_NAME)
     except OSError as error:
@@ -95,7 +104,7 @@ def _try_bind() -> socket.socket | None:
     held.listen(64)  # so that waiting runs can ask who we are
     # Our children (iptables-restore, nft, ipset) inherit it: if this process is killed, the lock
     # lasts until the last of them has finished writing, so the next run reads a settled namespace.
-    held.set_inheritable(True)
+    os.set_inheritable(held.fileno(), True)
     return held
 
 
