@@ -133,3 +133,28 @@ def test_killed_at_random_moments_the_same_command_converges(backend: str, netns
         assert whole_state(namespace, backend) == empty, where
         namespace.delete()
     print(f"{backend}: {TRIALS} kills (seed {seed}) left {outcomes}")
+
+
+def test_which_partial_states_count_as_an_interrupted_run() -> None:
+    """The resume rule, on the model: each (family, table) exactly planned or empty of ours."""
+    from istio_iptables.apply.engine import interrupted_parts
+    from istio_iptables.apply.state import desired_state
+    from istio_iptables.capture import build_plan
+    from istio_iptables.model import Family
+    from tests.apply_support import config_of
+
+    def wanted(args: list[str]) -> dict:
+        plan = build_plan(config_of(args))
+        return {ruleset.family: desired_state(ruleset) for ruleset in plan.rulesets}
+
+    plan, other = wanted(TPROXY), wanted(OTHER)
+    v4, v6 = Family.V4, Family.V6
+    assert interrupted_parts({v4: plan[v4], v6: {}}, plan) == ["IPv6 mangle", "IPv6 nat"]
+    only_nat = {v4: {"nat": plan[v4]["nat"]}, v6: {}}
+    assert interrupted_parts(only_nat, plan) == ["IPv4 mangle", "IPv6 mangle", "IPv6 nat"]
+    assert interrupted_parts({v4: {}, v6: plan[v6]}, plan) == ["IPv4 mangle", "IPv4 nat"]
+    assert interrupted_parts(plan, plan) is None  # complete: nothing to finish
+    assert interrupted_parts({v4: other[v4], v6: {}}, plan) is None  # another configuration: drift
+    edited = {**plan[v4]["nat"], "ISTIO_OUTPUT": plan[v4]["nat"]["ISTIO_OUTPUT"][1:]}
+    assert interrupted_parts({v4: {"nat": edited}, v6: {}}, plan) is None  # an edited rule: drift
+    assert interrupted_parts({v4: {"raw": {"ISTIO_OUTPUT_DNS": []}}, v6: {}}, plan) is None  # not ours to write
