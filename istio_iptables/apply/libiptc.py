@@ -26,6 +26,7 @@ from typing import Any
 from istio_iptables.apply.backend import Backend
 from istio_iptables.apply.restore import (
     DEFAULT_LOCKFILE,
+    LockTimeout,
     RestoreApplier,
     RestoreFailed,
     await_xtables_lock,
@@ -154,8 +155,8 @@ class LibiptcApplier:
             message = pipe.read().decode(errors="replace")
         _, status = os.waitpid(pid, 0)
         code = os.waitstatus_to_exitcode(status)
-        if code == 2:
-            raise EnvironmentProblem(message)
+        if code == 2:  # the xtables lock was taken again between our wait and the child's flock
+            raise LockTimeout(family, f"libiptc ({family.name})", script, 4, f"{self.lockfile} stayed held")
         if code != 0:
             raise RestoreFailed(family, f"libiptc ({family.name})", script, code, message or f"exit {code}")
 
