@@ -7,6 +7,7 @@ from typing import TextIO
 from istio_iptables.capture import build_plan
 from istio_iptables.config import Config
 from istio_iptables.logging_setup import log
+from istio_iptables.model import Plan
 from istio_iptables.render import render_documents
 from istio_iptables.sets import render_ipset_document
 
@@ -19,7 +20,27 @@ def run(config: Config, out: TextIO, namespace_path: str = "") -> None:
         # As Istio: the rules are neither written nor, in a dry run, printed (ProgramIptables and
         # ProgramNftables skip the whole step); --run-validation still runs.
         log.info("--skip-rule-apply: no rules written")
-    elif config.native_nftables:
+    elif config.dry_run:
+        _run_steps(config, out, plan, namespace_path)
+    else:
+        from istio_iptables.apply.nslock import namespace_lock
+
+        if config.cni_mode:
+            from istio_iptables.apply.netns import enter_cni_sandbox
+
+            enter_cni_sandbox()
+        # One run at a time per network namespace (apply, reconcile, cleanup; every backend): the
+        # lock is taken before the first read, so a run decides from a state nobody else is changing.
+        with namespace_lock():
+            _run_steps(config, out, plan, namespace_path)
+    if config.run_validation:
+        from istio_iptables.validation import run_validation
+
+        run_validation(config)
+
+
+def _run_steps(config: Config, out: TextIO, plan: Plan, namespace_path: str) -> None:
+    if config.native_nftables:
         from istio_iptables.nft.run import run_nftables
 
         run_nftables(config, out, plan)
@@ -42,7 +63,3 @@ def run(config: Config, out: TextIO, namespace_path: str = "") -> None:
         log.info("%s (%s backend)", outcome.action, outcome.backend)
         if replace_nft_tables:
             remove_nft_tables()
-    if config.run_validation:
-        from istio_iptables.validation import run_validation
-
-        run_validation(config)

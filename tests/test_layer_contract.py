@@ -74,6 +74,7 @@ LAYERS: dict[str, str] = {
     "apply.libiptc": SYSTEM,
     "apply.netns": SYSTEM,
     "apply.routes": SYSTEM,
+    "apply.nslock": SYSTEM,
     "nft.system": SYSTEM,
     "system.__init__": SYSTEM,
     "system.kube": SYSTEM,

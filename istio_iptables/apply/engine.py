@@ -19,6 +19,7 @@ from istio_iptables.apply.backend import Backend, Detection, detect
 from istio_iptables.apply.restore import (
     DEFAULT_LOCKFILE,
     NAMESPACE_LOCKFILE,
+    LockTimeout,
     RestoreApplier,
     RestoreFailed,
     drop_emptied_nft_chains,
@@ -31,9 +32,11 @@ from istio_iptables.apply.state import (
     desired_state,
     diff_states,
     live_tproxy_mark,
+    normalised,
     owned_state,
     parse_save,
     rollback_script,
+    state_lines,
     transition_script,
 )
 from istio_iptables.config import Config
@@ -87,7 +90,9 @@ def child_environment(config: Config, namespace_path: str) -> dict[str, str] | N
     as the same inode, so it still serialises the pod's writers.
     """
     if config.cni_mode and namespace_path:
-        return {**os.environ, "XTABLES_LOCKFILE": namespace_path}
+        # The namespace's inode, as Istio's CNI plugin locks it, but through /proc/self: a path under
+        # /run/netns would be created as an empty file if the namespace were deleted mid-run.
+        return {**os.environ, "XTABLES_LOCKFILE": NAMESPACE_LOCKFILE}
     if not lockfile_usable(os.environ.get("XTABLES_LOCKFILE") or DEFAULT_LOCKFILE):
         log.info("the xtables lock file cannot be created here (read-only root?): locking the namespace")
         return {**os.environ, "XTABLES_LOCKFILE": NAMESPACE_LOCKFILE}
@@ -138,23 +143,32 @@ def apply(config: Config, plan: Plan, namespace_path: str = "") -> Outcome:
     # Nothing of ours yet (every first run): no drift to describe, and no difflib to import.
     diffs = {family: diff_states(live[family], desired.get(family, {}), family) for family in FAMILIES if has_ours}
     drift = [line for lines in diffs.values() for line in lines]
+    missing = interrupted_parts(live, desired) if drift else None
     if has_ours and not drift and not config.force_apply:
         log.info("the namespace already holds exactly these rules: nothing to write")
         if ipset:  # same names, so the same members were loaded; refill in case someone edited them
             ipset.load(wanted_sets)
         _ensure_routes(plan, detection, applier, {}, wanted)
         return Outcome("unchanged", detection.backend.name, {})
-    if has_ours and drift and not (config.reconcile or config.force_apply):
+    if missing and not config.force_apply:
+        # An interrupted run of this very configuration (killed between the IPv4 and the IPv6
+        # write, or between two legacy tables): finish it, as a restarted init container expects.
+        log.info("finishing an interrupted run of this configuration: %s missing", ", ".join(missing))
+    elif has_ours and drift and not (config.reconcile or config.force_apply):
         raise DriftError(
             "the namespace holds istio-iptables rules of another configuration (or edited ones); "
             "rerun with --reconcile to replace them, or --cleanup-only to remove them:\n" + "\n".join(drift)
         )
     scripts = {
-        family: script for family in FAMILIES if (script := transition_script(live[family], plan.ruleset(family)))
+        family: script
+        for family in FAMILIES
+        if not (missing and not diffs.get(family))  # resuming: a family already complete stays as it is
+        and (script := transition_script(live[family], plan.ruleset(family)))
     }
     if ipset:  # before the rules that match them
         ipset.load(wanted_sets)
     created = _absent_base_chains(scripts, detection)
+    _prepare_routes(plan)
     try:
         touched = _write(scripts, detection, applier, wanted, created)
         _ensure_routes(plan, detection, applier, touched, wanted, created)
@@ -168,7 +182,30 @@ def apply(config: Config, plan: Plan, namespace_path: str = "") -> Outcome:
         if detection.backend.name == "nft":
             drop_emptied_nft_chains(detection, live, applier_env(applier), wanted)
         _remove_replaced_routes(config, plan, live)
-    return Outcome("reconciled" if has_ours else "applied", detection.backend.name, scripts)
+    action = "resumed" if missing and not config.force_apply else "reconciled" if has_ours else "applied"
+    return Outcome(action, detection.backend.name, scripts)
+
+
+def interrupted_parts(live: dict[Family, TableState], desired: dict[Family, TableState]) -> list[str] | None:
+    """What an interrupted run of this configuration left undone, or None if ``live`` is not one.
+
+    A run writes one restore transaction per family (iptables-nft commits a family at once,
+    iptables-legacy one table at a time), so a run killed part-way leaves every (family, table)
+    either exactly as planned or holding nothing of ours. Such a state, with at least one part
+    missing, is resumed; any other difference (a part of another configuration, an edited rule,
+    a table we would not write) is drift.
+    """
+    missing: list[str] = []
+    for family in FAMILIES:
+        live_tables, wanted_tables = normalised(live[family]), normalised(desired.get(family, {}))
+        if not set(live_tables) <= set(wanted_tables):
+            return None
+        for table in wanted_tables:
+            if table not in live_tables:
+                missing.append(f"{family.label} {table}")
+            elif state_lines({table: live_tables[table]}) != state_lines({table: wanted_tables[table]}):
+                return None
+    return missing or None
 
 
 def _remove_replaced_routes(config: Config, plan: Plan, live: dict[Family, TableState]) -> None:
@@ -198,6 +235,8 @@ def _write(
             log.debug("%s input for %s:\n%s", applier.name, family.label, script)
             applier.write(family, script)
     except RestoreFailed as failure:
+        if isinstance(failure, LockTimeout):
+            del touched[failure.family]  # its write never started
         try:
             rolled_back = _rollback(touched, detection, applier, wanted, created)
         except RestoreFailed as undo_failure:
@@ -279,6 +318,16 @@ def _rollback(
 
 def applier_env(applier: Applier) -> Mapping[str, str] | None:
     return getattr(applier, "env", None)
+
+
+def _prepare_routes(plan: Plan) -> None:
+    """Load pyroute2 (~0.3-0.7 s) before the rules go in, not between them and their routes.
+
+    TPROXY rules without their ``ip rule``/route (or ``::6``) send marked packets nowhere: what
+    is left of that window is one netlink socket and a few messages (a few ms).
+    """
+    if plan.routes is not None or plan.ipv6_passthrough_address:
+        from pyroute2 import IPRoute  # noqa: F401  (cached for routes.ensure)
 
 
 def _ensure_routes(

@@ -24,7 +24,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from istio_iptables.apply.backend import Backend
-from istio_iptables.apply.restore import DEFAULT_LOCKFILE, LOCK_WAIT_SECONDS, RestoreApplier, RestoreFailed
+from istio_iptables.apply.restore import (
+    DEFAULT_LOCKFILE,
+    LockTimeout,
+    RestoreApplier,
+    RestoreFailed,
+    await_xtables_lock,
+    lock_wait,
+)
 from istio_iptables.errors import EnvironmentProblem
 from istio_iptables.model import Family
 
@@ -77,9 +84,9 @@ def import_iptc() -> Any:
 class XtablesLock:
     """The lock every legacy iptables program takes; we wait for it (bounded) like ``-w``."""
 
-    def __init__(self, path: str, wait_seconds: float = LOCK_WAIT_SECONDS) -> None:
+    def __init__(self, path: str, wait_seconds: float | None = None) -> None:
         self.path = path
-        self.wait_seconds = wait_seconds
+        self.wait_seconds = lock_wait() if wait_seconds is None else wait_seconds
         self.fd: int | None = None
 
     def __enter__(self) -> XtablesLock:
@@ -123,6 +130,7 @@ class LibiptcApplier:
     # family's write runs in a forked child of this process (same namespace, the library already
     # imported), and this process never loads an extension.
     def write(self, family: Family, script: str) -> None:
+        await_xtables_lock(family, f"libiptc ({family.name})", script, self.env)
         self._write_in_child(family, script)
 
     def _write_in_child(self, family: Family, script: str) -> None:
@@ -147,8 +155,8 @@ class LibiptcApplier:
             message = pipe.read().decode(errors="replace")
         _, status = os.waitpid(pid, 0)
         code = os.waitstatus_to_exitcode(status)
-        if code == 2:
-            raise EnvironmentProblem(message)
+        if code == 2:  # the xtables lock was taken again between our wait and the child's flock
+            raise LockTimeout(family, f"libiptc ({family.name})", script, 4, f"{self.lockfile} stayed held")
         if code != 0:
             raise RestoreFailed(family, f"libiptc ({family.name})", script, code, message or f"exit {code}")
 

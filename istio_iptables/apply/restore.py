@@ -8,15 +8,29 @@ transition, see :func:`istio_iptables.apply.state.rollback_script`).
 
 from __future__ import annotations
 
+import fcntl
+import os
 import re
+import time
 from collections.abc import Mapping
 
 from istio_iptables.apply.backend import Backend, Detection, find_program
 from istio_iptables.errors import ApplyError, EnvironmentProblem, IstioIptablesError
+from istio_iptables.logging_setup import log
 from istio_iptables.model import BUILTIN_CHAINS, Family
 from istio_iptables.spawn import run, which
 
-LOCK_WAIT_SECONDS = 30  # how long a write waits for the xtables lock before giving up (Istio: 30)
+
+def lock_wait() -> float:
+    """How long a run waits for a lock, ours or the xtables one: $ISTIO_IPTABLES_LOCK_WAIT, else 30 s."""
+    from istio_iptables.apply.nslock import wait_seconds
+
+    return wait_seconds()
+
+
+def _wait_option() -> str:
+    """``-w`` takes whole seconds; 0 would mean "do not wait at all" there, so at least 1."""
+    return str(max(1, int(-(-lock_wait() // 1))))
 CONTEXT_LINES = 5
 
 _FAILED_LINE = re.compile(r"line (\d+)(?: failed|:)")  # legacy: "line 3 failed", nft: "line 3: ..."
@@ -46,6 +60,69 @@ class RestoreFailed(Exception):
         return f"{self.program} exited {self.returncode}: {self.stderr.strip()[-500:]}"
 
 
+class LockTimeout(RestoreFailed):
+    """The xtables lock stayed held: this family's write never started (``stderr`` names the holder)."""
+
+
+def xtables_lockfile(env: Mapping[str, str] | None) -> str:
+    return (os.environ if env is None else env).get("XTABLES_LOCKFILE") or DEFAULT_LOCKFILE
+
+
+def _lock_is_free(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return True
+
+
+def flock_holder(fd: int) -> str:
+    """Who holds an flock on ``fd``'s inode, from /proc/locks (pid and command line when visible)."""
+    from istio_iptables.apply.nslock import describe_holder
+
+    stat = os.fstat(fd)
+    inode = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as locks:
+            for line in locks:
+                fields = line.split()
+                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == inode and fields[4].isdigit():
+                    return describe_holder(int(fields[4]), None)
+    except OSError:
+        pass
+    return "another process"
+
+
+def await_xtables_lock(family: Family, program: str, text: str, env: Mapping[str, str] | None) -> None:
+    """Before a legacy write: wait (bounded, logged) until nobody holds the xtables lock.
+
+    iptables-restore -w waits silently, and a write that timed out could not tell whether it had
+    written anything. Waiting here first, the common case (the lock held all along) ends before
+    anything is written, with the holder named. The file is only opened, never created: in CNI
+    mode it may be a namespace's path.
+    """
+    path = xtables_lockfile(env)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return  # absent: nobody holds it; unreadable: iptables will report it
+    try:
+        if _lock_is_free(fd):
+            return
+        holder = flock_holder(fd)
+        wait = lock_wait()
+        log.info("waiting up to %gs for the xtables lock %s, held by %s", wait, path, holder)
+        deadline = time.monotonic() + wait
+        while not _lock_is_free(fd):
+            if time.monotonic() >= deadline:
+                raise LockTimeout(family, program, text, 4, f"{path} stayed held by {flock_holder(fd)}")
+            time.sleep(0.05)
+        log.info("the xtables lock %s is free: going on", path)
+    finally:
+        os.close(fd)
+
+
 def with_context(text: str, line_number: int, around: int = CONTEXT_LINES) -> str:
     lines = text.splitlines()
     start, end = max(1, line_number - around), min(len(lines), line_number + around)
@@ -61,10 +138,19 @@ def explain_failure(failure: RestoreFailed, rolled_back: bool) -> IstioIptablesE
     label = failure.family.label
     where = _FAILED_LINE.search(stderr)
     context = f"\n{with_context(failure.text, int(where.group(1)))}" if where else ""
+    if isinstance(failure, LockTimeout):
+        written = (
+            f"the {label} rules were not written and those written before them were rolled back"
+            if rolled_back
+            else "nothing was written"
+        )
+        return EnvironmentProblem(
+            f"the xtables lock {failure.stderr} for over {lock_wait():g}s: {written}; retry once it is released"
+        )
     if _LOCK_HELD in stderr:
         return EnvironmentProblem(
-            f"another program held the xtables lock for more than {LOCK_WAIT_SECONDS}s ({label}); "
-            f"retry, or in CNI mode pass --network-namespace so the lock is per pod; {state}"
+            f"another program held the xtables lock for more than {_wait_option()}s ({label}); {state}; "
+            "retry once it is released"
         )
     missing = _MISSING_EXTENSION.search(stderr) or _UNSUPPORTED_EXTENSION.search(stderr)
     if missing:
@@ -103,19 +189,21 @@ class RestoreApplier:
         self.env = env
 
     def write(self, family: Family, script: str) -> None:
-        self._restore(family, script, "--noflush", "-w", str(LOCK_WAIT_SECONDS))
+        if self.backend.name == "legacy":  # iptables-nft takes no lock
+            await_xtables_lock(family, self.backend.program(family, "restore"), script, self.env)
+        self._restore(family, script, "--noflush", "-w", _wait_option())
 
     def read(self, family: Family) -> str:
         """What the namespace holds now (``*-save``), to compute a rollback from."""
         program = self.backend.program(family, "save")
-        process = run([find_program(program)], env=self.env, timeout=LOCK_WAIT_SECONDS + 30)
+        process = run([find_program(program)], env=self.env, timeout=lock_wait() + 30)
         if process.returncode != 0:
             raise RestoreFailed(family, program, "", process.returncode, process.stderr)
         return process.stdout
 
     def _restore(self, family: Family, text: str, *options: str) -> None:
         program = self.backend.program(family, "restore")
-        process = run([find_program(program), *options], input=text, env=self.env, timeout=LOCK_WAIT_SECONDS + 30)
+        process = run([find_program(program), *options], input=text, env=self.env, timeout=lock_wait() + 30)
         if process.returncode != 0:
             raise RestoreFailed(family, program, text, process.returncode, process.stderr)
 

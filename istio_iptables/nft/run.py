@@ -46,6 +46,8 @@ def run_nftables(config: Config, out: TextIO, plan: Plan) -> None:
         routes.check_loopback_up()  # before anything is written: exit 4, not half the routes
     # With --reconcile, iptables-nft's chains go in the same transaction in which ours arrive.
     removal = system.iptables_nft_removal_lines(state)
+    if plan.routes is not None or plan.ipv6_passthrough_address:
+        from pyroute2 import IPRoute  # noqa: F401  (its import, not after the rules: see engine._prepare_routes)
     system.apply_script(render_script(ruleset, present=state.our_tables, also=removal, held=state.held()))
     if state.has_iptables_form:
         system.remove_legacy_form(state)
