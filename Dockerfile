@@ -4,7 +4,7 @@
 #
 # Runs as root and needs only NET_ADMIN and NET_RAW; works with a read-only root filesystem
 # (every module is byte-compiled here, and Python never tries to write bytecode at run time).
-# docs/image.md explains how tests/test_image.py builds and proves it with podman.
+# docs/image.md explains how tests/e2e/test_image.py builds and proves it with podman.
 
 # Any Debian bookworm image: the official slim one, or one made locally with debootstrap.
 ARG BASE_IMAGE=docker.io/library/debian:bookworm-slim

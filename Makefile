@@ -35,7 +35,7 @@ image-test: deps venv
 	@for c in $(IMAGE_APT_PACKAGES); do command -v $$c >/dev/null 2>&1 || { \
 		echo "installing $(IMAGE_APT_PACKAGES)"; apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(IMAGE_APT_PACKAGES) >/dev/null; break; }; done
-	ISTIO_IPTABLES_IMAGE_TEST=1 $(PYTHON) -m pytest -q -rxX tests/test_image.py
+	ISTIO_IPTABLES_IMAGE_TEST=1 $(PYTHON) -m pytest -q -rxX tests/e2e/test_image.py
 
 # istio-cni called by a real runtime: podman's CNI backend with Debian's bridge plugin (docs/cni.md).
 CNI_RUNTIME_APT_PACKAGES := podman runc containernetworking-plugins busybox-static
@@ -43,7 +43,7 @@ cni-runtime-test: deps venv
 	@test -x /usr/lib/cni/bridge && command -v podman >/dev/null && command -v busybox >/dev/null || { \
 		echo "installing $(CNI_RUNTIME_APT_PACKAGES)"; apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(CNI_RUNTIME_APT_PACKAGES) >/dev/null; }
-	ISTIO_IPTABLES_CNI_RUNTIME_TEST=1 $(PYTHON) -m pytest -q -rxX tests/test_cni_runtime.py
+	ISTIO_IPTABLES_CNI_RUNTIME_TEST=1 $(PYTHON) -m pytest -q -rxX tests/e2e/test_cni_runtime.py
 
 bench: deps venv
 	$(PYTHON) bench/bench_dry_run.py

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from istio_iptables.apply.netns import entered
+from istio_iptables.system.netns import entered
 
 PYTHON = sys.executable
 CLI = str(Path(sys.executable).parent / "istio-iptables")

@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from istio_iptables.apply.netns import entered
+from istio_iptables.system.netns import entered
 
 PYTHON = sys.executable
 # The console script, as a node runs it (a venv made before istio-cni existed lacks it: `make venv`).

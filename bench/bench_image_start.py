@@ -18,8 +18,8 @@ from typing import Any
 from common import CLI, INJECTOR_ARGV, REPO, row
 
 sys.path.insert(0, str(REPO))
-from tests import container
-from tests.netns import NetNS
+from tests.support import container
+from tests.support.netns import NetNS
 
 ROUNDS = 15
 CAPS = ("NET_ADMIN", "NET_RAW")

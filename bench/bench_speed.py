@@ -30,25 +30,25 @@ from dataclasses import dataclass, field, replace
 from common import CLI, INJECTOR_ARGV, PYTHON, REPO
 
 sys.path.insert(0, str(REPO))
-from istio_iptables.apply.engine import apply
-from istio_iptables.apply.netns import entered
-from istio_iptables.capture import build_plan
-from istio_iptables.config import Config, RawSettings, Setting, parse
-from istio_iptables.model import Plan, RuleSet
-from istio_iptables.render import render_documents
-from tests.netns import NetNS
+from istio_iptables.config.sidecar import Config, RawSettings, Setting, parse
+from istio_iptables.engine.xtables import apply
+from istio_iptables.policy.sidecar_xtables import build_plan
+from istio_iptables.system.netns import entered
+from istio_iptables.xtables.model import Plan, RuleSet
+from istio_iptables.xtables.render import render_documents
+from tests.support.netns import NetNS
 
 try:
-    from istio_iptables.nft.capture import build_nft_ruleset
+    from istio_iptables.engine.nft import run_nftables
     from istio_iptables.nft.render import render_script
-    from istio_iptables.nft.run import run_nftables
+    from istio_iptables.policy.sidecar_nft import build_nft_ruleset
 
     BACKENDS: tuple[str, ...] = ("legacy", "nft", "native")
 except ImportError:  # a tree from before the native nftables backend
     BACKENDS = ("legacy", "nft")
 try:
-    from istio_iptables.ipset import plan_for_this_host
-    from istio_iptables.sets import SET_THRESHOLD, render_ipset_document
+    from istio_iptables.policy.lists import SET_THRESHOLD, render_ipset_document
+    from istio_iptables.system.ipset import plan_for_this_host
 except ImportError:  # a tree from before sets (to print the "before" figures): one rule per entry only
     SET_THRESHOLD = 10**9
 

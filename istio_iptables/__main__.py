@@ -1,3 +1,3 @@
-from istio_iptables.cli import program
+from istio_iptables.frontends.cli.main import program
 
 program()

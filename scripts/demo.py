@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.testbed import FAMILIES, Landing, Testbed, injector_args
-from tests.traffic_paths import SIDECAR_PATHS
+from tests.beds.testbed import FAMILIES, Landing, Testbed, injector_args
+from tests.beds.traffic_paths import SIDECAR_PATHS
 
 LISTENERS = {
     "proxy:15001": "envoy:15001 (outbound)",

@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.netns import NetNS
-from tests.sets_support import Pair
+from tests.support.netns import NetNS
+from tests.support.sets_support import Pair
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -38,7 +38,7 @@ def fresh_logger() -> Iterator[None]:
 
     An in-process CLI run configures it onto the CliRunner's stream, which is gone after the run.
     """
-    from istio_iptables.logging_setup import log
+    from istio_iptables._lib.log import log
 
     before = dict(vars(log))
     yield
@@ -71,7 +71,7 @@ def netns_factory() -> Iterator:
 
 @pytest.fixture
 def pair(netns_factory: Callable[[str], NetNS]) -> Iterator[Pair]:
-    """A client namespace (rules, stand-in proxy) and a server one (tests/sets_support.py)."""
+    """A client namespace (rules, stand-in proxy) and a server one (tests/support/sets_support.py)."""
     made = Pair(netns_factory)
     yield made
     made.close()

@@ -3,7 +3,7 @@
 Istio's plugin (``cni/pkg/plugin``: ``kubernetes.go`` reads the pod, ``plugin.go`` decides whether
 to skip it, ``sidecar_redirect.go`` turns annotations and the istio-proxy container into the
 settings of ``istio-iptables``). Both ``istio-cni`` and ``istio-iptables --from-pod`` use this
-module, and it produces :class:`~istio_iptables.config.RawSettings` for the ordinary parser, so
+module, and it produces :class:`~istio_iptables.config.sidecar.RawSettings` for the ordinary parser, so
 every value is validated in one place; each setting's source names the annotation or the
 container field it came from, so a bad value is reported as such.
 
@@ -16,9 +16,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from istio_iptables.config import RawSettings, Setting
+from istio_iptables._lib.records import record
+from istio_iptables.config.sidecar import RawSettings, Setting
 from istio_iptables.errors import ConfigError
-from istio_iptables.records import record
 
 ISTIO_INIT = "istio-init"
 ISTIO_PROXY = "istio-proxy"
@@ -217,7 +217,7 @@ def raw_settings_for_pod(
 
 def settings_from_pod_file(path: str, given: RawSettings) -> RawSettings | None:
     """``istio-iptables --from-pod FILE``: the pod's settings under the command line's; None if skipped."""
-    from istio_iptables.logging_setup import log
+    from istio_iptables._lib.log import log
 
     info = pod_info(load_pod(path))
     skipped = skip_reason(info)

@@ -1,7 +1,7 @@
 """The nftables model: ``inet`` tables holding chains holding rules, as plain typed data (no I/O).
 
 A rule is a tuple of matches followed by a tuple of statements; the renderer adds a ``counter``
-to every rule. Values come from the validated :class:`~istio_iptables.config.Config` (numbers,
+to every rule. Values come from the validated :class:`~istio_iptables.config.sidecar.Config` (numbers,
 parsed networks, checked names), never from free text.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
-from istio_iptables.model import IPNetwork, PortEntry
+from istio_iptables.net import IPNetwork
 from istio_iptables.nft.names import (
     ISTIO_DIVERT,
     ISTIO_DROP,
@@ -27,6 +27,7 @@ from istio_iptables.nft.names import (
     PREROUTING,
     RAW,
 )
+from istio_iptables.xtables.model import PortEntry
 
 # --- tables and chains ---------------------------------------------------------------------------
 

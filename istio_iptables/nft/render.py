@@ -1,7 +1,7 @@
 """Render the nftables model as an ``nft -f`` script: one transaction that replaces our tables.
 
 Every token comes from a typed value: numbers are range-checked integers, addresses are parsed
-networks, and names (interfaces, groups) pass :func:`~istio_iptables.render.check_token` and are
+networks, and names (interfaces, groups) pass :func:`~istio_iptables.xtables.render.check_token` and are
 then double-quoted, so no value can end a statement, open a block or name another table.
 """
 
@@ -11,7 +11,6 @@ import ipaddress
 import re
 from collections.abc import Collection, Mapping, Sequence
 
-from istio_iptables.model import PortEntry, PortRange
 from istio_iptables.nft.model import (
     OUR_TABLES,
     Addr,
@@ -40,8 +39,9 @@ from istio_iptables.nft.model import (
     TproxyTo,
     Verdict,
 )
-from istio_iptables.render import RenderError, check_token
-from istio_iptables.sets import member_text, port_ranges
+from istio_iptables.policy.lists import member_text, port_ranges
+from istio_iptables.xtables.model import PortEntry, PortRange
+from istio_iptables.xtables.render import RenderError, check_token
 
 HEADER = "# istio-iptables --native-nftables: load with 'nft -f FILE'; applied as one transaction\n"
 MAX_U32 = 2**32 - 1
@@ -81,7 +81,7 @@ def _network(network: object) -> str:
     return str(network)
 
 
-# Our set names (istio_iptables.nft.capture.nft_set_name): per purpose, family and prefix length; no digest.
+# Our set names (istio_iptables.policy.sidecar_nft.nft_set_name): per purpose, family and prefix length; no digest.
 OWN_NFT_SET_NAME = re.compile(
     r"istio-(?:(?:v4|v6)-(?:out-excl|out-incl)-[0-9]{1,3}|port-out|port-out-excl|port-in|port-in-excl)"
 )

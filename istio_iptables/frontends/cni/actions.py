@@ -18,7 +18,7 @@ import io
 import os
 from collections.abc import Callable
 
-from istio_iptables.config import Config, RawSettings, Setting
+from istio_iptables.config.sidecar import Config, RawSettings, Setting
 from istio_iptables.errors import DriftError, EnvironmentProblem, IstioIptablesError
 
 CLONE_NEWUSER = 0x10000000
@@ -48,17 +48,17 @@ def check_rules(raw: RawSettings, netns: str) -> None:
 
 
 def _run(raw: RawSettings, path: str) -> None:
-    from istio_iptables.config import parse
-    from istio_iptables.host import RealHost
-    from istio_iptables.run import run
+    from istio_iptables.config.sidecar import parse
+    from istio_iptables.engine.actions import run
+    from istio_iptables.system.host import RealHost
 
     config = parse(raw, RealHost())
     run(config, io.StringIO(), namespace_path=path)
 
 
 def _check(raw: RawSettings, path: str) -> None:
-    from istio_iptables.config import parse
-    from istio_iptables.host import RealHost
+    from istio_iptables.config.sidecar import parse
+    from istio_iptables.system.host import RealHost
 
     config = parse(raw, RealHost())
     if config.native_nftables:
@@ -68,10 +68,10 @@ def _check(raw: RawSettings, path: str) -> None:
 
 
 def _check_iptables(config: Config, path: str) -> None:
-    from istio_iptables.apply.backend import detect
-    from istio_iptables.apply.engine import child_environment
-    from istio_iptables.apply.state import desired_state, diff_states, owned_state
-    from istio_iptables.capture import build_plan
+    from istio_iptables.engine.xtables import child_environment
+    from istio_iptables.policy.sidecar_xtables import build_plan
+    from istio_iptables.system.xtables_backend import detect
+    from istio_iptables.xtables.reconcile import desired_state, diff_states, owned_state
 
     plan = build_plan(config)
     families = tuple(ruleset.family for ruleset in plan.rulesets)
@@ -86,7 +86,7 @@ def _check_iptables(config: Config, path: str) -> None:
 
 def _check_nftables(config: Config) -> None:
     """Native nftables: our tables must be there and iptables' form absent (contents not compared yet)."""
-    from istio_iptables.nft import system
+    from istio_iptables.system import nft as system
 
     del config
     state = system.read_state()
@@ -98,7 +98,7 @@ def _check_nftables(config: Config) -> None:
 
 def _in_pod_namespace(netns: str, action: Callable[[str], None]) -> None:
     """Run ``action(path)`` inside the pod's network namespace (and its user namespace, if it has one)."""
-    from istio_iptables.apply.netns import entered
+    from istio_iptables.system.netns import entered
 
     user_namespace = _own_user_namespace(netns)
     if user_namespace is None:
@@ -135,11 +135,12 @@ def _own_user_namespace(netns: str) -> int | None:
 # root, which may not read the host's Python installation (e.g. under /root).
 _PRELOAD = (
     "ctypes", "dataclasses", "difflib", "grp", "pwd", "_socket", "encodings.ascii", "encodings.latin_1",
-    "istio_iptables.host", "istio_iptables.run",
-    "istio_iptables.capture", "istio_iptables.apply.engine", "istio_iptables.apply.backend",
-    "istio_iptables.apply.state", "istio_iptables.apply.restore", "istio_iptables.apply.routes",
-    "istio_iptables.ipset", "istio_iptables.nft.guard", "istio_iptables.nft.run", "istio_iptables.nft.system",
-    "istio_iptables.nft.capture", "istio_iptables.nft.render", "istio_iptables.validation",
+    "istio_iptables.system.host", "istio_iptables.engine.actions",
+    "istio_iptables.policy.sidecar_xtables", "istio_iptables.engine.xtables", "istio_iptables.system.xtables_backend",
+    "istio_iptables.xtables.reconcile", "istio_iptables.system.xtables_restore", "istio_iptables.system.routes",
+    "istio_iptables.system.ipset", "istio_iptables.engine.guard", "istio_iptables.engine.nft",
+    "istio_iptables.system.nft",
+    "istio_iptables.policy.sidecar_nft", "istio_iptables.nft.render", "istio_iptables.engine.validation",
 )
 # TPROXY routes and IPv6's ::6 need pyroute2 (~100 ms more, for hostUsers: false pods only).
 _PRELOAD_ROUTES = ("pyroute2", "pyroute2.netlink.exceptions", "pyroute2.iproute.linux")

@@ -18,9 +18,9 @@ import os
 import sys
 from collections.abc import Mapping
 
+from istio_iptables._lib.log import LEVELS, log
 from istio_iptables.frontends.cni import spec
 from istio_iptables.frontends.cni.spec import CniError
-from istio_iptables.logging_setup import LEVELS, log
 
 TYPE_CHECKING = False  # typing costs ~5 ms of a ~20 ms start: only type checkers import it
 if TYPE_CHECKING:
@@ -227,10 +227,10 @@ def _pod_to_program(request: spec.Request, plugin: PluginConfig) -> tuple[Any, A
     except Exception as error:
         raise _as_cni_error(error) from None
     if plugin.native_nftables:
-        from istio_iptables.config import Setting
+        from istio_iptables.config.sidecar import Setting
 
         flags["native_nftables"] = Setting("true", "native_nftables")
-    from istio_iptables.config import RawSettings
+    from istio_iptables.config.sidecar import RawSettings
 
     return info, RawSettings(values=values, flags=flags)
 

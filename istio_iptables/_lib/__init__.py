@@ -1,0 +1,1 @@
+"""Start-time replacements for standard-library pieces (records, logging); no project knowledge."""

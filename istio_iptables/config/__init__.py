@@ -1,0 +1,1 @@
+"""Configuration: settings with their provenance, parsed and validated per capture mode."""

@@ -1,0 +1,1 @@
+"""The actions (render, apply, cleanup, check, validate) and their orchestration per form."""

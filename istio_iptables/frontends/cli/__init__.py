@@ -1,0 +1,1 @@
+"""The click command line: istio-iptables and its explain subcommand."""

@@ -1,0 +1,1 @@
+"""Capture policies: which rules a mode needs, as dialect models. Pure, no I/O."""

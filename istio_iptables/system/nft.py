@@ -1,0 +1,258 @@
+"""The kernel edge of the nftables backend: run ``nft``, read what the namespace holds, and remove
+the iptables form of our rules.
+
+Everything here is a side effect behind a small interface; the decisions live in
+:mod:`istio_iptables.engine.nft` and the rules in :mod:`istio_iptables.policy.sidecar_nft`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from istio_iptables._lib.log import log
+from istio_iptables.errors import ApplyError, EnvironmentProblem
+from istio_iptables.nft.names import OUR_TABLES
+from istio_iptables.system.spawn import Finished, run, which
+from istio_iptables.xtables.model import OWN_CHAINS
+
+# Names read back from the kernel are spliced into nft/iptables input only if they look like this.
+_KERNEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+IPTABLES_NFT_FAMILIES = {"ip": "IPv4", "ip6": "IPv6"}
+LEGACY_PROGRAMS = {"ip_tables_names": "iptables-legacy", "ip6_tables_names": "ip6tables-legacy"}
+
+
+def _kernel_name(name: object) -> str:
+    if not isinstance(name, str) or not _KERNEL_NAME.fullmatch(name):
+        raise ApplyError(f"refusing to handle a kernel object named {name!r}: unexpected characters")
+    return name
+
+
+def _run(argv: Sequence[str], stdin: str | None = None) -> Finished:
+    try:
+        return run(argv, input=stdin, timeout=60)
+    except FileNotFoundError:
+        raise EnvironmentProblem(f"'{argv[0]}' is missing") from None
+
+
+def nft_program() -> str:
+    """The ``nft`` command. Measured against libnftables' Python binding (bench/bench_nft.py), the
+    binding saves nothing on a one-shot run: importing ctypes and loading the library cost what
+    starting ``nft`` costs, and the binding is one more package outside pip's reach."""
+    path = which("nft")
+    if path is None:
+        raise EnvironmentProblem("--native-nftables needs the 'nft' command (Debian/Ubuntu: apt-get install nftables)")
+    return path
+
+
+def apply_script(script: str) -> None:
+    """Load ``script`` with ``nft -f -`` as one transaction: the kernel takes all of it or nothing."""
+    log.info("nftables: applying %d commands as one transaction", script.count("\n"))
+    result = _run([nft_program(), "-f", "-"], stdin=script)
+    if result.returncode != 0:
+        raise ApplyError(f"nftables refused the ruleset, nothing was changed: {result.stderr.strip()}")
+
+
+@dataclass
+class NamespaceState:
+    """What the namespace holds that concerns us: our nft tables and the iptables form of our rules."""
+
+    our_tables: list[str] = field(default_factory=list)
+    # iptables-nft: ISTIO_* chains as (family, table, chain), and rules of other chains jumping to them.
+    iptables_nft_chains: list[tuple[str, str, str]] = field(default_factory=list)
+    iptables_nft_jumps: list[tuple[str, str, str, int]] = field(default_factory=list)
+    # iptables-legacy: per program, the iptables-save text holding ISTIO_* chains.
+    legacy_saves: dict[str, str] = field(default_factory=dict)
+    # What our live tables imply for cleanup: the TPROXY mark (its policy route) and IPv6 (the ::6 address).
+    tproxy_mark: int | None = None
+    our_ipv6: bool = False
+    # Our tables as listed (``nft -j`` objects), to put them back if a later step fails.
+    our_objects: list[dict] = field(default_factory=list)
+
+    def held(self) -> dict[str, tuple[list[str], list[str]]]:
+        """Per table of ours: the chains and sets it holds, by name (checked before they reach nft input)."""
+        found: dict[str, tuple[list[str], list[str]]] = {table: ([], []) for table in self.our_tables}
+        for entry in self.our_objects:
+            for kind, index in (("chain", 0), ("set", 1)):
+                if kind in entry and entry[kind]["table"] in found:
+                    found[entry[kind]["table"]][index].append(_kernel_name(entry[kind]["name"]))
+        return found
+
+    @property
+    def has_iptables_form(self) -> bool:
+        return bool(self.iptables_nft_chains or self.legacy_saves)
+
+    def describe_iptables_form(self) -> str:
+        found = [
+            f"{IPTABLES_NFT_FAMILIES[family]} {table} {chain} (iptables-nft)"
+            for family, table, chain in self.iptables_nft_chains
+        ]
+        for program, text in self.legacy_saves.items():
+            found += [f"{chain} ({program})" for chain in legacy_own_chains(text)]
+        return ", ".join(found)
+
+
+def read_nft_state(state: NamespaceState) -> None:
+    """Our inet tables and iptables-nft's ISTIO_* chains, from one ``nft -j list ruleset``."""
+    path = which("nft")
+    if path is None:
+        return  # without nft there are neither our tables nor iptables-nft rules to look at
+    listing = _run([path, "-j", "list", "ruleset"])
+    if listing.returncode != 0:
+        raise EnvironmentProblem(f"cannot list the nftables ruleset: {listing.stderr.strip()}")
+    parse_nft_listing(json.loads(listing.stdout or "{}").get("nftables", []), state)
+
+
+def parse_nft_listing(objects: list[dict], state: NamespaceState) -> None:
+    """Fill ``state`` from ``nft -j list ruleset`` objects."""
+    for entry in objects:
+        if "table" in entry:
+            table = entry["table"]
+            if table["family"] == "inet" and table["name"] in OUR_TABLES:
+                state.our_tables.append(table["name"])
+                state.our_objects.append(entry)
+        elif "set" in entry:
+            named = entry["set"]
+            if named["family"] == "inet" and named["table"] in OUR_TABLES:
+                state.our_objects.append(entry)  # listed before the rules that match it, as a restore needs
+        elif "chain" in entry:
+            chain = entry["chain"]
+            if chain["family"] == "inet" and chain["table"] in OUR_TABLES:
+                state.our_objects.append(entry)
+            elif chain["family"] in IPTABLES_NFT_FAMILIES and chain["name"] in OWN_CHAINS:
+                state.iptables_nft_chains.append((chain["family"], chain["table"], chain["name"]))
+        elif "rule" in entry:
+            rule = entry["rule"]
+            if rule["family"] == "inet" and rule["table"] in OUR_TABLES:
+                _note_our_rule(rule, state)
+                state.our_objects.append(entry)
+                continue
+            from_other_chain = rule["family"] in IPTABLES_NFT_FAMILIES and rule["chain"] not in OWN_CHAINS
+            if from_other_chain and _jumps_to_own_chain(rule):
+                state.iptables_nft_jumps.append((rule["family"], rule["table"], rule["chain"], rule["handle"]))
+
+
+def _note_our_rule(rule: dict, state: NamespaceState) -> None:
+    expressions = rule.get("expr", [])
+    text = json.dumps(expressions)
+    state.our_ipv6 = state.our_ipv6 or '"protocol": "ip6"' in text
+    if any("tproxy" in expr for expr in expressions):
+        marks = [expr["mangle"]["value"] for expr in expressions if "mangle" in expr]
+        if marks and isinstance(marks[0], int):
+            state.tproxy_mark = marks[0]
+
+
+def _jumps_to_own_chain(rule: dict) -> bool:
+    return any(
+        verdict in expr and expr[verdict].get("target") in OWN_CHAINS
+        for expr in rule.get("expr", [])
+        for verdict in ("jump", "goto")
+    )
+
+
+def read_legacy_state(state: NamespaceState, proc_net: Path = Path("/proc/thread-self/net")) -> None:
+    """ISTIO_* chains in iptables-legacy; skipped (no process started) when no legacy table exists."""
+    for names_file, program in LEGACY_PROGRAMS.items():
+        try:
+            tables = (proc_net / names_file).read_text().split()
+        except OSError:
+            continue  # the legacy x_tables module is not even loaded
+        if not tables or which(f"{program}-save") is None:
+            continue
+        save = _run([f"{program}-save"])
+        if save.returncode == 0 and legacy_own_chains(save.stdout):
+            state.legacy_saves[program] = save.stdout
+
+
+def read_state() -> NamespaceState:
+    state = NamespaceState()
+    read_nft_state(state)
+    read_legacy_state(state)
+    return state
+
+
+def legacy_own_chains(save_text: str) -> list[str]:
+    return [chain for chains in _parse_legacy_save(save_text)[0].values() for chain in chains]
+
+
+def _parse_legacy_save(save_text: str) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Per table: our chains (``:ISTIO_X`` headers), and the rules of other chains that jump into them."""
+    own: dict[str, list[str]] = {}
+    jumps: dict[str, list[str]] = {}
+    table = ""
+    for line in save_text.splitlines():
+        words = line.split()
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif line.startswith(":") and words[0][1:] in OWN_CHAINS:
+            own.setdefault(table, []).append(words[0][1:])
+        elif line.startswith("-A ") and words[1] not in OWN_CHAINS and any(
+            word in ("-j", "-g") and target in OWN_CHAINS for word, target in itertools.pairwise(words)
+        ):
+            jumps.setdefault(table, []).append(line)
+    return own, jumps
+
+
+# --- removing the iptables form --------------------------------------------------------------------
+
+
+def iptables_nft_removal_lines(state: NamespaceState) -> list[str]:
+    """nft commands that remove iptables-nft's ISTIO_* chains; they join our transaction."""
+    lines = [
+        f"delete rule {_kernel_name(family)} {_kernel_name(table)} {_kernel_name(chain)} handle {int(handle)}"
+        for family, table, chain, handle in state.iptables_nft_jumps
+    ]
+    chains = [(_kernel_name(family), _kernel_name(table), _kernel_name(chain))
+              for family, table, chain in state.iptables_nft_chains]
+    # Flush all first: our chains jump to each other, and a chain still referenced cannot go.
+    lines += [f"flush chain {family} {table} {chain}" for family, table, chain in chains]
+    lines += [f"delete chain {family} {table} {chain}" for family, table, chain in chains]
+    return lines
+
+
+def legacy_removal_document(save_text: str) -> str:
+    """iptables-restore --noflush input deleting every ISTIO_* chain and the jumps into them."""
+    own, jumps = _parse_legacy_save(save_text)
+    document: list[str] = []
+    for table in dict.fromkeys([*own, *jumps]):
+        chains = own.get(table, [])
+        document.append(f"*{_kernel_name(table)}")
+        document += [f":{chain} - [0:0]" for chain in chains]  # declaring a chain under --noflush flushes it
+        document += ["-D " + rule[len("-A ") :] for rule in jumps.get(table, [])]
+        document += [f"-X {chain}" for chain in chains]
+        document.append("COMMIT")
+    return "\n".join(document) + "\n"
+
+
+def remove_legacy_form(state: NamespaceState) -> None:
+    for program, save_text in state.legacy_saves.items():
+        result = _run([f"{program}-restore", "--noflush", "--wait=30"], stdin=legacy_removal_document(save_text))
+        if result.returncode != 0:
+            raise ApplyError(f"{program}-restore could not remove the old iptables rules: {result.stderr.strip()}")
+        log.info("removed the iptables rules left by %s", program)
+
+
+def restore_our_tables(before: NamespaceState) -> None:
+    """Put our tables back as ``before`` listed them, in one transaction (JSON in, no text spliced)."""
+    commands: list[dict] = [
+        {verb: {"table": {"family": "inet", "name": table}}} for table in OUR_TABLES for verb in ("add", "delete")
+    ]
+    for entry in before.our_objects:
+        kind, body = next(iter(entry.items()))
+        # In an add command a rule's handle names the rule to append after: drop it (and the table's).
+        commands.append({"add": {kind: {key: value for key, value in body.items() if key != "handle"}}})
+    result = _run([nft_program(), "-j", "-f", "-"], stdin=json.dumps({"nftables": commands}))
+    if result.returncode != 0:
+        raise ApplyError(f"could not put the previous nftables rules back: {result.stderr.strip()}")
+
+
+def remove_our_tables(present: list[str]) -> None:
+    """Delete those of our tables that ``read_nft_state`` found (deleting costs the kernel ~10 ms each)."""
+    from istio_iptables.nft.render import render_cleanup
+
+    if present:
+        apply_script(render_cleanup(present))

@@ -1,0 +1,1 @@
+"""The iptables dialect: rule model, restore rendering, the iptables-save reader, reconcile. Pure."""

@@ -1,0 +1,1 @@
+"""Tests that load rules into throwaway network namespaces (root)."""

@@ -1,0 +1,134 @@
+"""What each entry path imports: the start-time rules of docs/speed.md, for every path, not only the dry run.
+
+Each path runs the CLI in a fresh interpreter (``python -I``) and lists ``sys.modules`` at the end;
+the paths that write run inside a throwaway namespace. A module named in a path's budget must not
+be loaded there: a heavy library (pyroute2 ~350 ms, python-iptables ~30 ms, subprocess ~5 ms,
+logging ~4 ms, dataclasses' compile ~0.4 ms per class) or one of our modules the path has no use for.
+"""
+
+from __future__ import annotations
+
+import ast
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.netns import NetNS
+
+# Never on any path below: heavy libraries the default paths avoid on purpose.
+HEAVY = frozenset({"iptc", "pyroute2", "subprocess", "logging", "difflib", "shutil", "locale", "socket", "ctypes"})
+HEAVY_DIGESTS = frozenset({"zlib", "hashlib"})  # set names carry a CRC; Istio's short lists never need one
+EXPLAIN_AND_EXTRAS = frozenset(
+    {
+        "istio_iptables.explain.walk",
+        "istio_iptables.explain.from_nft",
+        "istio_iptables.frontends.cli.explain",
+        "istio_iptables.xtables.save",
+        "istio_iptables.system.xtables_libiptc",  # --applier libiptc only
+        "istio_iptables.system.routes",  # TPROXY and IPv6 only (pyroute2)
+        "istio_iptables.engine.validation",  # --run-validation only
+    }
+)
+NATIVE_MODULES = frozenset(
+    {
+        "istio_iptables.nft.model",
+        "istio_iptables.policy.sidecar_nft",
+        "istio_iptables.nft.render",
+        "istio_iptables.system.nft",
+        "istio_iptables.engine.nft",
+    }
+)
+IPTABLES_ENGINE = frozenset(
+    {
+        "istio_iptables.engine.xtables",
+        "istio_iptables.system.xtables_backend",
+        "istio_iptables.system.xtables_restore",
+        "istio_iptables.xtables.reconcile",
+        "istio_iptables.system.ipset",
+    }
+)
+# dataclasses and json stay off the iptables paths (records.py, JSON only for JSON logs); the native
+# paths pay for them today (nft/model.py's dataclasses, ~8 ms; nft -j listings): a known cost.
+IPTABLES_ONLY = frozenset({"dataclasses", "json"}) | NATIVE_MODULES
+BASE = HEAVY | HEAVY_DIGESTS | EXPLAIN_AND_EXTRAS
+
+INJECTOR = "-p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x '' -b '*' -d 15090,15021,15020"
+TPROXY = "-p 15001 -z 15006 -u 1337 -m TPROXY -i '*' -x '' -b '*' -d 15090,15021,15020"
+
+# Cleanup also looks for orphan policy routes (a raw netlink read: socket and our routes module, no
+# pyroute2) and for our native nft tables (`nft -j`: json); it is not the init path.
+CLEANUP_EXTRAS = frozenset({"istio_iptables.system.routes", "socket", "json"})
+
+# path -> (argv, forbidden modules)
+ROOTLESS_PATHS = {
+    "iptables dry run": (
+        f"--dry-run {INJECTOR}",
+        BASE | IPTABLES_ONLY | IPTABLES_ENGINE | {"select", "istio_iptables.system.spawn",
+        "istio_iptables.engine.guard"},
+    ),
+    "native dry run": (f"--dry-run --native-nftables {INJECTOR}", BASE | IPTABLES_ENGINE),
+}
+KERNEL_PATHS = {
+    "iptables apply": (INJECTOR, BASE | IPTABLES_ONLY),
+    "iptables cleanup": (
+        "--cleanup-only",
+        (BASE | IPTABLES_ONLY) - CLEANUP_EXTRAS,
+    ),
+    "native apply": (f"--native-nftables {INJECTOR}", BASE | IPTABLES_ENGINE),
+    "native cleanup": ("--cleanup-only --native-nftables", (BASE | IPTABLES_ENGINE) - CLEANUP_EXTRAS),
+    # pyroute2 is the price of policy routes; it brings socket, logging, json... with it.
+    "iptables TPROXY apply": (TPROXY, {"iptc"} | EXPLAIN_AND_EXTRAS - {"istio_iptables.system.routes"}),
+}
+# The cleanups clean up after an apply of the same form.
+SET_UP = {"iptables cleanup": INJECTOR, "native cleanup": f"--native-nftables {INJECTOR}"}
+
+PROBE = """
+import sys
+from istio_iptables.frontends.cli.main import main
+try:
+    main(sys.argv[1:] + ["--log_output_level=default:none"])
+except SystemExit as done:
+    if done.code:
+        raise
+print(sorted(sys.modules), file=sys.stderr)
+"""
+
+
+def loaded_modules(stderr: str) -> set[str]:
+    return set(ast.literal_eval(stderr.strip().splitlines()[-1]))
+
+
+def cli_probe(argv: str) -> list[str]:
+    return [sys.executable, "-I", "-c", PROBE, *shlex.split(argv)]
+
+
+def over_budget(loaded: set[str], forbidden: frozenset[str] | set[str]) -> list[str]:
+    return sorted(name for name in loaded if name in forbidden or name.split(".")[0] in forbidden)
+
+
+@pytest.mark.parametrize("path", sorted(ROOTLESS_PATHS))
+def test_rootless_paths_stay_within_their_import_budget(path: str) -> None:
+    import subprocess
+
+    argv, forbidden = ROOTLESS_PATHS[path]
+    done = subprocess.run(cli_probe(argv), capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert over_budget(loaded_modules(done.stderr), forbidden) == []
+
+
+@pytest.mark.parametrize("path", sorted(KERNEL_PATHS))
+def test_paths_that_write_stay_within_their_import_budget(path: str, netns: NetNS, tmp_path: Path) -> None:
+    argv, forbidden = KERNEL_PATHS[path]
+    lock = {"XTABLES_LOCKFILE": str(tmp_path / "xtables.lock")}  # not the global lock other tests wait on
+    netns.run("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
+    netns.run("ip", "addr", "add", "10.1.0.7/24", "dev", "eth0")
+    if path in SET_UP:
+        netns.run(*cli_probe(SET_UP[path]), env=lock)
+    done = netns.run(*cli_probe(argv), env=lock, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = loaded_modules(done.stderr)
+    assert over_budget(loaded, forbidden) == []
+    if "TPROXY" in path:
+        assert "pyroute2" in loaded  # the probe really took the routes path

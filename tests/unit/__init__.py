@@ -1,0 +1,1 @@
+"""No root, no namespace, seconds: `python -m pytest tests/unit`."""
