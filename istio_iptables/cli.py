@@ -516,7 +516,7 @@ def program() -> NoReturn:
     exit_now(0)
 
 
-SUBCOMMANDS = ("explain",)
+SUBCOMMANDS = ("explain", "ambient")
 
 
 def _near(word: str, target: str) -> bool:
@@ -584,6 +584,10 @@ def main(argv: list[str] | None = None) -> None:
         from istio_iptables.explain_cli import explain_command
 
         invoke(explain_command, args[1:], "istio-iptables explain")
+    if args[:1] == ["ambient"]:
+        from istio_iptables.frontends.cli.ambient import ambient_command
+
+        invoke(ambient_command, args[1:], "istio-iptables ambient")
     if args and not args[0].startswith("-") and any(_near(args[0], name) for name in SUBCOMMANDS):
         # cobra ignores stray words, but this one is a typo of a subcommand: say so.
         suggestion = next(name for name in SUBCOMMANDS if _near(args[0], name))

@@ -1,0 +1,1 @@
+"""Front ends: the ways in (command lines, the CNI plugin) that turn input into an engine action."""

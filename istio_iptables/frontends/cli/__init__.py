@@ -1,0 +1,1 @@
+"""The command-line front ends beside ``istio-iptables``'s Istio flag surface (``ambient``)."""
