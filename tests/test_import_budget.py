@@ -61,6 +61,12 @@ TPROXY = "-p 15001 -z 15006 -u 1337 -m TPROXY -i '*' -x '' -b '*' -d 15090,15021
 # pyroute2) and for our native nft tables (`nft -j`: json); it is not the init path.
 CLEANUP_EXTRAS = frozenset({"istio_iptables.apply.routes", "socket", "json"})
 
+# The ambient dry runs need neither the sidecar's policy and configuration nor any system module.
+AMBIENT_NOT_ON_DRY_RUN = frozenset(
+    {"istio_iptables.capture", "istio_iptables.nft.capture", "istio_iptables.spawn", "istio_iptables.host",
+     "istio_iptables.run", "istio_iptables.sets", "istio_iptables.apply.netns"}
+)
+
 # path -> (argv, forbidden modules)
 ROOTLESS_PATHS = {
     "iptables dry run": (
@@ -68,6 +74,20 @@ ROOTLESS_PATHS = {
         BASE | IPTABLES_ONLY | IPTABLES_ENGINE | {"select", "istio_iptables.spawn", "istio_iptables.nft.guard"},
     ),
     "native dry run": (f"--dry-run --native-nftables {INJECTOR}", BASE | IPTABLES_ENGINE),
+    # `istio-iptables ambient --dry-run`: the policy modules and the renderers, nothing of the engine.
+    "ambient dry run": (
+        "ambient --dry-run --redirect-dns --enable-ipv6",
+        BASE | IPTABLES_ONLY | IPTABLES_ENGINE | AMBIENT_NOT_ON_DRY_RUN | {"select", "istio_iptables.nft.guard"},
+    ),
+    "ambient host dry run": (
+        "ambient --dry-run --host --enable-ipv6",
+        BASE | IPTABLES_ONLY | IPTABLES_ENGINE | AMBIENT_NOT_ON_DRY_RUN | {"select", "istio_iptables.nft.guard"},
+    ),
+    "ambient native dry run": (
+        "ambient --dry-run --native-nftables --redirect-dns --enable-ipv6",
+        BASE | IPTABLES_ENGINE | (AMBIENT_NOT_ON_DRY_RUN - {"istio_iptables.sets"})  # nft.render's set helpers
+        | {"istio_iptables.nft.system", "istio_iptables.nft.run"},
+    ),
 }
 KERNEL_PATHS = {
     "iptables apply": (INJECTOR, BASE | IPTABLES_ONLY),

@@ -58,7 +58,16 @@ def _options(command: Any) -> Any:
     return command
 
 
-@click.command(cls=AmbientCommand, context_settings={"max_content_width": 110})
+def _show_help(ctx: click.Context, _param: click.Parameter, wanted: bool) -> None:
+    # Our own --help: click's translates its texts with gettext on every run, which imports locale (~1 ms).
+    if wanted and not ctx.resilient_parsing:
+        sys.stdout.write(ctx.get_help() + "\n")
+        ctx.exit()
+
+
+@click.command(cls=AmbientCommand, add_help_option=False, context_settings={"max_content_width": 110})
+@click.option("-h", "--help", is_flag=True, expose_value=False, is_eager=True, callback=_show_help,
+              help="Show this message and exit.")
 @click.option("--enable-ipv6/--disable-ipv6", "enable_ipv6", default=None,
               help=f"Write IPv6 rules or not (default: ${IPV6_VARIABLE}, else off, as Istio's node agent).")
 @_options
