@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from typing import Literal
 
 from istio_iptables.model import Family
+from istio_iptables.nft.names import AMBIENT_TABLES
 from istio_iptables.policy.ambient_config import (
     INPOD_MARK,
     INPOD_MASK,
@@ -94,7 +95,7 @@ class Footprint:
     distinguishing_chains: tuple[str, ...] = ()  # present only in this mode's footprint
 
 
-AMBIENT_NFT_TABLES = ("istio-ambient-nat", "istio-ambient-mangle", "istio-ambient-raw")
+AMBIENT_NFT_TABLES = AMBIENT_TABLES
 
 SIDECAR = Footprint(
     mode="sidecar",

@@ -36,6 +36,7 @@ from istio_iptables.nft.model import (
     SocketOwner,
     Table,
 )
+from istio_iptables.nft.names import AMBIENT_MANGLE, AMBIENT_NAT, AMBIENT_RAW, AMBIENT_TABLES
 from istio_iptables.policy.ambient_config import (
     DNS_CAPTURE_PORT,
     DNS_CONNTRACK_ZONE,
@@ -53,10 +54,8 @@ from istio_iptables.policy.ambient_config import (
 )
 from istio_iptables.policy.ambient_xtables import families
 
-AMBIENT_NAT = "istio-ambient-nat"
-AMBIENT_MANGLE = "istio-ambient-mangle"
-AMBIENT_RAW = "istio-ambient-raw"
-AMBIENT_TABLES = (AMBIENT_NAT, AMBIENT_MANGLE, AMBIENT_RAW)
+__all__ = ["AMBIENT_TABLES", "host_ruleset", "pod_ruleset", "probe_set_lines", "render_ambient_script", "ruleset"]
+
 PREROUTING, OUTPUT, POSTROUTING = "prerouting", "output", "postrouting"
 ISTIO_PREROUTING, ISTIO_OUTPUT = "istio-prerouting", "istio-output"
 
