@@ -580,6 +580,10 @@ def main(argv: list[str] | None = None) -> None:
         # Istio's injector writes `args: [istio-iptables, -p, ...]` for `pilot-agent`: accept that
         # argv unchanged, so only the init container's image has to change.
         args = args[1:]
+    if args[:2] == ["explain", "ambient"]:
+        from istio_iptables.frontends.cli.ambient import explain_ambient_command
+
+        invoke(explain_ambient_command, args[2:], "istio-iptables explain ambient")
     if args[:1] == ["explain"]:
         from istio_iptables.explain_cli import explain_command
 

@@ -708,9 +708,12 @@ def flow_text(flow: Flow) -> str:
         "local": f"from a local process (uid {flow.uid}, gid {flow.gid})",
         "proxy": f"from the proxy (uid {flow.uid}, gid {flow.gid})",
     }[flow.origin]
+    marks = (f", socket mark {flow.mark:#x}" if flow.mark and flow.locally_generated else "") + (
+        f", connection mark {flow.ctmark:#x}" if flow.ctmark else ""
+    )
     return (
         f"{flow.protocol.upper()} {_endpoint(flow.src, flow.sport)} → {_endpoint(flow.dst, flow.dport)} "
-        f"{who} [IPv{flow.family.value}, conntrack {flow.ct_state}]"
+        f"{who} [IPv{flow.family.value}, conntrack {flow.ct_state}{marks}]"
     )
 
 

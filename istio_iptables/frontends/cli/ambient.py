@@ -130,3 +130,175 @@ def dry_run_text(config: Any) -> str:
 
     sets = probe_ipset_document(config) if config.scope == "host" else ""
     return routing + sets + render_documents(rulesets(config))
+
+
+# --- istio-iptables explain ambient ---------------------------------------------------------------
+
+ORIGINS = {"remote": "remote", "app": "local", "ztunnel": "proxy", "node": "local"}
+ZTUNNEL_UID = 1337
+APP_UID = 1000
+
+
+def _address(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
+    import ipaddress
+
+    def one(text: str) -> Any:
+        try:
+            return ipaddress.ip_address(text.strip("[]"))
+        except ValueError:
+            raise click.BadParameter(f"{text!r} is not an IPv4 or IPv6 address") from None
+
+    if value is None:
+        return None
+    return tuple(one(item) for item in value) if isinstance(value, tuple) else one(value)
+
+
+def _mark(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        mark = int(value, 0)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a number (decimal or 0x hex)") from None
+    if not 0 <= mark < 2**32:
+        raise click.BadParameter(f"{value!r} is not a 32-bit mark")
+    return mark
+
+
+@click.command(cls=AmbientCommand, add_help_option=False, context_settings={"max_content_width": 110})
+@click.option("-h", "--help", is_flag=True, expose_value=False, is_eager=True, callback=_show_help,
+              help="Show this message and exit.")
+@click.option("--enable-ipv6/--disable-ipv6", "enable_ipv6", default=None,
+              help="IPv6 rules or not (default: the family of --dst).")
+@_options
+@click.option("--live", is_flag=True,
+              help="Explain the rules installed in --network-namespace (or this namespace), not a configuration.")
+@click.option("--origin", type=click.Choice(sorted(ORIGINS)), default="app", show_default=True,
+              help="Who sends: a remote host, the app, ztunnel (its sockets carry mark 0x539), or the node "
+              "(kubelet, with --host).")
+@click.option("--protocol", type=click.Choice(["tcp", "udp"]), default="tcp", show_default=True)
+@click.option("--dst", required=True, callback=_address, help="Destination address.")
+@click.option("--dport", type=click.IntRange(1, 65535), required=True, help="Destination port.")
+@click.option("--src", default=None, callback=_address, help="Source address (default: as plain explain).")
+@click.option("--sport", type=click.IntRange(1, 65535), default=43210, show_default=True)
+@click.option("--uid", type=click.IntRange(0, 2**32 - 2), default=None,
+              help="Owner of the local socket (default: app 1000, ztunnel 1337, node 0).")
+@click.option("--mark", "mark", default=None, callback=_mark,
+              help="The socket's mark (SO_MARK; default 0x539 for ztunnel, else 0).")
+@click.option("--ctmark", default=None, callback=_mark, help="The connection's mark (with --ct-state ESTABLISHED).")
+@click.option("--ct-state", type=click.Choice(["NEW", "ESTABLISHED", "RELATED", "INVALID"]), default="NEW",
+              show_default=True)
+@click.option("--in-interface", default="eth0", show_default=True)
+@click.option("--out-interface", default="eth0", show_default=True)
+@click.option("--pod-ip", "pod_ips", multiple=True, callback=_address, help="An address of the pod (repeatable).")
+@click.option("--enrolled", "enrolled", multiple=True, callback=_address,
+              help="With --host: a pod address in the probe sets (repeatable; default: --dst).")
+@click.option("--json", "as_json", is_flag=True, help="Print the explanation as JSON.")
+@click.pass_context
+def explain_ambient_command(ctx: click.Context, **values: Any) -> None:
+    """Explain where a flow lands under ambient mode's rules (a configuration, or --live)."""
+    import json
+
+    from istio_iptables.explain import explain, render_text, to_data
+    from istio_iptables.model import Family
+
+    dst = values["dst"]
+    family = Family.V4 if dst.version == 4 else Family.V6
+    if values["enable_ipv6"] is None:
+        values["enable_ipv6"] = dst.version == 6
+    values.setdefault("log_output_level", None)
+    try:
+        configure_logging("default:info", False)
+        values["dry_run"] = values["dry_run"] or "true"  # explaining writes nothing
+        config = parse_values(ctx, values)
+        if values["live"]:
+            from istio_iptables.explain_cli import read_live
+
+            tables, addresses = read_live(config.network_namespace, config.force_iptables_binary, family)
+            pod_ips = values["pod_ips"] or addresses
+        else:
+            tables = ambient_tables(config, family, values["enrolled"] or (dst,))
+            pod_ips = values["pod_ips"]
+        flow = ambient_flow(values, pod_ips)
+        explanation = explain(tables, flow)
+    except IstioIptablesError as error:
+        log.error("%s", error)
+        ctx.exit(error.exit_code)
+    if values["as_json"]:
+        sys.stdout.write(json.dumps(to_data(explanation, tables), indent=2, ensure_ascii=False) + "\n")
+    else:
+        sys.stdout.write(render_text(explanation, tables))
+
+
+def ambient_tables(config: Any, family: Any, enrolled: tuple[Any, ...]) -> Any:
+    """Explain's view of a configuration's ambient rules; the probe sets hold ``enrolled``."""
+    import ipaddress
+
+    from istio_iptables.explain import Tables
+    from istio_iptables.policy.ambient_config import PROBE_SET_V4, PROBE_SET_V6
+
+    members = {
+        name: tuple(ipaddress.ip_network(address) for address in enrolled if address.version == version)
+        for name, version in ((PROBE_SET_V4, 4), (PROBE_SET_V6, 6))
+    }
+    if config.native_nftables:
+        from istio_iptables.explain_nft import read_model, set_key, to_tables
+        from istio_iptables.nft.names import AMBIENT_NAT
+        from istio_iptables.policy.ambient_nft import ruleset
+
+        tables = to_tables(read_model(ruleset(config)), family, f"ambient configuration (native nftables, "
+                           f"IPv{family.value} view)")[0]
+        keyed = {set_key(AMBIENT_NAT, name, 32 if name == PROBE_SET_V4 else 128): value
+                 for name, value in members.items()}
+        tables.sets = {**(tables.sets or {}), **keyed}
+        tables.problems = [problem for problem in tables.problems if "could not be read" not in problem]
+        return tables
+    from istio_iptables.policy.ambient_xtables import rulesets
+
+    ruleset = next((rs for rs in rulesets(config) if rs.family is family), None)
+    if ruleset is None:
+        return Tables(family, {}, source=f"ambient configuration (no IPv{family.value} rules: IPv6 is off)")
+    tables = Tables.from_ruleset(ruleset, source=f"ambient configuration (IPv{family.value} rules)")
+    tables.sets = members
+    return tables
+
+
+def ambient_flow(values: dict[str, Any], pod_ips: tuple[Any, ...]) -> Any:
+    import ipaddress
+
+    from istio_iptables.explain import Flow
+    from istio_iptables.policy.ambient_config import INPOD_MARK
+
+    dst, origin = values["dst"], values["origin"]
+    default_uid = {"app": APP_UID, "ztunnel": ZTUNNEL_UID, "node": 0}.get(origin)
+    uid = values["uid"] if values["uid"] is not None else default_uid
+    mark = values["mark"] if values["mark"] is not None else (INPOD_MARK if origin == "ztunnel" else 0)
+    same_family = [address for address in pod_ips if address.version == dst.version]
+    src = values["src"]
+    if src is None:
+        if origin == "remote":
+            src = ipaddress.ip_address("203.0.113.10" if dst.version == 4 else "2001:db8:ffff::10")
+        elif origin == "node":
+            src = ipaddress.ip_address("10.0.0.1" if dst.version == 4 else "fd00::1")
+        elif dst.is_loopback or dst in same_family:
+            src = dst if dst in same_family else ipaddress.ip_address("127.0.0.1" if dst.version == 4 else "::1")
+        else:
+            src = same_family[0] if same_family else ipaddress.ip_address("10.0.0.2" if dst.version == 4 else "fd00::2")
+    if src.version != dst.version:
+        raise click.BadParameter("source and destination must be of one family", param_hint="--src")
+    return Flow(
+        origin=ORIGINS[origin],  # type: ignore[arg-type]
+        protocol=values["protocol"],
+        src=src,
+        dst=dst,
+        sport=values["sport"],
+        dport=values["dport"],
+        uid=None if origin == "remote" else uid,
+        gid=None if origin == "remote" else uid,
+        in_interface=values["in_interface"],
+        out_interface=values["out_interface"],
+        local_addresses=tuple(pod_ips) or None,
+        ct_state=values["ct_state"],
+        mark=0 if origin == "remote" else mark,
+        ctmark=values["ctmark"] or 0,
+    )
