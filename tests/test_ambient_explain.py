@@ -108,7 +108,7 @@ COMMIT
 :POSTROUTING ACCEPT [0:0]
 :ISTIO_POSTRT - [0:0]
 -A POSTROUTING -j ISTIO_POSTRT
--A ISTIO_POSTRT -p tcp -m owner --socket-exists -m set --match-set istio-inpod-probes-v4 dst -j SNAT --to-source 169.254.7.1
+-A ISTIO_POSTRT -p tcp -m owner --socket-exists -m set --match-set probes-v4 dst -j SNAT --to-source 10.9.9.1
 -A ISTIO_POSTRT -p tcp -m tcp -j ACCEPT
 COMMIT
 """
