@@ -209,6 +209,8 @@ def command(request: dict[str, Any]) -> dict[str, Any]:
                     "local": endpoint(sock.getsockname())}
         sock.connect((host, port))
         local = endpoint(sock.getsockname())
+        if request["op"] == "connect":
+            return {"local": local}  # the handshake only: the listener forwards nothing (explain's counter proofs)
         if request["op"] == "dns":
             query = dns_query(request["name"], request["id"] & 0xFFFF)
             sock.sendall(struct.pack("!H", len(query)) + query)
