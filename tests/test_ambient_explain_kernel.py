@@ -38,10 +38,11 @@ def bed(request: pytest.FixtureRequest, netns_factory: Callable[[str], NetNS]) -
         testbed.close()
 
 
-def counters(bed: Any, version: int) -> dict[RuleKey, int]:
-    """Packets per rule of our tables, keyed as explain numbers rules."""
+def counters(bed: Any, version: int, namespace: NetNS | None = None) -> dict[RuleKey, int]:
+    """Packets per rule of our tables (in the pod, or ``namespace``), keyed as explain numbers rules."""
+    namespace = namespace or bed.pod
     if bed.backend == "native-nftables":
-        read = read_json(bed.pod.run("nft", "-j", "list", "ruleset").stdout)
+        read = read_json(namespace.run("nft", "-j", "list", "ruleset").stdout)
         # Istio's ambient jumps carry no counter: only the rules that count can be compared.
         return {(table.name, chain.name, number): rule.packets
                 for table in read if table.ours for chain in table.chains.values()
@@ -49,7 +50,7 @@ def counters(bed: Any, version: int) -> dict[RuleKey, int]:
     program = f"{'iptables' if version == 4 else 'ip6tables'}-{bed.backend}-save"
     found: dict[RuleKey, int] = {}
     table, numbers = "", {}
-    for line in bed.pod.run(program, "-c", env=bed._environment()).stdout.splitlines():
+    for line in namespace.run(program, "-c", env=bed._environment()).stdout.splitlines():
         if line.startswith("*"):
             table, numbers = line[1:], {}
         match = re.match(r"\[(\d+):\d+\] -A (\S+)", line)
@@ -60,10 +61,11 @@ def counters(bed: Any, version: int) -> dict[RuleKey, int]:
     return found
 
 
-def explained(bed: Any, flow: list[str], live: bool) -> set[RuleKey]:
+def explained(bed: Any, flow: list[str], live: bool, namespace: NetNS | None = None,
+              config: tuple[str, ...] = CONFIG) -> set[RuleKey]:
     native = ["--native-nftables"] if bed.backend == "native-nftables" else []
-    where = (["--live", "--network-namespace", bed.pod.name] +
-             ([] if native else ["--force-iptables-binary", bed.backend])) if live else [*native, *CONFIG]
+    where = (["--live", "--network-namespace", (namespace or bed.pod).name] +
+             ([] if native else ["--force-iptables-binary", bed.backend])) if live else [*native, *config]
     done = subprocess.run([*EXPLAIN, *where, *flow], capture_output=True, text=True, check=False,
                           env=None if not live else {**__import__("os").environ, **bed._environment()})
     assert done.returncode == 0, done.stderr
@@ -120,4 +122,29 @@ def test_explain_predicts_the_kernels_counters(bed: Any) -> None:
                 if not problems:
                     break
             disagreements += [f"{bed.backend} {node} {' '.join(flow)}: {problem}" for problem in problems]
+    assert not disagreements, "\n".join(disagreements)
+
+
+def test_explain_predicts_the_host_rules_counters(bed: Any) -> None:
+    """The node's probe SNAT: the kubelet's connection (from the node namespace, root) to an enrolled pod."""
+    native = bed.backend == "native-nftables"
+    host = ("--host", "--enable-ipv6", *(("--kubelet-uid", "0") if native else ()))
+    bed.load(*host, namespace=bed.remote)
+    bed.enrol_probe_addresses([family.pod for family in FAMILIES])
+    disagreements = []
+    for family in FAMILIES:
+        flow = ["--origin", "node", "--src", family.remote, "--dst", family.pod, "--dport", str(APP_PORT),
+                "--enrolled", family.pod]
+        from_model = explained(bed, flow, live=False, config=host)
+        from_live = explained(bed, flow, live=True, namespace=bed.remote)
+        before = counters(bed, family.version, bed.remote)
+        bed.nodes["remote"].send({"op": "connect", "host": family.pod, "port": APP_PORT, "timeout": 2.0}).result(15)
+        after = counters(bed, family.version, bed.remote)
+        hit = {key for key, packets in after.items() if packets > before.get(key, 0)}
+        predicted = from_live & set(after)
+        snat = {key for key in predicted if key[1] in ("ISTIO_POSTRT", "postrouting")}
+        if from_model != from_live:
+            disagreements.append(f"configuration {sorted(from_model)} != live {sorted(from_live)}")
+        if not snat or nat(predicted) != nat(hit):
+            disagreements.append(f"IPv{family.version}: explain {sorted(nat(predicted))}, kernel {sorted(nat(hit))}")
     assert not disagreements, "\n".join(disagreements)
