@@ -109,3 +109,16 @@ def test_probe_address_in_the_rules() -> None:
 def test_typo_of_the_subcommand_is_named() -> None:
     result = subprocess.run([sys.executable, "-m", "istio_iptables", "ambeint"], capture_output=True, text=True)
     assert result.returncode == 2 and "ambient" in result.stderr
+
+
+@pytest.mark.parametrize(("args", "flag"), [
+    (("--host", "--enrol", "10.0.0.2"), "--pod-uid"),
+    (("--enrol", "10.0.0.2", "--pod-uid", "u"), "--enrol"),
+    (("--host", "--enrol", "fd00::2", "--pod-uid", "u"), "--enrol"),
+    (("--host", "--enrol", "10.0.0.0/24", "--pod-uid", "u"), "--enrol"),
+    (("--host", "--enrol", "10.0.0.2", "--pod-uid", 'u" ; flush ruleset ; "'), "--pod-uid"),
+    (("--host", "--unenrol", "x"), "--unenrol"),
+])
+def test_probe_set_updates_are_validated(args: tuple[str, ...], flag: str) -> None:
+    result = run("--dry-run", *args)
+    assert result.returncode == 2 and flag in result.stderr and result.stdout == ""

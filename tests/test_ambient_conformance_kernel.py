@@ -73,3 +73,34 @@ def test_native_nft_kernel_holds_the_same_rules(case: AmbientCase, netns_factory
         golden_ns.run("nft", "-f", "-", input=probe_nft_sets(case.ipv6))
     golden_ns.run("nft", "-f", "-", input=case.golden_nftables.read_text())
     assert nft_listing(ours_ns) == nft_listing(golden_ns)
+
+
+@pytest.mark.parametrize("native", (False, True), ids=("ipset", "nft-set"))
+def test_probe_sets_keep_their_members_across_runs_and_take_the_agents_updates(
+    native: bool, netns_factory: Callable[[str], NetNS]
+) -> None:
+    node = netns_factory("iit-anode")
+    form = ["--native-nftables", "--kubelet-uid", "0"] if native else []
+
+    def run(*argv: str) -> None:
+        text = dry_run(None, "ambient", "--host", "--enable-ipv6", *form, *argv)
+        if native:
+            node.run("nft", "-f", "-", input=text)
+        else:
+            node.run("ipset", "restore", input=split_dry_run(text)[0])
+
+    def members() -> str:
+        if native:
+            return node.run("nft", "list", "table", "inet", "istio-ambient-nat").stdout
+        return node.run("ipset", "save").stdout
+
+    run("--enrol", "10.0.0.2,fd00::2", "--pod-uid", "pod-a")
+    run("--enrol", "10.0.0.3", "--pod-uid", "pod-b")
+    listed = members()
+    assert "10.0.0.2" in listed and "fd00::2" in listed and "10.0.0.3" in listed and '"pod-a"' in listed
+    run()  # the node's rules again: the agent's entries stay
+    assert members() == listed
+    run("--unenrol", "10.0.0.2")
+    run("--unenrol", "10.0.0.2")  # already gone: still fine
+    after = members()
+    assert "10.0.0.2 " not in after and "10.0.0.2\n" not in after and "10.0.0.3" in after and "fd00::2" in after

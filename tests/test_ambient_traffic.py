@@ -100,8 +100,9 @@ def test_kubelet_probe_snated_by_the_host_rules_reaches_the_app_directly(bed: An
     # Without the host rules, the node's connection is captured like any other inbound one.
     assert bed.connect("remote", FAMILIES[0].pod, APP_PORT).listener == "ztunnel:15006"
     host = ["--host", "--enable-ipv6"] + (["--kubelet-uid", "0"] if bed.backend == "native-nftables" else [])
-    bed.load(*host, namespace=bed.remote)
-    bed.enrol_probe_addresses([family.pod for family in FAMILIES])
+    # The node's rules, and the pod's addresses in the probe sets as the node agent enrols them.
+    pods = ",".join(family.pod for family in FAMILIES)
+    bed.load(*host, "--enrol", pods, "--pod-uid", "0b1c2d3e-pod", namespace=bed.remote)
     for family in FAMILIES:
         probe = bed.connect("remote", family.pod, APP_PORT)
         assert probe.path == (f"app:{APP_PORT}",), probe

@@ -10,10 +10,11 @@ the sidecar's configuration: a bad value names its flag or variable and exits 2 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping
 from typing import Literal
 
-from istio_iptables.config import Setting, number, parse_interfaces
+from istio_iptables.config import Setting, number, parse_interfaces, split_list
 from istio_iptables.errors import ConfigError
 from istio_iptables.records import factory, record
 
@@ -73,6 +74,12 @@ AMBIENT_SETTINGS: tuple[AmbientSetting, ...] = (
     AmbientSetting("kubelet_uid", "--kubelet-uid", "(kubelet's uid from /proc)", "value",
                    "The kubelet's uid, matched by the native nftables host rule (Istio reads it from /proc).",
                    envvar=False),
+    AmbientSetting("enrol", "--enrol", "(the node agent's per-pod probe-set update)", "value",
+                   "With --host: add these pod addresses (comma separated) to the probe sets.", envvar=False),
+    AmbientSetting("unenrol", "--unenrol", "(the node agent's per-pod probe-set update)", "value",
+                   "With --host: remove these pod addresses from the probe sets.", envvar=False),
+    AmbientSetting("pod_uid", "--pod-uid", "(the pod's metadata.uid)", "value",
+                   "The pod's UID: the comment of its probe-set entries, as Istio writes them.", envvar=False),
     AmbientSetting("reconcile", "--reconcile", "AMBIENT_RECONCILE_POD_RULES_ON_STARTUP", "bool",
                    "Replace rules of another configuration."),
     AmbientSetting("native_nftables", "--native-nftables", "NATIVE_NFTABLES", "bool", "Use native nftables."),
@@ -106,6 +113,9 @@ class AmbientConfig:
     dry_run: bool = False
     cleanup_only: bool = False
     network_namespace: str = ""
+    enrol: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
+    unenrol: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
+    pod_uid: str = ""
 
     @property
     def dns_capture(self) -> bool:
@@ -149,6 +159,22 @@ def _address(setting: Setting, version: int) -> ipaddress.IPv4Address | ipaddres
     if address.is_unspecified or address.is_multicast:
         raise ConfigError(setting.source, setting.value, "kubelet probes cannot be SNATed to this address")
     return address
+
+
+_POD_UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")  # a Kubernetes UID (RFC 4122), no quotes or spaces
+
+
+def _pod_addresses(setting: Setting) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
+    found = []
+    for item in split_list(setting.value):
+        try:
+            address = ipaddress.ip_address(item)
+        except ValueError:
+            raise ConfigError(setting.source, item, "a pod address is one IPv4 or IPv6 address") from None
+        if getattr(address, "scope_id", None) or address.is_unspecified or address.is_multicast:
+            raise ConfigError(setting.source, item, "not a pod address")
+        found.append(address)
+    return tuple(dict.fromkeys(found))
 
 
 def _pod_dns(setting: Setting) -> PodDns:
@@ -196,8 +222,30 @@ def parse_ambient(raw: AmbientRawSettings) -> AmbientConfig:
         parsed["network_namespace"] = values["network_namespace"].value
     if raw.enable_ipv6 is not None:
         parsed["enable_ipv6"] = parse_go_bool(raw.enable_ipv6)
+    for name in ("enrol", "unenrol"):
+        if name in values:
+            parsed[name] = _pod_addresses(values[name])
+    if "pod_uid" in values:
+        if not _POD_UID.fullmatch(values["pod_uid"].value):
+            raise ConfigError(values["pod_uid"].source, values["pod_uid"].value,
+                              "a pod UID has 1-64 characters from A-Z a-z 0-9 and '-'")
+        parsed["pod_uid"] = values["pod_uid"].value
     config = AmbientConfig(**parsed)  # type: ignore[arg-type]
+    _check_enrolment(config, values)
     if config.scope == "host" and config.native_nftables and config.kubelet_uid is None:
         # Istio reads the kubelet's uid from /proc on the node; a dry run elsewhere must be told it.
         raise ConfigError("--kubelet-uid", "", "the native nftables host rules match the kubelet's uid: pass it")
     return config
+
+
+def _check_enrolment(config: AmbientConfig, values: Mapping[str, Setting]) -> None:
+    for name in ("enrol", "unenrol"):
+        addresses = getattr(config, name)
+        if not addresses:
+            continue
+        if config.scope != "host":
+            raise ConfigError(values[name].source, values[name].value, "probe sets are the node's: add --host")
+        if not config.enable_ipv6 and any(address.version == 6 for address in addresses):
+            raise ConfigError(values[name].source, values[name].value, "an IPv6 address needs --enable-ipv6")
+    if config.enrol and not config.pod_uid:
+        raise ConfigError("--pod-uid", "", "--enrol comments each entry with its pod's UID, as Istio: pass it")

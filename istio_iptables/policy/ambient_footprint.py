@@ -219,5 +219,12 @@ def probe_ipset_document(config: AmbientConfig) -> str:
     for family in families:
         name, inet = (PROBE_SET_V4, "inet") if family is Family.V4 else (PROBE_SET_V6, "inet6")
         lines.append(f"create {name} hash:ip family {inet} comment -exist")
+    # The node agent's per-pod update: entries commented with the pod's UID (Istio's), idempotent.
+    lines += [f'add {_probe_set(address)} {address} comment "{config.pod_uid}" -exist' for address in config.enrol]
+    lines += [f"del {_probe_set(address)} {address} -exist" for address in config.unenrol]
     return "\n".join(lines) + "\n"
+
+
+def _probe_set(address: object) -> str:
+    return PROBE_SET_V6 if getattr(address, "version", 4) == 6 else PROBE_SET_V4
 

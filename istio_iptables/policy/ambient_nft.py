@@ -185,7 +185,18 @@ def probe_set_lines(config: AmbientConfig) -> list[str]:
     for family in families(config):
         name, kind = (PROBE_SET_V4, "ipv4_addr") if family is Family.V4 else (PROBE_SET_V6, "ipv6_addr")
         lines.append(f"add set inet {AMBIENT_NAT} {name} {{ type {kind} ; comment {PROBE_SET_COMMENT} ; }}")
+    # The node agent's per-pod update (Istio: an element commented with the pod's UID). Adding before
+    # deleting makes the delete valid when the element is absent (the transaction would fail otherwise).
+    for address in config.enrol:
+        lines.append(f'add element inet {AMBIENT_NAT} {_probe_set(address)} {{ {address} comment "{config.pod_uid}" }}')
+    for address in config.unenrol:
+        target = f"inet {AMBIENT_NAT} {_probe_set(address)} {{ {address} }}"
+        lines += [f"add element {target}", f"delete element {target}"]
     return lines
+
+
+def _probe_set(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    return PROBE_SET_V4 if address.version == 4 else PROBE_SET_V6
 
 
 def render_ambient_script(config: AmbientConfig) -> str:
