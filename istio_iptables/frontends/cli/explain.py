@@ -17,8 +17,15 @@ from click.core import ParameterSource
 
 from istio_iptables.errors import ConfigError, EnvironmentProblem, IstioIptablesError
 from istio_iptables.explain.walk import Flow, IPAddress, Tables, explain, render_text, to_data
-from istio_iptables.frontends.cli.flags import BOOL_OPTIONS, VALUE_OPTIONS, _host, config_options, raw_settings
-from istio_iptables.frontends.cli.main import IstioCommand, _show_help
+from istio_iptables.frontends.cli.flags import (
+    BOOL_OPTIONS,
+    VALUE_OPTIONS,
+    IstioCommand,
+    _host,
+    config_options,
+    raw_settings,
+    show_help,
+)
 from istio_iptables.net import Family, IPNetwork
 from istio_iptables.system.spawn import Finished, run, which
 
@@ -51,7 +58,7 @@ ID = click.IntRange(0, 2**32 - 2)
 
 @click.command(cls=IstioCommand, add_help_option=False, context_settings={"max_content_width": 110})
 @config_options
-@click.option("-h", "--help", is_flag=True, expose_value=False, is_eager=True, callback=_show_help,
+@click.option("-h", "--help", is_flag=True, expose_value=False, is_eager=True, callback=show_help,
               help="Show this message and exit.")
 @click.option(
     "--live",

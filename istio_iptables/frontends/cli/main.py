@@ -22,78 +22,15 @@ import click
 
 from istio_iptables._lib.log import configure_logging, log
 from istio_iptables.errors import ConfigError, ExitCode, IstioIptablesError, StdoutError, cut, escape, quote
-from istio_iptables.frontends.cli.flags import BoolOption, _host, bool_value, config_options, raw_settings
-
-
-class IstioCommand(click.Command):
-    """A command whose boolean flags parse as pflag's, and whose stray words are ignored as cobra's.
-
-    Each boolean flag is rewritten to ``--long=VALUE`` before click parses (``-n`` is
-    ``--dry-run=true``, ``-n=false`` is ``--dry-run=false``), so click never takes the next word
-    as a boolean's value. The walk knows which options take the next word as their value.
-    """
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        return super().parse_args(ctx, self.pflag_booleans(args))
-
-    _pflag_tables: tuple[dict[str, str], set[str], dict[str, str]] | None = None
-
-    def pflag_tables(self) -> tuple[dict[str, str], set[str], dict[str, str]]:
-        """(boolean option -> long name, options taking the next word, short option -> long name).
-
-        Built once per command: the executable's argv walks (:func:`spell_out_short_options`, then
-        :meth:`pflag_booleans`) share it.
-        """
-        if self._pflag_tables is None:
-            booleans: dict[str, str] = {}
-            takes_next: set[str] = set()
-            long_names: dict[str, str] = {}
-            for param in self.params:
-                if not isinstance(param, click.Option):
-                    continue
-                longs = [opt for opt in param.opts if opt.startswith("--")]
-                if longs:
-                    long_names.update((opt, longs[0]) for opt in param.opts if not opt.startswith("--"))
-                if isinstance(param, BoolOption):
-                    booleans.update((opt, longs[0]) for opt in param.opts)
-                elif not param.is_flag:
-                    takes_next.update(param.opts)
-            self._pflag_tables = booleans, takes_next, long_names
-        return self._pflag_tables
-
-    def pflag_booleans(self, args: list[str]) -> list[str]:
-        booleans, takes_next, long_names = self.pflag_tables()
-        spelled: list[str] = []
-        pending = list(reversed(args))
-        while pending:
-            arg = pending.pop()
-            if arg == "--":
-                spelled.append(arg)
-                spelled.extend(reversed(pending))
-                break
-            name, equals, value = arg.partition("=")
-            if name in booleans:
-                spelled.append(f"{booleans[name]}={value if equals else 'true'}")
-                continue
-            if arg[:2] in long_names and arg[2:3] == "=" and arg[:2] in takes_next:
-                # pflag reads "-p=15001" as 15001, click as "=15001".
-                spelled.append(f"{long_names[arg[:2]]}={arg[3:]}")
-                continue
-            if arg[:2] in booleans and not arg.startswith("--") and len(arg) > 2:
-                # "-nb" is "-n -b" for pflag: a short boolean never takes the rest as its value.
-                spelled.append(f"{booleans[arg[:2]]}=true")
-                pending.append("-" + arg[2:])
-                continue
-            spelled.append(arg)
-            if arg in takes_next and pending:
-                spelled.append(pending.pop())
-        return spelled
-
-
-def _show_help(ctx: click.Context, _param: click.Parameter, wanted: bool) -> None:
-    if wanted and not ctx.resilient_parsing:
-        sys.stdout.write(ctx.get_help() + "\n")  # not click.echo: a failing stdout must reach GuardedStdout
-        ctx.exit()
+from istio_iptables.frontends.cli.flags import (
+    BoolOption,
+    IstioCommand,
+    _host,
+    bool_value,
+    config_options,
+    raw_settings,
+    show_help,
+)
 
 
 def _show_version(ctx: click.Context, _param: click.Parameter, wanted: bool) -> None:
@@ -153,7 +90,7 @@ def _log_rotate_options(command: Callable[..., Any]) -> Callable[..., Any]:
               "flags given here win.")
 # Our own --help and --version: click's translate their texts with gettext on every run, which
 # imports locale (~1 ms).
-@click.option("-h", "--help", is_flag=True, expose_value=False, is_eager=True, callback=_show_help,
+@click.option("-h", "--help", is_flag=True, expose_value=False, is_eager=True, callback=show_help,
               help="Show this message and exit.")
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_show_version,
               help="Show the version and exit.")
@@ -362,7 +299,7 @@ def program() -> NoReturn:
     exit_now(0)
 
 
-SUBCOMMANDS = ("explain",)
+SUBCOMMANDS = ("explain", "ambient")
 
 
 def _near(word: str, target: str) -> bool:
@@ -426,10 +363,18 @@ def main(argv: list[str] | None = None) -> None:
         # Istio's injector writes `args: [istio-iptables, -p, ...]` for `pilot-agent`: accept that
         # argv unchanged, so only the init container's image has to change.
         args = args[1:]
+    if args[:2] == ["explain", "ambient"]:
+        from istio_iptables.frontends.cli.ambient import explain_ambient_command
+
+        invoke(explain_ambient_command, args[2:], "istio-iptables explain ambient")
     if args[:1] == ["explain"]:
         from istio_iptables.frontends.cli.explain import explain_command
 
         invoke(explain_command, args[1:], "istio-iptables explain")
+    if args[:1] == ["ambient"]:
+        from istio_iptables.frontends.cli.ambient import ambient_command
+
+        invoke(ambient_command, args[1:], "istio-iptables ambient")
     if args and not args[0].startswith("-") and any(_near(args[0], name) for name in SUBCOMMANDS):
         # cobra ignores stray words, but this one is a typo of a subcommand: say so.
         suggestion = next(name for name in SUBCOMMANDS if _near(args[0], name))
