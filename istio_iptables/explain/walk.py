@@ -55,8 +55,8 @@ from istio_iptables.xtables.model import (
     Verdict,
     port_in,
 )
-from istio_iptables.xtables.render import match_tokens, target_tokens
 from istio_iptables.xtables.save import SavedRules
+from istio_iptables.xtables.spelling import written_tokens
 
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 Hook = Literal["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"]
@@ -153,8 +153,8 @@ class Tables:
 def rule_text(rule: Rule) -> str:
     tokens = ["-A", rule.chain]
     for match in rule.matches:
-        tokens += [match.text] if isinstance(match, Unsupported) else match_tokens(match)
-    tokens += [rule.target.text] if isinstance(rule.target, Unsupported) else target_tokens(rule.target)
+        tokens += [match.text] if isinstance(match, Unsupported) else written_tokens(match)
+    tokens += [rule.target.text] if isinstance(rule.target, Unsupported) else written_tokens(rule.target)
     return " ".join(tokens)
 
 

@@ -13,15 +13,13 @@ built-in chain only when this run's configuration writes it or our live chains i
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from istio_iptables.config.sidecar import OUTBOUND_MARK
-from istio_iptables.net import Family, IPNetwork
+from istio_iptables.net import Family
 from istio_iptables.xtables.model import (
-    ALL_PORTS,
     BUILTIN_CHAINS,
     ISTIO_DIVERT,
     ISTIO_INBOUND,
@@ -30,39 +28,29 @@ from istio_iptables.xtables.model import (
     ISTIO_TPROXY,
     OWN_CHAINS,
     TABLES,
-    Address,
     ConnMark,
     ConnMarkRestore,
     ConnMarkSave,
-    ConnMarkSet,
-    ConnState,
-    CtZone,
     Interface,
-    Jump,
     Mark,
-    Match,
-    Owner,
-    Ports,
     Protocol,
-    Redirect,
     Rule,
     RuleSet,
-    SetMark,
-    SetMatch,
-    Target,
-    Tproxy,
     Verdict,
 )
-from istio_iptables.xtables.render import check_token, port_text, rule_line
+from istio_iptables.xtables.render import check_token, rule_line
+from istio_iptables.xtables.spelling import (
+    SAVED_HEAD_ORDER,
+    GidResolver,
+    SavedContext,
+    numeric_gid,
+    saved_tokens,
+    spelling_of,
+)
 
 # table -> chain -> rule specs (the text after "-A CHAIN "), in kernel order.
 Chains = dict[str, list[str]]
 TableState = dict[str, Chains]
-GidResolver = Callable[[str], str]
-
-_FULL_MASK = 0xFFFFFFFF
-# The order libxt_conntrack prints --ctstate in, whatever order the rule gave.
-_CTSTATE_ORDER = ("INVALID", "NEW", "RELATED", "ESTABLISHED", "UNTRACKED", "SNAT", "DNAT")
 
 
 # --- iptables-save parsing ----------------------------------------------------
@@ -112,106 +100,21 @@ def parse_save(text: str) -> SaveDump:
 # --- the model in the kernel's spelling ---------------------------------------------
 
 
-def numeric_gid(name: str) -> str:
-    """Group names become gids in the kernel; resolve them as iptables would (this process's NSS)."""
-    if name.isdigit():
-        return name
-    import grp
-
-    return str(grp.getgrnam(name).gr_gid)
-
-
-def kernel_network(network: IPNetwork) -> str:
-    """An address as iptables prints it: glibc's inet_ntop keeps embedded IPv4 dotted (``::127.0.0.53``)."""
-    address = network.network_address
-    if isinstance(address, ipaddress.IPv6Address):
-        words = [int.from_bytes(address.packed[i : i + 2], "big") for i in range(0, 16, 2)]
-        dotted = str(ipaddress.IPv4Address(address.packed[12:]))
-        if words[:6] == [0] * 6 and words[6] != 0:
-            return f"::{dotted}/{network.prefixlen}"
-        if words[:5] == [0] * 5 and words[5] == 0xFFFF:
-            return f"::ffff:{dotted}/{network.prefixlen}"
-    return network.compressed
-
-
-def _negated(negate: bool, *tokens: str) -> list[str]:
-    return ["!", *tokens] if negate else list(tokens)
-
-
-def _protocol_of(matches: Iterable[Match]) -> str:
-    return next((match.name for match in matches if isinstance(match, Protocol)), "tcp")
-
-
-def _kernel_mark(value: int, mask: int) -> str:
-    """libxt_mark and libxt_connmark print the mask only when it is not the full one."""
-    return f"{value:#x}" if mask == _FULL_MASK else f"{value:#x}/{mask:#x}"
-
-
-def _module_tokens(match: Match, protocol: str, resolve_gid: GidResolver) -> list[str]:
-    if isinstance(match, Ports):
-        if len(match.ports) == 1:
-            if match.ports[0] == ALL_PORTS and not match.negate:
-                return ["-m", protocol]  # the kernel keeps no port test that every port passes
-            option = "--sport" if match.direction == "src" else "--dport"
-            return ["-m", protocol, *_negated(match.negate, option, port_text(match.ports[0]))]
-        option = "--sports" if match.direction == "src" else "--dports"
-        return ["-m", "multiport", *_negated(match.negate, option, ",".join(map(port_text, match.ports)))]
-    if isinstance(match, Owner):
-        owner = resolve_gid(match.id) if match.kind == "gid" else match.id
-        return ["-m", "owner", *_negated(match.negate, f"--{match.kind}-owner", owner)]
-    if isinstance(match, Mark):
-        return ["-m", "mark", *_negated(match.negate, "--mark", _kernel_mark(match.value, match.mask))]
-    if isinstance(match, ConnMark):
-        return ["-m", "connmark", *_negated(match.negate, "--mark", _kernel_mark(match.value, match.mask))]
-    if isinstance(match, ConnState):
-        states = [state for state in _CTSTATE_ORDER if state in match.states]
-        return ["-m", "conntrack", "--ctstate", ",".join(states)]
-    if isinstance(match, SetMatch):
-        return ["-m", "set", *_negated(match.negate, "--match-set", match.name, match.direction)]
-    raise TypeError(f"unknown match {match!r}")
-
-
-def _target_tokens(target: Target, family: Family) -> list[str]:
-    if isinstance(target, Jump):
-        return ["-j", target.chain]
-    if isinstance(target, Verdict):
-        return ["-j", target.name]
-    if isinstance(target, Redirect):
-        return ["-j", "REDIRECT", "--to-ports", str(target.port)]
-    if isinstance(target, Tproxy):
-        on_ip = "0.0.0.0" if family is Family.V4 else "::"
-        mark = f"{target.mark:#x}/{target.mask:#x}"
-        return ["-j", "TPROXY", "--on-port", str(target.port), "--on-ip", on_ip, "--tproxy-mark", mark]
-    if isinstance(target, SetMark):
-        return ["-j", "MARK", "--set-xmark", f"{target.value:#x}/{target.mask:#x}"]
-    if isinstance(target, ConnMarkSet):
-        return ["-j", "CONNMARK", "--set-xmark", f"{target.value:#x}/{target.mask:#x}"]
-    if isinstance(target, ConnMarkSave | ConnMarkRestore):
-        action = "--save-mark" if isinstance(target, ConnMarkSave) else "--restore-mark"
-        return ["-j", "CONNMARK", action, "--nfmask", f"{_FULL_MASK:#x}", "--ctmask", f"{_FULL_MASK:#x}"]
-    if isinstance(target, CtZone):
-        return ["-j", "CT", "--zone", str(target.zone)]
-    raise TypeError(f"unknown target {target!r}")
-
-
 def canonical_spec(rule: Rule, family: Family, resolve_gid: GidResolver = numeric_gid) -> str:
     """``rule`` as ``iptables-save`` prints it after the kernel stored it (without ``-A CHAIN``)."""
+    protocol = next((match.name for match in rule.matches if isinstance(match, Protocol)), "tcp")
+    context = SavedContext(family, protocol, resolve_gid)
     head: dict[str, list[str]] = {}
     modules: list[str] = []
-    protocol = _protocol_of(rule.matches)
     for match in rule.matches:
-        if isinstance(match, Address):
-            option = "-s" if match.direction == "src" else "-d"
-            head[option] = _negated(match.negate, option, kernel_network(match.network))
-        elif isinstance(match, Interface):
-            option = "-i" if match.direction == "in" else "-o"
-            head[option] = _negated(match.negate, option, match.name)
-        elif isinstance(match, Protocol):
-            head["-p"] = _negated(match.negate, "-p", match.name)
+        spelling = spelling_of(match)
+        tokens = spelling.saved(match, context)
+        if spelling.head:
+            head[tokens[1] if tokens[0] == "!" else tokens[0]] = tokens
         else:
-            modules += _module_tokens(match, protocol, resolve_gid)
-    tokens = [token for option in ("-s", "-d", "-i", "-o", "-p") for token in head.get(option, [])]
-    tokens += modules + _target_tokens(rule.target, family)
+            modules += tokens
+    tokens = [token for option in SAVED_HEAD_ORDER for token in head.get(option, [])]
+    tokens += modules + saved_tokens(rule.target, context)
     return " ".join(check_token(token) if token != "!" else token for token in tokens)
 
 

@@ -54,6 +54,7 @@ LAYERS: dict[str, str] = {
     "policy.sidecar_xtables": PURE,
     "policy.lists": PURE,
     "xtables.render": PURE,
+    "xtables.spelling": PURE,
     "xtables.save": PURE,
     "explain.walk": PURE,
     "explain.from_nft": PURE,

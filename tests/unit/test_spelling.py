@@ -1,0 +1,80 @@
+"""The spelling table: every match and target of the rule model has both spellings (no root).
+
+The kernel's spelling against iptables-save itself is pinned in tests/kernel/test_kernel_spelling.py.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import typing
+
+import pytest
+
+from istio_iptables.net import Family
+from istio_iptables.xtables import model
+from istio_iptables.xtables.model import (
+    Address,
+    ConnMark,
+    ConnMarkSet,
+    Interface,
+    Mark,
+    Owner,
+    PortRange,
+    Ports,
+    Protocol,
+    SetMark,
+    Tproxy,
+    Unsupported,
+)
+from istio_iptables.xtables.spelling import SPELLINGS, SavedContext, saved_tokens, spelling_of, written_tokens
+
+
+def _model_classes(alias: object) -> set[type]:
+    return {member for member in typing.get_args(alias) if member is not Unsupported}
+
+
+def test_every_match_and_target_of_the_model_has_both_spellings() -> None:
+    parts = _model_classes(model.Match) | _model_classes(model.Target)
+    assert parts == set(SPELLINGS), "a model class without a spelling (or a spelling without a class)"
+    for spelling in SPELLINGS.values():
+        assert callable(spelling.written) and callable(spelling.saved)
+
+
+def test_unknown_parts_are_refused_not_guessed() -> None:
+    with pytest.raises(TypeError):
+        spelling_of(Unsupported("-m foo"))
+
+
+V4 = SavedContext(Family.V4)
+
+
+@pytest.mark.parametrize(
+    ("part", "written", "saved"),
+    [
+        (Mark(0x539), "-m mark --mark 1337", "-m mark --mark 0x539"),
+        (Mark(0x539, mask=0xFFF), "-m mark --mark 0x539/0xfff", "-m mark --mark 0x539/0xfff"),
+        (ConnMark(0x111, True, 0xFFF), "-m connmark ! --mark 0x111/0xfff", "-m connmark ! --mark 0x111/0xfff"),
+        (SetMark(0x539), "-j MARK --set-mark 1337", "-j MARK --set-xmark 0x539/0xffffffff"),
+        (SetMark(0x111, 0xFFF), "-j MARK --set-xmark 0x111/0xfff", "-j MARK --set-xmark 0x111/0xfff"),
+        (ConnMarkSet(0x111, 0xFFF), "-j CONNMARK --set-xmark 0x111/0xfff", "-j CONNMARK --set-xmark 0x111/0xfff"),
+        (Tproxy(15006, 0x539), "-j TPROXY --tproxy-mark 1337/0xffffffff --on-port 15006",
+         "-j TPROXY --on-port 15006 --on-ip 0.0.0.0 --tproxy-mark 0x539/0xffffffff"),
+        (Ports("dst", (80,)), "--dport 80", "-m tcp --dport 80"),
+        (Ports("dst", (80, PortRange(8000, 9000))), "-m multiport --dports 80,8000:9000",
+         "-m multiport --dports 80,8000:9000"),
+        (Owner("uid", "1337", True), "-m owner ! --uid-owner 1337", "-m owner ! --uid-owner 1337"),
+        (Address("dst", ipaddress.ip_network("127.0.0.6/32")), "-d 127.0.0.6/32", "-d 127.0.0.6/32"),
+        (Interface("out", "lo", True), "! -o lo", "! -o lo"),
+        (Protocol("udp"), "-p udp", "-p udp"),
+    ],
+)
+def test_both_spellings_side_by_side(part, written: str, saved: str) -> None:
+    assert " ".join(written_tokens(part)) == written
+    assert " ".join(saved_tokens(part, V4)) == saved
+
+
+def test_masks_survive_in_both_spellings() -> None:
+    """A mask other than the full one is never dropped (the defect issue 13 named)."""
+    for part in (Mark(1, mask=0xFF), ConnMark(1, mask=0xFF), SetMark(1, 0xFF), ConnMarkSet(1, 0xFF)):
+        assert "0x1/0xff" in written_tokens(part)
+        assert "0x1/0xff" in saved_tokens(part, V4)
