@@ -181,19 +181,19 @@ def legacy_own_chains(save_text: str) -> list[str]:
 
 def _parse_legacy_save(save_text: str) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """Per table: our chains (``:ISTIO_X`` headers), and the rules of other chains that jump into them."""
+    from istio_iptables.xtables.save import read_save  # only when iptables-legacy holds tables
+
     own: dict[str, list[str]] = {}
     jumps: dict[str, list[str]] = {}
-    table = ""
-    for line in save_text.splitlines():
-        words = line.split()
-        if line.startswith("*"):
-            table = line[1:].strip()
-        elif line.startswith(":") and words[0][1:] in OWN_CHAINS:
-            own.setdefault(table, []).append(words[0][1:])
-        elif line.startswith("-A ") and words[1] not in OWN_CHAINS and any(
-            word in ("-j", "-g") and target in OWN_CHAINS for word, target in itertools.pairwise(words)
-        ):
-            jumps.setdefault(table, []).append(line)
+    for table, chains in read_save(save_text).tables.items():
+        for chain, specs in chains.items():
+            if chain in OWN_CHAINS:
+                own.setdefault(table, []).append(chain)
+                continue
+            for spec in specs:
+                words = spec.split()
+                if any(word in ("-j", "-g") and target in OWN_CHAINS for word, target in itertools.pairwise(words)):
+                    jumps.setdefault(table, []).append(f"-A {chain} {spec}")
     return own, jumps
 
 

@@ -39,6 +39,7 @@ from istio_iptables.xtables.model import (
     Verdict,
 )
 from istio_iptables.xtables.render import check_token, rule_line
+from istio_iptables.xtables.save import Chains, SaveDump
 from istio_iptables.xtables.spelling import (
     SAVED_HEAD_ORDER,
     GidResolver,
@@ -48,53 +49,7 @@ from istio_iptables.xtables.spelling import (
     spelling_of,
 )
 
-# table -> chain -> rule specs (the text after "-A CHAIN "), in kernel order.
-Chains = dict[str, list[str]]
 TableState = dict[str, Chains]
-
-
-# --- iptables-save parsing ----------------------------------------------------
-
-
-class SaveDump:
-    """One family's ``iptables-save`` output: tables -> chains (policy, ordered rule specs)."""
-
-    def __init__(self) -> None:
-        self.tables: dict[str, Chains] = {}
-        self.policies: dict[str, dict[str, str]] = {}
-
-    def holds_rules(self) -> list[str]:
-        """Evidence that someone uses this backend: tables with rules, user chains or a non-ACCEPT policy."""
-        evidence = []
-        for table, chains in self.tables.items():
-            rules = sum(len(specs) for specs in chains.values())
-            user_chains = [name for name in chains if name not in BUILTIN_CHAINS]
-            policies = [name for name, policy in self.policies.get(table, {}).items() if policy not in ("ACCEPT", "-")]
-            if rules or user_chains or policies:
-                evidence.append(f"{table} ({rules} rules, {len(user_chains)} user chains)")
-        return evidence
-
-
-def parse_save(text: str) -> SaveDump:
-    dump = SaveDump()
-    chains: Chains | None = None
-    for line in text.splitlines():
-        if not line or line.startswith("#") or line == "COMMIT":
-            continue
-        if line.startswith("*"):
-            table = line[1:].strip()
-            chains = dump.tables.setdefault(table, {})
-            dump.policies.setdefault(table, {})
-        elif chains is None:
-            continue
-        elif line.startswith(":"):
-            name, policy = [*line[1:].split(), "-"][:2]
-            chains.setdefault(name, [])
-            dump.policies[table][name] = policy
-        elif line.startswith("-A "):
-            _, chain, *rest = line.split(" ", 2)
-            chains.setdefault(chain, []).append(rest[0] if rest else "")
-    return dump
 
 
 # --- the model in the kernel's spelling ---------------------------------------------

@@ -235,7 +235,7 @@ def read_live(namespace: str, force_binary: str, family: Family) -> tuple[Tables
     from istio_iptables.system.host import RealHost
     from istio_iptables.system.netns import entered
     from istio_iptables.system.xtables_backend import detect
-    from istio_iptables.xtables.save import SaveFormatError, parse_save
+    from istio_iptables.xtables.save import SaveFormatError, read_save_model
 
     with entered(namespace):
         native = _native_nftables(family, namespace)
@@ -243,7 +243,7 @@ def read_live(namespace: str, force_binary: str, family: Family) -> tuple[Tables
             return native, tuple(RealHost().addresses())
         detection = detect(force_binary, [family])
         try:
-            saved = parse_save(detection.saves[family], family)
+            saved = read_save_model(detection.saves[family], family)
         except SaveFormatError as error:
             raise EnvironmentProblem(f"cannot read iptables-save output: {error}") from None
         uses_sets = any("--match-set" in item.text for rules in saved.chains.values() for item in rules)
