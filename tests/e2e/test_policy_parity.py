@@ -19,6 +19,7 @@ from istio_iptables.explain.walk import Explanation, Tables, explain
 from istio_iptables.net import Family
 from istio_iptables.policy.sidecar_nft import build_nft_ruleset
 from istio_iptables.policy.sidecar_xtables import build_plan
+from istio_iptables.xtables.model import port_bounds
 from tests.beds.explain_proof import APP, EXTRA_CASES, Probe, case_config, flow_of, group_id, probes
 from tests.beds.flowsender import LINKS, pod_address
 from tests.support.conformance import Case, load_cases
@@ -33,6 +34,8 @@ def generated_probes(config: Config, version: int) -> list[Probe]:
     ports = {53, 80, 5000, config.proxy_port, config.inbound_capture_port, config.inbound_tunnel_port}
     ports |= {*config.inbound_ports.ports, *config.inbound_exclude_ports}
     ports |= {*config.outbound_ports_include, *config.outbound_ports_exclude}
+    # A range of ports (8000:9000) is probed at both ends.
+    ports = {end for entry in ports for end in port_bounds(entry)}
     networks = [*config.outbound_exclude, *config.outbound_include.cidrs]
     hosts = {str(next(iter(network.hosts()), network.network_address)) for network in networks}
     pod, outside = ("10.10.0.2", "203.0.113.7") if version == 4 else ("fd00:10::2", "2001:db8:77::7")
