@@ -58,6 +58,7 @@ LAYERS: dict[str, str] = {
     "xtables.save": PURE,
     "explain.walk": PURE,
     "explain.from_nft": PURE,
+    "nft.listing": PURE,
     "xtables.reconcile": PURE,
     "nft.model": PURE,
     "nft.names": PURE,

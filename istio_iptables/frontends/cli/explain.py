@@ -265,13 +265,14 @@ def _run(*command: str) -> Finished | None:
 
 def _native_nftables(family: Family, namespace: str) -> Tables | None:
     """Our nft tables (``--native-nftables``), if the namespace holds any; None: use iptables."""
-    from istio_iptables.explain.from_nft import NftJsonError, listed_texts, read_json, to_tables
+    from istio_iptables.explain.from_nft import listed_texts, to_tables
+    from istio_iptables.nft.listing import NftJsonError, read_listing
 
     done = _run("nft", "-j", "list", "ruleset")
     if done is None or done.returncode != 0:
         return None  # no nft, or no nf_tables: only iptables-legacy can hold rules
     try:
-        read = read_json(done.stdout)
+        read = read_listing(done.stdout)
     except NftJsonError as error:
         raise EnvironmentProblem(f"cannot read 'nft -j list ruleset': {error}") from None
     if not any(table.ours for table in read):
