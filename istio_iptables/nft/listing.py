@@ -5,7 +5,9 @@ tables exist, what to put back, iptables-nft's ``ISTIO_*`` chains and the jumps 
 explain (:mod:`istio_iptables.explain.from_nft`: every rule in the nft model). Each rule keeps its
 JSON expressions (the backend's ownership checks and restores use them as they are) and reads
 them into the nft model's matches and statements on first use (:attr:`ListedRule.parts`); a set's
-elements are read on first use too, so the apply path pays only for what it looks at. What is not
+elements are read on first use too, so the apply path pays only for what it looks at. The module
+is light to import (records, no dataclasses; json and the nft model when first needed): the
+iptables backends list iptables-nft's chains through it as well. What is not
 understood stays in the rule as :class:`~istio_iptables.xtables.model.Unsupported` (its JSON):
 nothing is skipped.
 """
@@ -13,21 +15,22 @@ nothing is skipped.
 from __future__ import annotations
 
 import ipaddress
-import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
+from istio_iptables._lib.records import factory, record
 from istio_iptables.net import IPNetwork
-from istio_iptables.nft import model as nft
 from istio_iptables.nft.names import OUR_TABLES
 from istio_iptables.xtables.model import PortEntry, PortRange, Unsupported
+
+if TYPE_CHECKING:
+    from istio_iptables.nft import model as nft
 
 # nft's verdict statements, and the iptables verdict each one is.
 VERDICTS = {"return": "RETURN", "accept": "ACCEPT", "drop": "DROP"}
 
 
-@dataclass(frozen=True)
+@record
 class FamilyOnly:
     """``meta nfproto ipv4``: the rule sees only this family's packets."""
 
@@ -35,7 +38,7 @@ class FamilyOnly:
 
 
 # What a rule read from the kernel may hold: the nft model's parts, or what we could not read.
-Part: TypeAlias = nft.NftMatch | nft.Statement | Unsupported | FamilyOnly
+Part: TypeAlias = "nft.NftMatch | nft.Statement | Unsupported | FamilyOnly"
 SetMembers: TypeAlias = tuple[IPNetwork, ...] | tuple[PortEntry, ...]
 
 
@@ -81,14 +84,14 @@ class ListedRule:
         return f"ListedRule(parts={self.parts!r}, handle={self.handle!r}, packets={self.packets!r})"
 
 
-@dataclass
+@record(frozen=False)
 class ListedChain:
     name: str
     hook: str | None = None  # nft's hook name (prerouting, input, ...) for a base chain
     kind: str = "filter"  # "nat" for ``type nat`` chains
     priority: int = 0
     policy: str = "ACCEPT"
-    rules: list[ListedRule] = field(default_factory=list)
+    rules: list[ListedRule] = factory(list)
 
 
 class ListedTable:
@@ -126,6 +129,8 @@ class NftJsonError(ValueError):
 
 def read_listing(text: str) -> list[ListedTable]:
     """Every table of an ``nft -j list ruleset`` text (ours and others), in listing order."""
+    import json
+
     try:
         objects = json.loads(text)["nftables"]
     except (ValueError, KeyError, TypeError) as error:
@@ -181,6 +186,8 @@ def _read_object(item: Any, tables: dict[tuple[str, str], ListedTable]) -> None:
 
 
 def _part(expression: Any) -> Part:
+    import json  # for what is not understood: its JSON, as the listing gave it
+
     try:
         part = _statement(expression) if "match" not in expression else _match(expression["match"])
     except (KeyError, TypeError, ValueError, AttributeError):
@@ -189,6 +196,8 @@ def _part(expression: Any) -> Part:
 
 
 def _statement(expression: Mapping[str, Any]) -> Part | None:
+    from istio_iptables.nft import model as nft  # the model only when a rule's parts are asked for
+
     (key, value), = expression.items()
     if key in VERDICTS:
         return nft.Verdict(key)  # type: ignore[arg-type]
@@ -212,6 +221,8 @@ def _statement(expression: Mapping[str, Any]) -> Part | None:
 
 
 def _match(match: Mapping[str, Any]) -> Part | None:
+    from istio_iptables.nft import model as nft
+
     op, left, right = match["op"], match["left"], match["right"]
     negate = op == "!="
     if op not in ("==", "!=", "in"):
@@ -278,6 +289,8 @@ def _is_port_range(element: Mapping[str, Any]) -> bool:
 
 def _set_match(left: Mapping[str, Any], name: str) -> Part | None:
     """``tcp dport @NAME``, ``ip daddr @NAME`` or ``ip daddr & 255.255.0.0 @NAME``."""
+    from istio_iptables.nft import model as nft
+
     netmask = None
     if "&" in left:
         left, netmask = left["&"]
