@@ -34,12 +34,12 @@ from istio_iptables.xtables.model import (
     CtZone,
     Interface,
     Jump,
+    L4Protocol,
     Mark,
     Match,
     Owner,
     PortRange,
     Ports,
-    Protocol,
     Redirect,
     Rule,
     SetMark,
@@ -136,7 +136,7 @@ def to_tables(
             chains[key] = []
             for number, rule in enumerate(chain.rules, 1):
                 model_rule = to_rule(rule, table.name, chain.name, family)
-                text = texts.get((table.name, chain.name, rule.handle or -1)) or rule_text(rule)
+                text = texts.get((table.name, chain.name, rule.handle or -1)) or listed_rule_text(rule)
                 text += f" # handle {rule.handle}" if handles and rule.handle is not None else ""
                 chains[key].append(ChainRule(model_rule, text))
                 index[(table.name, chain.name, number)] = rule
@@ -220,7 +220,7 @@ def to_rule(read: ListedRule, table: str, chain: str, family: Family) -> Rule:
             matches.append(SetMatch(set_key(table, part.set_name, part.prefixlen), direction))
         elif isinstance(part, nft.PortInSet):
             direction = "src" if part.direction == "sport" else "dst"
-            matches += [Protocol(part.protocol), SetMatch(set_key(table, part.set_name), direction)]
+            matches += [L4Protocol(part.protocol), SetMatch(set_key(table, part.set_name), direction)]
         elif isinstance(part, nft.TproxyTo):
             other_family |= part.version != family.value
             statements.append(part)
@@ -230,7 +230,7 @@ def to_rule(read: ListedRule, table: str, chain: str, family: Family) -> Rule:
             statements.append(part)
         else:
             if isinstance(part, nft.Port) and part.protocol != "th":
-                matches.append(Protocol(part.protocol))  # "tcp dport" checks the protocol first, as nft does
+                matches.append(L4Protocol(part.protocol))  # "tcp dport" checks the protocol first, as nft does
             matches.append(_to_match(part))  # type: ignore[arg-type]
     if other_family:
         matches.insert(0, _NEVER[family.value])
@@ -239,7 +239,7 @@ def to_rule(read: ListedRule, table: str, chain: str, family: Family) -> Rule:
 
 def _to_match(part: nft.NftMatch | Unsupported) -> Match:
     if isinstance(part, nft.L4Proto):
-        return Protocol(part.name)
+        return L4Protocol(part.name)
     if isinstance(part, nft.IfName):
         return Interface(part.direction, part.name, part.negate)
     if isinstance(part, nft.Port):
@@ -259,13 +259,13 @@ def _to_target(statements: list[nft.Statement | Unsupported]) -> Target:
     """The rule's statements as one target; the ones our rules use, TPROXY's triple included."""
     if len(statements) == 1:
         (statement,) = statements
-        if isinstance(statement, nft.Verdict):
+        if isinstance(statement, nft.NftVerdict):
             return Verdict(VERDICTS[statement.name])  # type: ignore[arg-type]
         if isinstance(statement, nft.JumpTo):
             return Jump(statement.chain)
         if isinstance(statement, nft.RedirectTo):
             return Redirect(statement.port)
-        if isinstance(statement, nft.SetMark):
+        if isinstance(statement, nft.SetMetaMark):
             return SetMark(statement.value)
         if isinstance(statement, nft.SaveMarkToConnection):
             return ConnMarkSave()
@@ -276,16 +276,16 @@ def _to_target(statements: list[nft.Statement | Unsupported]) -> Target:
     if (
         len(statements) in (2, 3)
         and isinstance(statements[0], nft.TproxyTo)
-        and statements[-1] == nft.ACCEPT
-        and (len(statements) == 2 or isinstance(statements[1], nft.SetMark))
+        and statements[-1] == nft.NFT_ACCEPT
+        and (len(statements) == 2 or isinstance(statements[1], nft.SetMetaMark))
     ):
-        mark = statements[1] if isinstance(statements[1], nft.SetMark) else None
+        mark = statements[1] if isinstance(statements[1], nft.SetMetaMark) else None
         return Tproxy(statements[0].port, mark.value, 0xFFFFFFFF) if mark else Tproxy(statements[0].port, 0, 0)
     texts = [part.text if isinstance(part, Unsupported) else statement_text(part) for part in statements]
     return Unsupported(" ".join(texts) or "a rule without a verdict")
 
 
-def rule_text(rule: ListedRule) -> str:
+def listed_rule_text(rule: ListedRule) -> str:
     """The rule as ``nft list`` spells it (our renderer's syntax; unread parts as their JSON)."""
     words = []
     for part in rule.parts:

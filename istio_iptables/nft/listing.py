@@ -200,7 +200,7 @@ def _statement(expression: Mapping[str, Any]) -> Part | None:
 
     (key, value), = expression.items()
     if key in VERDICTS:
-        return nft.Verdict(key)  # type: ignore[arg-type]
+        return nft.NftVerdict(key)  # type: ignore[arg-type]
     if key == "jump":
         return nft.JumpTo(value["target"])
     if key == "redirect" and set(value) == {"port"}:
@@ -212,7 +212,7 @@ def _statement(expression: Mapping[str, Any]) -> Part | None:
         if target == {"meta": {"key": "mark"}}:
             if source == {"ct": {"key": "mark"}}:
                 return nft.RestoreMarkFromConnection()
-            return nft.SetMark(_u32(source))
+            return nft.SetMetaMark(_u32(source))
         if target == {"ct": {"key": "mark"}} and source == {"meta": {"key": "mark"}}:
             return nft.SaveMarkToConnection()
         if target == {"ct": {"key": "zone"}}:

@@ -44,7 +44,7 @@ OWN_CHAINS = frozenset(
 
 
 @record
-class Protocol:
+class L4Protocol:
     name: Literal["tcp", "udp"]
     negate: bool = False
 
@@ -171,7 +171,7 @@ class Unsupported:
 
 
 Match: TypeAlias = (
-    Protocol | Address | Ports | Interface | Owner | Mark | ConnMark | ConnState | SetMatch | Unsupported
+    L4Protocol | Address | Ports | Interface | Owner | Mark | ConnMark | ConnState | SetMatch | Unsupported
 )
 
 

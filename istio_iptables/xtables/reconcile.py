@@ -32,8 +32,8 @@ from istio_iptables.xtables.model import (
     ConnMarkRestore,
     ConnMarkSave,
     Interface,
+    L4Protocol,
     Mark,
-    Protocol,
     Rule,
     RuleSet,
     Verdict,
@@ -57,7 +57,7 @@ TableState = dict[str, Chains]
 
 def canonical_spec(rule: Rule, family: Family, resolve_gid: GidResolver = numeric_gid) -> str:
     """``rule`` as ``iptables-save`` prints it after the kernel stored it (without ``-A CHAIN``)."""
-    protocol = next((match.name for match in rule.matches if isinstance(match, Protocol)), "tcp")
+    protocol = next((match.name for match in rule.matches if isinstance(match, L4Protocol)), "tcp")
     context = SavedContext(family, protocol, resolve_gid)
     head: dict[str, list[str]] = {}
     modules: list[str] = []
@@ -135,9 +135,9 @@ def _tied_to_our_chains(dump: SaveDump, family: Family) -> set[OwnedKey]:
     mark = live_tproxy_mark(mangle)
     if mark is not None:
         implied = [
-            Rule("mangle", "PREROUTING", (Protocol("tcp"), Mark(mark)), ConnMarkSave()),
-            Rule("mangle", "OUTPUT", (Interface("out", "lo"), Protocol("tcp"), Mark(mark)), Verdict("RETURN")),
-            Rule("mangle", "OUTPUT", (Protocol("tcp"), ConnMark(mark)), ConnMarkRestore()),
+            Rule("mangle", "PREROUTING", (L4Protocol("tcp"), Mark(mark)), ConnMarkSave()),
+            Rule("mangle", "OUTPUT", (Interface("out", "lo"), L4Protocol("tcp"), Mark(mark)), Verdict("RETURN")),
+            Rule("mangle", "OUTPUT", (L4Protocol("tcp"), ConnMark(mark)), ConnMarkRestore()),
         ]
         tied |= {(rule.table, rule.chain, canonical_spec(rule, family)) for rule in implied}
         owners = {

@@ -35,13 +35,13 @@ from istio_iptables.xtables.model import (
     CtZone,
     Interface,
     Jump,
+    L4Protocol,
     Mark,
     Match,
     Owner,
     PortEntry,
     PortRange,
     Ports,
-    Protocol,
     Redirect,
     Rule,
     SetMark,
@@ -263,7 +263,7 @@ def _top_level(head: str, body: list[str]) -> Match:
     value = values[0]
     try:
         if head == "-p" and re.fullmatch(r"[a-z][a-z0-9-]*", value):
-            return Protocol(value, negate)  # type: ignore[arg-type]
+            return L4Protocol(value, negate)  # type: ignore[arg-type]
         if head in ("-s", "-d"):
             network = ipaddress.ip_network(value, strict=False)
             return Address("src" if head == "-s" else "dst", network, negate)

@@ -33,13 +33,13 @@ from istio_iptables.xtables.model import (
     CtZone,
     Interface,
     Jump,
+    L4Protocol,
     Mark,
     Match,
     Owner,
     PortEntry,
     PortRange,
     Ports,
-    Protocol,
     Redirect,
     SetMark,
     SetMatch,
@@ -190,7 +190,7 @@ def _saved_connmark_copy(option: str) -> Saved:
 
 SPELLINGS: dict[type, Spelling] = {
     # --- matches ---
-    Protocol: Spelling(
+    L4Protocol: Spelling(
         lambda m: _negated(m.negate, "-p", m.name),
         lambda m, _c: _negated(m.negate, "-p", m.name),
         head=True,

@@ -21,9 +21,9 @@ from istio_iptables.xtables.model import (
     CtZone,
     Interface,
     Jump,
+    L4Protocol,
     Mark,
     Ports,
-    Protocol,
     Redirect,
     Rule,
     RuleSet,
@@ -38,7 +38,7 @@ from tests.support.netns import NetNS
 
 MESH_MARK, MASK = 0x539, 0xFFF  # ambient: packets from ztunnel
 CONNECTION_MARK = 0x111  # ambient: connections that came in through ztunnel
-TCP, UDP = Protocol("tcp"), Protocol("udp")
+TCP, UDP = L4Protocol("tcp"), L4Protocol("udp")
 ACCEPT = Verdict("ACCEPT")
 
 

@@ -17,7 +17,7 @@ from istio_iptables.frontends.cli.explain import explain_command
 from istio_iptables.net import Family
 from istio_iptables.nft.listing import ListedTable, NftJsonError, read_listing
 from istio_iptables.policy.sidecar_nft import build_nft_ruleset
-from istio_iptables.xtables.model import Address, Owner, PortRange, Ports, Protocol, Tproxy, Unsupported
+from istio_iptables.xtables.model import Address, L4Protocol, Owner, PortRange, Ports, Tproxy, Unsupported
 from tests.support.explain_nft_support import SIDECAR, config
 
 RECORDED = Path(__file__).parents[1] / "data" / "explain-nft-tproxy-dns.json"
@@ -228,7 +228,7 @@ def test_expressions_map_to_the_model() -> None:
     assert rule.packets == 3 and rule.handle == 2
     tables, index = to_tables([table], Family.V6, "t")
     model = tables.chains[("istio-proxy-nat", "output")][0].rule
-    assert model.matches[:2] == (Protocol("tcp"), Ports("dst", (53, PortRange(15000, 15002)), negate=True))
+    assert model.matches[:2] == (L4Protocol("tcp"), Ports("dst", (53, PortRange(15000, 15002)), negate=True))
     assert model.matches[2] == Address("dst", ipaddress.ip_network("fd00::/8"))
     assert model.matches[3].name == "eth+"  # type: ignore[union-attr]
     assert model.matches[4] == Owner("gid", "1337", negate=True)

@@ -17,11 +17,11 @@ from istio_iptables.xtables.model import (
     ConnMark,
     ConnMarkSet,
     Interface,
+    L4Protocol,
     Mark,
     Owner,
     PortRange,
     Ports,
-    Protocol,
     SetMark,
     Tproxy,
     Unsupported,
@@ -65,7 +65,7 @@ V4 = SavedContext(Family.V4)
         (Owner("uid", "1337", True), "-m owner ! --uid-owner 1337", "-m owner ! --uid-owner 1337"),
         (Address("dst", ipaddress.ip_network("127.0.0.6/32")), "-d 127.0.0.6/32", "-d 127.0.0.6/32"),
         (Interface("out", "lo", True), "! -o lo", "! -o lo"),
-        (Protocol("udp"), "-p udp", "-p udp"),
+        (L4Protocol("udp"), "-p udp", "-p udp"),
     ],
 )
 def test_both_spellings_side_by_side(part, written: str, saved: str) -> None:
