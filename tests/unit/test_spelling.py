@@ -78,3 +78,44 @@ def test_masks_survive_in_both_spellings() -> None:
     for part in (Mark(1, mask=0xFF), ConnMark(1, mask=0xFF), SetMark(1, 0xFF), ConnMarkSet(1, 0xFF)):
         assert "0x1/0xff" in written_tokens(part)
         assert "0x1/0xff" in saved_tokens(part, V4)
+
+
+# What the kernel's spelling of each model class reads back as (xtables/save.py), so the spelling
+# table and the reader cannot disagree. ConnMarkSet (ambient's CONNMARK --set-xmark) is not read yet:
+# explain's evaluator does not model it, so the reader keeps it as "not understood".
+ROUND_TRIP = [
+    L4Protocol("tcp"),
+    Address("src", ipaddress.ip_network("10.0.0.0/8"), True),
+    Interface("in", "eth+"),
+    Ports("dst", (15008,), True),
+    Ports("src", (53, PortRange(8000, 9000))),
+    Owner("gid", "1337"),
+    Mark(0x539),
+    Mark(0x539, True, 0xFFF),
+    ConnMark(0x111, mask=0xFFF),
+    model.ConnState(("NEW", "ESTABLISHED")),
+    model.SetMatch("istio-v4-out-excl", "dst", True),
+    model.Jump("ISTIO_OUTPUT"),
+    model.Verdict("RETURN"),
+    model.Redirect(15001),
+    Tproxy(15006, 0x539),
+    SetMark(0x111, 0xFFF),
+    model.ConnMarkSave(),
+    model.ConnMarkRestore(),
+    model.CtZone(1),
+]
+NOT_READ_BACK = {ConnMarkSet}
+
+
+def test_the_round_trip_list_covers_the_table() -> None:
+    assert {type(part) for part in ROUND_TRIP} | NOT_READ_BACK == set(SPELLINGS)
+
+
+@pytest.mark.parametrize("part", ROUND_TRIP, ids=repr)
+def test_the_kernel_spelling_reads_back_as_the_same_part(part) -> None:
+    from istio_iptables.xtables.save import parse_rule_spec
+
+    is_target = type(part) in set(typing.get_args(model.Target))
+    tokens = saved_tokens(part, V4)
+    matches, target = parse_rule_spec(tokens if is_target else [*tokens, "-j", "ACCEPT"])
+    assert (target if is_target else matches) == (part if is_target else (part,))
