@@ -29,7 +29,7 @@ def plan_of(case, tmp_path: Path):
     return build_plan(config_of(case_args(case, tmp_path), case.env))
 
 
-def test_parse_save_keeps_order_and_chains() -> None:
+def test_read_save_keeps_order_and_chains() -> None:
     dump = read_save(FOREIGN_V4)
     assert list(dump.tables) == ["filter", "nat", "mangle", "raw"]
     assert dump.tables["nat"]["FOREIGN_NAT"] == ["-j RETURN"]
