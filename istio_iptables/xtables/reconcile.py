@@ -3,7 +3,9 @@
 The kernel normalises every rule it stores (``-m tcp``, ``-s -d -i -o -p`` first, hex marks,
 explicit default masks), and ``iptables-save`` prints that normal form. To compare what a plan
 wants with what a namespace holds, :func:`canonical_spec` renders the model straight into that
-form; tests prove it equal to the kernel's dump for every conformance case on both backends.
+form (each part's spelling from :mod:`istio_iptables.xtables.spelling`); tests prove it equal to
+the kernel's dump for every conformance case on both backends. Live dumps are read by
+:func:`istio_iptables.xtables.save.read_save`.
 
 What we own in a live namespace: every chain in :data:`~istio_iptables.xtables.model.OWN_CHAINS` and every
 rule of a built-in chain that jumps into one (the namespace shows them); any other rule of a
