@@ -41,11 +41,11 @@ from istio_iptables.xtables.reconcile import (
     live_tproxy_mark,
     normalised,
     owned_state,
-    parse_save,
     rollback_script,
     state_lines,
     transition_script,
 )
+from istio_iptables.xtables.save import read_save
 
 CAP_NET_ADMIN = 12
 FAMILIES = (Family.V4, Family.V6)
@@ -304,7 +304,7 @@ def _rollback(
     changed = False
     for family, tables in touched.items():
         before = detection.dump(family)
-        now = parse_save(applier.read(family))
+        now = read_save(applier.read(family))
         script = rollback_script(before, now, tables, wanted.get(family, {}), family)
         if script:
             log.debug("%s rollback input for %s:\n%s", applier.name, family.label, script)
