@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Literal
 
 from istio_iptables._lib.records import factory, record
-from istio_iptables.config.sidecar import Setting, number, parse_interfaces, split_list
+from istio_iptables.config.sidecar import Setting, number, parse_go_bool, parse_interfaces, split_list
 from istio_iptables.errors import ConfigError
 
 # Istio's fixed ambient numbers (cni/pkg/config/config.go): ztunnel's ports and marks.
@@ -133,20 +133,6 @@ class AmbientRawSettings:
 
     values: Mapping[str, Setting] = factory(dict)
     enable_ipv6: Setting | None = None
-
-
-BOOL_WORDS = {"1": True, "t": True, "T": True, "true": True, "TRUE": True, "True": True,
-              "0": False, "f": False, "F": False, "false": False, "FALSE": False, "False": False}
-
-
-def parse_go_bool(setting: Setting) -> bool:
-    """Go's strconv.ParseBool, as pflag and Istio's variables read booleans; an empty variable is false."""
-    if setting.value in BOOL_WORDS:
-        return BOOL_WORDS[setting.value]
-    if setting.value == "" and not setting.source.startswith("-"):
-        return False
-    raise ConfigError(setting.source, setting.value, "a boolean is one of 1, t, T, true, TRUE, True, "
-                      "0, f, F, false, FALSE, False (Go's ParseBool), given as --flag=VALUE")
 
 
 def _address(setting: Setting, version: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -392,6 +392,26 @@ def detect_ipv6(addresses: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Addres
     return bool(usable) and usable[0].version == 6
 
 
+# Go's strconv.ParseBool, which pflag uses for --flag=VALUE and Istio for its variables.
+GO_BOOL_WORDS = {"1": True, "t": True, "T": True, "true": True, "TRUE": True, "True": True,
+                 "0": False, "f": False, "F": False, "false": False, "FALSE": False, "False": False}
+
+
+def parse_go_bool(setting: Setting) -> bool:
+    """A boolean flag's or variable's value, as Istio reads it (strconv.ParseBool).
+
+    An empty variable is false (Istio ignores it and keeps the default); an empty ``--flag=`` and
+    any word ParseBool refuses is an error here. Istio fails on such a flag, and silently keeps the
+    default for such a variable, so ``DRY_RUN=yes`` would write rules there: we refuse it.
+    """
+    if setting.value in GO_BOOL_WORDS:
+        return GO_BOOL_WORDS[setting.value]
+    if setting.value == "" and not setting.source.startswith("-"):
+        return False
+    raise ConfigError(setting.source, setting.value, "a boolean is one of 1, t, T, true, TRUE, True, "
+                      "0, f, F, false, FALSE, False (Go's ParseBool), given as --flag=VALUE")
+
+
 def parse_bool(setting: Setting) -> bool:
     lowered = setting.value.strip().lower()
     if lowered in ("1", "t", "true", "y", "yes", "on"):

@@ -13,8 +13,6 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from istio_iptables.errors import ConfigError
-
 # (name, short flag, long flag, environment variables: an alias listed first wins, as in Istio)
 VALUE_OPTIONS: list[tuple[str, str | None, str, tuple[str, ...], str]] = [
     ("envoy_port", "-p", "--envoy-port", (), "Outbound listener port (REDIRECT target of ISTIO_REDIRECT)."),
@@ -93,11 +91,6 @@ ENV_ONLY = {
 }
 
 
-# Go's strconv.ParseBool, which pflag uses for --flag=VALUE and Istio for the variables.
-BOOL_WORDS = {"1": True, "t": True, "T": True, "true": True, "TRUE": True, "True": True,
-              "0": False, "f": False, "F": False, "false": False, "FALSE": False, "False": False}
-
-
 class BoolOption(click.Option):
     """A pflag boolean: ``--flag`` or ``--flag=VALUE``, never the next word (see :class:`IstioCommand`)."""
 
@@ -122,18 +115,10 @@ def _options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def bool_value(setting: Any) -> bool:
-    """A boolean flag's or variable's value, as Istio reads it (strconv.ParseBool).
+    """A boolean flag's or variable's value, as Istio reads it (config.sidecar.parse_go_bool)."""
+    from istio_iptables.config.sidecar import parse_go_bool
 
-    An empty variable is false (Istio ignores it and keeps the default); an empty ``--flag=`` and
-    any word ParseBool refuses is an error here. Istio fails on such a flag, and silently keeps the
-    default for such a variable, so ``DRY_RUN=yes`` would write rules there: we refuse it.
-    """
-    if setting.value in BOOL_WORDS:
-        return BOOL_WORDS[setting.value]
-    if setting.value == "" and not setting.source.startswith("-"):
-        return False
-    raise ConfigError(setting.source, setting.value, "a boolean is one of 1, t, T, true, TRUE, True, "
-                      "0, f, F, false, FALSE, False (Go's ParseBool), given as --flag=VALUE")
+    return parse_go_bool(setting)
 
 
 def _source_label(ctx: click.Context, name: str, long: str, envvars: tuple[str, ...]) -> str:
