@@ -19,25 +19,10 @@ from tests.support.ambient_support import (
     probe_nft_sets,
     split_dry_run,
 )
-from tests.support.conformance import golden_restore_documents
-from tests.support.netns import NetNS, canonical_save
+from tests.support.conformance import golden_restore_documents, load_into_kernel
+from tests.support.netns import NetNS
 
 CASES = load_ambient_cases()
-
-
-def _programs(backend: str, index: int) -> tuple[str, str]:
-    prefix = "iptables" if index == 0 else "ip6tables"
-    return f"{prefix}-{backend}-restore", f"{prefix}-{backend}-save"
-
-
-def _load(namespace: NetNS, documents: list[str], backend: str) -> list[list[str]]:
-    dumps = []
-    for index, document in enumerate(documents):
-        restore, save = _programs(backend, index)
-        loaded = namespace.run(restore, "--noflush", input=document, check=False)
-        assert loaded.returncode == 0, f"{restore} refused:\n{loaded.stderr}\n{document}"
-        dumps.append(canonical_save(namespace.save(save)))
-    return dumps
 
 
 def test_every_golden_has_a_case() -> None:
@@ -60,7 +45,7 @@ def test_iptables_kernel_holds_the_same_rules(
         golden_ns.run("ipset", "restore", input=probe_ipsets(case.ipv6))
     else:
         assert sets == ""
-    assert _load(ours_ns, ours, backend) == _load(golden_ns, golden, backend)
+    assert load_into_kernel(ours_ns, ours, backend) == load_into_kernel(golden_ns, golden, backend)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)

@@ -13,28 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.conformance import EXTRA_GROUPS, Case, golden_restore_documents, load_cases
-from tests.support.netns import NetNS, canonical_save
+from tests.support.conformance import EXTRA_GROUPS, Case, golden_restore_documents, load_cases, load_into_kernel
+from tests.support.netns import NetNS
 
 CASES = [case for case in load_cases() if case.golden_iptables is not None]
 BACKENDS = ("legacy", "nft")
 CLI = [sys.executable, "-m", "istio_iptables"]
-
-
-def programs(backend: str, family_index: int) -> tuple[str, str]:
-    prefix = "iptables" if family_index == 0 else "ip6tables"
-    return f"{prefix}-{backend}-restore", f"{prefix}-{backend}-save"
-
-
-def load(namespace: NetNS, documents: list[str], backend: str) -> list[list[str]]:
-    """Load each family's document with ``restore --noflush`` and return each family's canonical dump."""
-    dumps = []
-    for index, document in enumerate(documents):
-        restore, save = programs(backend, index)
-        loaded = namespace.run(restore, "--noflush", input=document, check=False)
-        assert loaded.returncode == 0, f"{restore} refused:\n{loaded.stderr}\n{document}"
-        dumps.append(canonical_save(namespace.save(save)))
-    return dumps
 
 
 def our_documents(namespace: NetNS, case: Case, tmp_path: Path) -> list[str]:
@@ -59,4 +43,4 @@ def test_kernel_holds_the_same_rules(
     ours = our_documents(ours_ns, case, tmp_path)
     golden = golden_restore_documents(case.golden_iptables)
     assert len(ours) == len(golden) == (2 if case.ipv6 else 1)
-    assert load(ours_ns, ours, backend) == load(golden_ns, golden, backend)
+    assert load_into_kernel(ours_ns, ours, backend) == load_into_kernel(golden_ns, golden, backend)

@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.netns import NetNS, canonical_save
+
 CONFORMANCE_DIR = Path(
     os.environ.get("ISTIO_CONFORMANCE_DIR", Path(__file__).resolve().parents[3] / "shared" / "conformance")
 )
@@ -82,3 +84,20 @@ def normalise(text: str) -> str:
     """Spellings the kernel treats as equal: --to-port/--to-ports, non-canonical CIDRs."""
     text = text.replace("--to-port ", "--to-ports ")
     return re.sub(r"[0-9a-fA-F.:]*[.:][0-9a-fA-F.:]*/[0-9]+", _canonical_cidr, text)
+
+
+def restore_programs(backend: str, family_index: int) -> tuple[str, str]:
+    """The restore and save programs of one iptables backend for a family (0: IPv4, 1: IPv6)."""
+    prefix = "iptables" if family_index == 0 else "ip6tables"
+    return f"{prefix}-{backend}-restore", f"{prefix}-{backend}-save"
+
+
+def load_into_kernel(namespace: NetNS, documents: list[str], backend: str) -> list[list[str]]:
+    """Load each family's document with ``restore --noflush`` and return each family's canonical dump."""
+    dumps = []
+    for index, document in enumerate(documents):
+        restore, save = restore_programs(backend, index)
+        loaded = namespace.run(restore, "--noflush", input=document, check=False)
+        assert loaded.returncode == 0, f"{restore} refused:\n{loaded.stderr}\n{document}"
+        dumps.append(canonical_save(namespace.save(save)))
+    return dumps
