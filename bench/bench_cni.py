@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/bench_cni.py [--rounds N]
 
-1. ADD for a sidecar pod (the pod served by a local HTTPS API server, a fresh pod-like namespace)
+1. ADD for a sidecar pod (the pod served by the tests' local HTTPS API server, tests/support/cni_support.py,
+   a fresh pod-like namespace)
    vs the init floor: ``python -I -c 'import click'`` + one ``iptables-restore --noflush`` of the
    same rules (IPv4: the namespace has no IPv6 address), plus the API round trip.    goal <= 1.25x
    The API round trip is what any client process pays to read the pod: a ``python -I`` process
@@ -22,27 +23,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from istio_iptables.system.netns import entered
+from tests.support.cni_support import TOKEN, FakeApiServer
 
 PYTHON = sys.executable
 # The console script, as a node runs it (a venv made before istio-cni existed lacks it: `make venv`).
 PLUGIN = str(Path(PYTHON).with_name("istio-cni"))
 CLI = str(Path(PYTHON).with_name("istio-iptables"))
-TOKEN = "bench-token"
 STATUS = '{"initContainers":["istio-validation"],"containers":["istio-proxy"]}'
 
 
@@ -57,53 +55,28 @@ def pod(name: str, annotated: bool = True) -> dict[str, object]:
     }  # fmt: skip
 
 
-class ApiServer:
-    def __init__(self, directory: Path) -> None:
-        cert, key = directory / "api.crt", directory / "api.key"
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-             "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-            check=True, capture_output=True,
-        )
-        pods = {"sidecar": json.dumps(pod("sidecar")).encode(), "plain": json.dumps(pod("plain", False)).encode()}
+def write_kubeconfig(api: FakeApiServer, path: Path) -> Path:
+    """A kubeconfig naming the CA by file (Istio's inline ``certificate-authority-data`` makes the plugin write
+    the CA to a file first: not what these figures have measured)."""
+    path.write_text(
+        f"apiVersion: v1\nclusters:\n- cluster:\n    certificate-authority: {api.cert}\n    server: {api.url}\n"
+        "  name: c\ncontexts:\n- context:\n    cluster: c\n    user: u\n  name: x\ncurrent-context: x\n"
+        f"users:\n- name: u\n  user:\n    token: {TOKEN}\n"
+    )
+    return path
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
 
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                body = pods.get(self.path.rsplit("/", 1)[-1], b"{}")
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(cert, key)
-        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        url = f"https://127.0.0.1:{self.httpd.server_address[1]}"
-        self.cert = cert
-        self.kubeconfig = directory / "kubeconfig"
-        self.kubeconfig.write_text(
-            f"apiVersion: v1\nclusters:\n- cluster:\n    certificate-authority: {cert}\n    server: {url}\n  name: c\n"
-            "contexts:\n- context:\n    cluster: c\n    user: u\n  name: x\ncurrent-context: x\n"
-            f"users:\n- name: u\n  user:\n    token: {TOKEN}\n"
-        )
-        self.client_code = (
-            "import http.client, json, ssl\n"
-            f"context = ssl.create_default_context(cafile={str(cert)!r})\n"
-            f"connection = http.client.HTTPSConnection('127.0.0.1', {self.httpd.server_address[1]}, context=context,"
-            " timeout=5)\n"
-            f"connection.request('GET', '/api/v1/namespaces/default/pods/sidecar', headers={{'Authorization': "
-            f"'Bearer {TOKEN}'}})\n"
-            "json.loads(connection.getresponse().read())\n"
-        )
+def api_client_code(api: FakeApiServer) -> str:
+    """A ``python -I`` program that reads the sidecar pod once, as any client process would."""
+    return (
+        "import http.client, json, ssl\n"
+        f"context = ssl.create_default_context(cafile={str(api.cert)!r})\n"
+        f"connection = http.client.HTTPSConnection('127.0.0.1', {api.httpd.server_address[1]}, context=context,"
+        " timeout=5)\n"
+        f"connection.request('GET', '/api/v1/namespaces/default/pods/sidecar', headers={{'Authorization': "
+        f"'Bearer {TOKEN}'}})\n"
+        "json.loads(connection.getresponse().read())\n"
+    )
 
 
 class Namespace:
@@ -150,9 +123,13 @@ def main() -> None:
     subprocess.run([PYTHON, "-m", "compileall", "-q", str(Path(__file__).resolve().parents[1] / "istio_iptables")],
                    check=True)
     directory = Path(tempfile.mkdtemp(prefix="bench-cni-"))
-    api = ApiServer(directory)
+    api = FakeApiServer(directory)
+    api.add_pod(pod("sidecar"))
+    api.add_pod(pod("plain", annotated=False))
+    kubeconfig = write_kubeconfig(api, directory / "kubeconfig")
+    client_code = api_client_code(api)
     config = {"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "istio-cni", "plugin_log_level": "info",
-              "exclude_namespaces": ["kube-system"], "kubernetes": {"kubeconfig": str(api.kubeconfig)},
+              "exclude_namespaces": ["kube-system"], "kubernetes": {"kubeconfig": str(kubeconfig)},
               "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.244.1.5/24", "interface": 0}]}}
     stdin = json.dumps(config)
     annotated = json.dumps({**config, "runtimeConfig": {"io.kubernetes.cri.pod-annotations": {"team": "a"}}})
@@ -174,7 +151,7 @@ def main() -> None:
             record("click", timed([PYTHON, "-I", "-c", "import click"]))
             with entered(floor_ns.path):
                 record("restore", timed(restore, stdin=rules))
-            record("api", timed([PYTHON, "-I", "-c", api.client_code]))
+            record("api", timed([PYTHON, "-I", "-c", client_code]))
             record("add", timed([PLUGIN], env=plugin_env("ADD", pod_ns.path, "default", "sidecar"), stdin=stdin))
             record("del", timed([PLUGIN], env=plugin_env("DEL", pod_ns.path, "default", "sidecar"), stdin=stdin))
             record("del_gone", timed([PLUGIN], env=plugin_env("DEL", "/run/netns/bench-cni-gone", "default",
@@ -214,7 +191,7 @@ def main() -> None:
         value, floor_ms, median_ratio = ratio(key, floor)
         verdict = "" if goal is None else ("  ok" if median_ratio <= goal else f"  OVER goal {goal}x")
         print(f"{label:<42} {value:7.1f} ms  vs {floor_label:<34} {floor_ms:7.1f} ms  {median_ratio:5.2f}x{verdict}")
-    api.httpd.shutdown()
+    api.close()
 
 
 if __name__ == "__main__":
