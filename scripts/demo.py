@@ -105,12 +105,12 @@ def main() -> int:
 
 def ambient_demo(backend: str) -> int:
     """Ambient capture with live traffic: the pod's rules, then the node's probe SNAT (docs/ambient.md)."""
+    from tests.beds.ambient_testbed import AmbientTestbed
     from tests.beds.testbed import APP_PORT, Probe
-    from tests.support.ambient_support import ambient_testbed
     from tests.support.netns import NetNS
 
     started = time.monotonic()
-    bed = ambient_testbed(backend, NetNS)
+    bed = AmbientTestbed(backend=backend, make_namespace=NetNS)
     try:
         print(f"pod namespace {bed.pod.name}: app (uid 1000) on :8080, ztunnel stand-in (SO_MARK 0x539) on "
               f":15001/:15006/:15008/:15053; the remote namespace doubles as the node\n")

@@ -240,10 +240,11 @@ class Testbed:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "resolv.conf").write_text(self.resolv_conf)
 
-    def _start_nodes(self) -> None:
-        everywhere = ["0.0.0.0", "::"]
+    def _proxy_node(self) -> dict[str, Any]:
+        """The pod's proxy (uid 1337, CAP_NET_ADMIN): the stand-in Envoy here; a bed of another capture
+        mode puts its own (the ambient bed's ztunnel)."""
         echo = [{"port": port, "kind": "echo"} for port in (*BYPASS_PORTS, TUNNEL_PORT)]
-        proxy = {
+        return {
             "name": "proxy",
             "listeners": [
                 {"port": OUTBOUND_PORT, "kind": "outbound"},
@@ -255,6 +256,10 @@ class Testbed:
             # The service VIP is served by this very pod: Envoy picks the pod's own IP as the endpoint.
             "upstreams": {endpoint(f.vip, APP_PORT): endpoint(f.pod, APP_PORT) for f in FAMILIES},
         }
+
+    def _start_nodes(self) -> None:
+        proxy = self._proxy_node()
+        everywhere = ["0.0.0.0", "::"]
         remote_addresses = [address for family in FAMILIES for address in family.remote_addresses()]
         remote = {
             "name": "remote",
@@ -265,7 +270,7 @@ class Testbed:
         }
         app = {"name": "app", "listeners": [{"port": APP_PORT, "kind": "echo"}]}
         self.nodes = {
-            "proxy": _node(self.pod, proxy, uid=PROXY_UID, caps=("net_admin",)),
+            proxy["name"]: _node(self.pod, proxy, uid=PROXY_UID, caps=("net_admin",)),
             "app": _node(self.pod, app, uid=APP_UID),
             "remote": _node(self.remote, remote),
         }

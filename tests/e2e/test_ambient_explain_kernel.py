@@ -20,8 +20,8 @@ import pytest
 
 from istio_iptables.explain import from_nft
 from istio_iptables.nft.listing import read_listing
+from tests.beds.ambient_testbed import AmbientTestbed
 from tests.beds.testbed import APP_PORT, FAMILIES
-from tests.support.ambient_support import ambient_testbed
 from tests.support.netns import NetNS
 
 RuleKey = tuple[str, str, int]
@@ -32,7 +32,7 @@ EXPLAIN = [sys.executable, "-m", "istio_iptables", "explain", "ambient", "--json
 
 @pytest.fixture(params=BACKENDS)
 def bed(request: pytest.FixtureRequest, netns_factory: Callable[[str], NetNS]) -> Iterator[Any]:
-    testbed = ambient_testbed(request.param, netns_factory)
+    testbed = AmbientTestbed(backend=request.param, make_namespace=netns_factory)
     try:
         yield testbed
     finally:

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from tests.beds.ambient_testbed import AmbientTestbed
 from tests.beds.testbed import APP_PORT, FAMILIES, endpoint
-from tests.support.ambient_support import ambient_testbed
 from tests.support.netns import NetNS
 
 BACKENDS = ("legacy", "nft", "native-nftables")
@@ -22,7 +22,7 @@ PROBE_SNAT = {4: "169.254.7.127", 6: "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"}
 
 @pytest.fixture(params=BACKENDS)
 def bed(request: pytest.FixtureRequest, netns_factory: Callable[[str], NetNS]) -> Iterator[Any]:
-    testbed = ambient_testbed(request.param, netns_factory)
+    testbed = AmbientTestbed(backend=request.param, make_namespace=netns_factory)
     try:
         yield testbed
     finally:
