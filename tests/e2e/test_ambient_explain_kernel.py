@@ -13,30 +13,19 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
 from typing import Any
-
-import pytest
 
 from istio_iptables.explain import from_nft
 from istio_iptables.nft.listing import read_listing
-from tests.beds.ambient_testbed import AmbientTestbed
 from tests.beds.testbed import APP_PORT, FAMILIES
+from tests.support.ambient_support import ambient_bed
 from tests.support.netns import NetNS
 
+__all__ = ["ambient_bed"]  # the fixture ``bed``
+
 RuleKey = tuple[str, str, int]
-BACKENDS = ("legacy", "nft", "native-nftables")
 CONFIG = ("--redirect-dns", "--enable-ipv6")
 EXPLAIN = [sys.executable, "-m", "istio_iptables", "explain", "ambient", "--json"]
-
-
-@pytest.fixture(params=BACKENDS)
-def bed(request: pytest.FixtureRequest, netns_factory: Callable[[str], NetNS]) -> Iterator[Any]:
-    testbed = AmbientTestbed(backend=request.param, make_namespace=netns_factory)
-    try:
-        yield testbed
-    finally:
-        testbed.close()
 
 
 def counters(bed: Any, version: int, namespace: NetNS | None = None) -> dict[RuleKey, int]:

@@ -7,26 +7,16 @@ recovered, so every check is about where packets went, not about rule text.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from tests.beds.ambient_testbed import AmbientTestbed
 from tests.beds.testbed import APP_PORT, FAMILIES, endpoint
-from tests.support.netns import NetNS
+from tests.support.ambient_support import ambient_bed
 
-BACKENDS = ("legacy", "nft", "native-nftables")
+__all__ = ["ambient_bed"]  # the fixture ``bed``
+
 PROBE_SNAT = {4: "169.254.7.127", 6: "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"}
-
-
-@pytest.fixture(params=BACKENDS)
-def bed(request: pytest.FixtureRequest, netns_factory: Callable[[str], NetNS]) -> Iterator[Any]:
-    testbed = AmbientTestbed(backend=request.param, make_namespace=netns_factory)
-    try:
-        yield testbed
-    finally:
-        testbed.close()
 
 
 def test_pod_traffic_lands_where_istios_design_says(bed: Any) -> None:

@@ -6,8 +6,12 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from tests.support.conformance import CONFORMANCE_DIR
 from tests.support.netns import NetNS
@@ -85,3 +89,19 @@ def nft_listing(namespace: NetNS) -> list[str]:
     text = namespace.run("nft", "list", "ruleset").stdout
     return [re.sub(r"counter packets \d+ bytes \d+", "counter", line) for line in text.splitlines() if line.strip()]
 
+
+AMBIENT_BACKENDS = ("legacy", "nft", "native-nftables")
+
+
+@pytest.fixture(params=AMBIENT_BACKENDS, name="bed")
+def ambient_bed(request: pytest.FixtureRequest, netns_factory: Callable[[str], NetNS]) -> Iterator[Any]:
+    """The ambient live-traffic bed (:mod:`tests.beds.ambient_testbed`) on each backend, as the fixture
+    ``bed`` (import this fixture into a test module to use it; the bed is imported lazily, as rootless
+    tests import this module too)."""
+    from tests.beds.ambient_testbed import AmbientTestbed
+
+    testbed = AmbientTestbed(backend=request.param, make_namespace=netns_factory)
+    try:
+        yield testbed
+    finally:
+        testbed.close()
