@@ -48,7 +48,11 @@ except ImportError:  # a tree from before the native nftables backend
     BACKENDS = ("legacy", "nft")
 try:
     from istio_iptables.policy.lists import SET_THRESHOLD, render_ipset_document
-    from istio_iptables.system.ipset import plan_for_this_host
+
+    try:
+        from istio_iptables.engine.xtables import plan_for_this_host
+    except ImportError:  # before the engine refactor (issue 13)
+        from istio_iptables.system.ipset import plan_for_this_host  # type: ignore[no-redef]
 except ImportError:  # a tree from before sets (to print the "before" figures): one rule per entry only
     SET_THRESHOLD = 10**9
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from istio_iptables._lib.log import log
 from istio_iptables.errors import ApplyError, EnvironmentProblem
-from istio_iptables.nft.names import OUR_TABLES
+from istio_iptables.policy.footprint import SIDECAR, Footprint
 from istio_iptables.system.spawn import Finished, run, which
 from istio_iptables.xtables.model import OWN_CHAINS
 
@@ -72,6 +72,8 @@ class NamespaceState:
     our_ipv6: bool = False
     # Our tables as listed (``nft -j`` objects), to put them back if a later step fails.
     our_objects: list[dict] = field(default_factory=list)
+    # Whose tables and chains these are (docs/architecture.md: footprints).
+    footprint: Footprint = SIDECAR
 
     def held(self) -> dict[str, tuple[list[str], list[str]]]:
         """Per table of ours: the chains and sets it holds, by name (checked before they reach nft input)."""
@@ -109,30 +111,31 @@ def read_nft_state(state: NamespaceState) -> None:
 
 def parse_nft_listing(objects: list[dict], state: NamespaceState) -> None:
     """Fill ``state`` from ``nft -j list ruleset`` objects."""
+    ours = state.footprint
     for entry in objects:
         if "table" in entry:
             table = entry["table"]
-            if table["family"] == "inet" and table["name"] in OUR_TABLES:
+            if ours.owns_nft_table(table["family"], table["name"]):
                 state.our_tables.append(table["name"])
                 state.our_objects.append(entry)
         elif "set" in entry:
             named = entry["set"]
-            if named["family"] == "inet" and named["table"] in OUR_TABLES:
+            if ours.owns_nft_table(named["family"], named["table"]):
                 state.our_objects.append(entry)  # listed before the rules that match it, as a restore needs
         elif "chain" in entry:
             chain = entry["chain"]
-            if chain["family"] == "inet" and chain["table"] in OUR_TABLES:
+            if ours.owns_nft_table(chain["family"], chain["table"]):
                 state.our_objects.append(entry)
-            elif chain["family"] in IPTABLES_NFT_FAMILIES and chain["name"] in OWN_CHAINS:
+            elif chain["family"] in IPTABLES_NFT_FAMILIES and ours.owns_chain(chain["name"]):
                 state.iptables_nft_chains.append((chain["family"], chain["table"], chain["name"]))
         elif "rule" in entry:
             rule = entry["rule"]
-            if rule["family"] == "inet" and rule["table"] in OUR_TABLES:
+            if ours.owns_nft_table(rule["family"], rule["table"]):
                 _note_our_rule(rule, state)
                 state.our_objects.append(entry)
                 continue
-            from_other_chain = rule["family"] in IPTABLES_NFT_FAMILIES and rule["chain"] not in OWN_CHAINS
-            if from_other_chain and _jumps_to_own_chain(rule):
+            from_other_chain = rule["family"] in IPTABLES_NFT_FAMILIES and not ours.owns_chain(rule["chain"])
+            if from_other_chain and ours.jumps_into_own_chain(rule.get("expr", [])):
                 state.iptables_nft_jumps.append((rule["family"], rule["table"], rule["chain"], rule["handle"]))
 
 
@@ -144,14 +147,6 @@ def _note_our_rule(rule: dict, state: NamespaceState) -> None:
         marks = [expr["mangle"]["value"] for expr in expressions if "mangle" in expr]
         if marks and isinstance(marks[0], int):
             state.tproxy_mark = marks[0]
-
-
-def _jumps_to_own_chain(rule: dict) -> bool:
-    return any(
-        verdict in expr and expr[verdict].get("target") in OWN_CHAINS
-        for expr in rule.get("expr", [])
-        for verdict in ("jump", "goto")
-    )
 
 
 def read_legacy_state(state: NamespaceState, proc_net: Path = Path("/proc/thread-self/net")) -> None:
@@ -168,8 +163,8 @@ def read_legacy_state(state: NamespaceState, proc_net: Path = Path("/proc/thread
             state.legacy_saves[program] = save.stdout
 
 
-def read_state() -> NamespaceState:
-    state = NamespaceState()
+def read_state(footprint: Footprint = SIDECAR) -> NamespaceState:
+    state = NamespaceState(footprint=footprint)
     read_nft_state(state)
     read_legacy_state(state)
     return state
@@ -239,7 +234,8 @@ def remove_legacy_form(state: NamespaceState) -> None:
 def restore_our_tables(before: NamespaceState) -> None:
     """Put our tables back as ``before`` listed them, in one transaction (JSON in, no text spliced)."""
     commands: list[dict] = [
-        {verb: {"table": {"family": "inet", "name": table}}} for table in OUR_TABLES for verb in ("add", "delete")
+        {verb: {"table": {"family": "inet", "name": table}}} for table in before.footprint.nft_tables
+        for verb in ("add", "delete")
     ]
     for entry in before.our_objects:
         kind, body = next(iter(entry.items()))

@@ -66,7 +66,7 @@ ROOTLESS_PATHS = {
     "iptables dry run": (
         f"--dry-run {INJECTOR}",
         BASE | IPTABLES_ONLY | IPTABLES_ENGINE | {"select", "istio_iptables.system.spawn",
-        "istio_iptables.engine.guard"},
+        "istio_iptables.engine.forms"},
     ),
     "native dry run": (f"--dry-run --native-nftables {INJECTOR}", BASE | IPTABLES_ENGINE),
 }

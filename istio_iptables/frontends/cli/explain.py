@@ -17,8 +17,15 @@ from click.core import ParameterSource
 
 from istio_iptables.errors import ConfigError, EnvironmentProblem, IstioIptablesError
 from istio_iptables.explain.walk import Flow, IPAddress, Tables, explain, render_text, to_data
-from istio_iptables.frontends.cli.flags import BOOL_OPTIONS, VALUE_OPTIONS, _host, config_options, raw_settings
-from istio_iptables.frontends.cli.main import IstioCommand, _show_help
+from istio_iptables.frontends.cli.flags import (
+    BOOL_OPTIONS,
+    VALUE_OPTIONS,
+    IstioCommand,
+    _host,
+    _show_help,
+    config_options,
+    raw_settings,
+)
 from istio_iptables.net import Family, IPNetwork
 from istio_iptables.system.spawn import Finished, run, which
 

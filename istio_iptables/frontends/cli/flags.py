@@ -6,6 +6,7 @@ Only click is imported here (see docs/speed.md): the configuration is parsed laz
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -179,3 +180,74 @@ def _host(ctx: click.Context) -> Any:
     from istio_iptables.system.host import RealHost
 
     return RealHost()
+
+
+class IstioCommand(click.Command):
+    """A command whose boolean flags parse as pflag's, and whose stray words are ignored as cobra's.
+
+    Each boolean flag is rewritten to ``--long=VALUE`` before click parses (``-n`` is
+    ``--dry-run=true``, ``-n=false`` is ``--dry-run=false``), so click never takes the next word
+    as a boolean's value. The walk knows which options take the next word as their value.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, self.pflag_booleans(args))
+
+    _pflag_tables: tuple[dict[str, str], set[str], dict[str, str]] | None = None
+
+    def pflag_tables(self) -> tuple[dict[str, str], set[str], dict[str, str]]:
+        """(boolean option -> long name, options taking the next word, short option -> long name).
+
+        Built once per command: the executable's argv walks (:func:`spell_out_short_options`, then
+        :meth:`pflag_booleans`) share it.
+        """
+        if self._pflag_tables is None:
+            booleans: dict[str, str] = {}
+            takes_next: set[str] = set()
+            long_names: dict[str, str] = {}
+            for param in self.params:
+                if not isinstance(param, click.Option):
+                    continue
+                longs = [opt for opt in param.opts if opt.startswith("--")]
+                if longs:
+                    long_names.update((opt, longs[0]) for opt in param.opts if not opt.startswith("--"))
+                if isinstance(param, BoolOption):
+                    booleans.update((opt, longs[0]) for opt in param.opts)
+                elif not param.is_flag:
+                    takes_next.update(param.opts)
+            self._pflag_tables = booleans, takes_next, long_names
+        return self._pflag_tables
+
+    def pflag_booleans(self, args: list[str]) -> list[str]:
+        booleans, takes_next, long_names = self.pflag_tables()
+        spelled: list[str] = []
+        pending = list(reversed(args))
+        while pending:
+            arg = pending.pop()
+            if arg == "--":
+                spelled.append(arg)
+                spelled.extend(reversed(pending))
+                break
+            name, equals, value = arg.partition("=")
+            if name in booleans:
+                spelled.append(f"{booleans[name]}={value if equals else 'true'}")
+                continue
+            if arg[:2] in long_names and arg[2:3] == "=" and arg[:2] in takes_next:
+                # pflag reads "-p=15001" as 15001, click as "=15001".
+                spelled.append(f"{long_names[arg[:2]]}={arg[3:]}")
+                continue
+            if arg[:2] in booleans and not arg.startswith("--") and len(arg) > 2:
+                # "-nb" is "-n -b" for pflag: a short boolean never takes the rest as its value.
+                spelled.append(f"{booleans[arg[:2]]}=true")
+                pending.append("-" + arg[2:])
+                continue
+            spelled.append(arg)
+            if arg in takes_next and pending:
+                spelled.append(pending.pop())
+        return spelled
+
+
+def _show_help(ctx: click.Context, _param: click.Parameter, wanted: bool) -> None:
+    if wanted and not ctx.resilient_parsing:
+        sys.stdout.write(ctx.get_help() + "\n")  # not click.echo: a failing stdout must reach GuardedStdout
+        ctx.exit()

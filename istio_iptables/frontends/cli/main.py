@@ -12,6 +12,7 @@ rewrites each boolean flag to its ``--flag=value`` form before click parses.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import sys
 from collections.abc import Callable
@@ -22,78 +23,15 @@ import click
 
 from istio_iptables._lib.log import configure_logging, log
 from istio_iptables.errors import ConfigError, ExitCode, IstioIptablesError, StdoutError, cut, escape, quote
-from istio_iptables.frontends.cli.flags import BoolOption, _host, bool_value, config_options, raw_settings
-
-
-class IstioCommand(click.Command):
-    """A command whose boolean flags parse as pflag's, and whose stray words are ignored as cobra's.
-
-    Each boolean flag is rewritten to ``--long=VALUE`` before click parses (``-n`` is
-    ``--dry-run=true``, ``-n=false`` is ``--dry-run=false``), so click never takes the next word
-    as a boolean's value. The walk knows which options take the next word as their value.
-    """
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        return super().parse_args(ctx, self.pflag_booleans(args))
-
-    _pflag_tables: tuple[dict[str, str], set[str], dict[str, str]] | None = None
-
-    def pflag_tables(self) -> tuple[dict[str, str], set[str], dict[str, str]]:
-        """(boolean option -> long name, options taking the next word, short option -> long name).
-
-        Built once per command: the executable's argv walks (:func:`spell_out_short_options`, then
-        :meth:`pflag_booleans`) share it.
-        """
-        if self._pflag_tables is None:
-            booleans: dict[str, str] = {}
-            takes_next: set[str] = set()
-            long_names: dict[str, str] = {}
-            for param in self.params:
-                if not isinstance(param, click.Option):
-                    continue
-                longs = [opt for opt in param.opts if opt.startswith("--")]
-                if longs:
-                    long_names.update((opt, longs[0]) for opt in param.opts if not opt.startswith("--"))
-                if isinstance(param, BoolOption):
-                    booleans.update((opt, longs[0]) for opt in param.opts)
-                elif not param.is_flag:
-                    takes_next.update(param.opts)
-            self._pflag_tables = booleans, takes_next, long_names
-        return self._pflag_tables
-
-    def pflag_booleans(self, args: list[str]) -> list[str]:
-        booleans, takes_next, long_names = self.pflag_tables()
-        spelled: list[str] = []
-        pending = list(reversed(args))
-        while pending:
-            arg = pending.pop()
-            if arg == "--":
-                spelled.append(arg)
-                spelled.extend(reversed(pending))
-                break
-            name, equals, value = arg.partition("=")
-            if name in booleans:
-                spelled.append(f"{booleans[name]}={value if equals else 'true'}")
-                continue
-            if arg[:2] in long_names and arg[2:3] == "=" and arg[:2] in takes_next:
-                # pflag reads "-p=15001" as 15001, click as "=15001".
-                spelled.append(f"{long_names[arg[:2]]}={arg[3:]}")
-                continue
-            if arg[:2] in booleans and not arg.startswith("--") and len(arg) > 2:
-                # "-nb" is "-n -b" for pflag: a short boolean never takes the rest as its value.
-                spelled.append(f"{booleans[arg[:2]]}=true")
-                pending.append("-" + arg[2:])
-                continue
-            spelled.append(arg)
-            if arg in takes_next and pending:
-                spelled.append(pending.pop())
-        return spelled
-
-
-def _show_help(ctx: click.Context, _param: click.Parameter, wanted: bool) -> None:
-    if wanted and not ctx.resilient_parsing:
-        sys.stdout.write(ctx.get_help() + "\n")  # not click.echo: a failing stdout must reach GuardedStdout
-        ctx.exit()
+from istio_iptables.frontends.cli.flags import (
+    BoolOption,
+    IstioCommand,
+    _host,
+    _show_help,
+    bool_value,
+    config_options,
+    raw_settings,
+)
 
 
 def _show_version(ctx: click.Context, _param: click.Parameter, wanted: bool) -> None:
@@ -181,22 +119,21 @@ def command(ctx: click.Context, **values: Any) -> None:
                 return
 
         from istio_iptables.config.sidecar import parse
-        from istio_iptables.engine.actions import run
-        from istio_iptables.system.netns import entered
+        from istio_iptables.engine.actions import Action, choose_action, execute
 
-        # Enter the target namespace before parsing: IPv6 detection reads its addresses. A dry run
-        # of the rules writes and reads nothing, so it stays where it is (and needs no privilege);
-        # the cleanup preview reads the live rules, so it runs where the cleanup would.
-        dry_run = raw.flag("dry_run")
-        cleanup_only = raw.flag("cleanup_only")
-        namespace = raw.values.get("network_namespace") if cleanup_only or not dry_run else None
-        with entered(namespace.value if namespace else "", namespace.source if namespace else "") as path:
-            config = parse(raw, _host(ctx))
-            dry_run_file = os.environ.get(DRY_RUN_FILE_VARIABLE, "")
-            if config.dry_run and dry_run_file and not config.skip_rule_apply:
-                _dry_run_to_file(config, dry_run_file)
-            else:
-                run(config, sys.stdout, namespace_path=path)
+        # The engine enters the namespace when the action needs it and parses the settings there
+        # (IPv6 detection reads its addresses).
+        action = choose_action(dry_run=raw.flag("dry_run"), cleanup_only=raw.flag("cleanup_only"),
+                               skip_rule_apply=raw.flag("skip_rule_apply"))
+        namespace = raw.values.get("network_namespace")
+        host = _host(ctx)
+        dry_run_file = os.environ.get(DRY_RUN_FILE_VARIABLE, "")
+        to_file = dry_run_file and action in (Action.RENDER, Action.PREVIEW_CLEANUP) and not raw.flag("skip_rule_apply")
+        out = io.StringIO() if to_file else sys.stdout
+        execute(action, lambda: parse(raw, host), out, namespace=namespace.value if namespace else "",
+                source=namespace.source if namespace else "--network-namespace")
+        if to_file:
+            _dry_run_to_file(out.getvalue(), dry_run_file)  # type: ignore[union-attr]
     except IstioIptablesError as error:
         log.error("%s", error)
         ctx.exit(error.exit_code)
@@ -207,7 +144,7 @@ def command(ctx: click.Context, **values: Any) -> None:
 DRY_RUN_FILE_VARIABLE = "DRY_RUN_FILE_PATH"
 
 
-def _dry_run_to_file(config: Any, path: str) -> None:
+def _dry_run_to_file(printed: str, path: str) -> None:
     """The dry run's output to stdout, and what it would execute to ``path`` (Istio's DRY_RUN_FILE_PATH).
 
     The file holds the input lines the restore programs (or nft) would read, one per line, as
@@ -215,17 +152,12 @@ def _dry_run_to_file(config: Any, path: str) -> None:
     ignores the error, and writes over an older file without truncating it), a path that cannot be
     written is refused before anything is printed, and a regular file is truncated first.
     """
-    import io
     import stat
-
-    from istio_iptables.engine.actions import run
 
     def refuse(reason: str) -> ConfigError:
         return ConfigError(DRY_RUN_FILE_VARIABLE, path, f"cannot write the dry run there: {reason}")
 
-    printed = io.StringIO()
-    run(config, printed)
-    executed = "".join(line for line in printed.getvalue().splitlines(True) if not line.startswith("#"))
+    executed = "".join(line for line in printed.splitlines(True) if not line.startswith("#"))
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY, 0o644)
     except OSError as error:
@@ -243,7 +175,7 @@ def _dry_run_to_file(config: Any, path: str) -> None:
         raise refuse(error.strerror or str(error)) from None
     finally:
         os.close(fd)
-    sys.stdout.write(printed.getvalue())
+    sys.stdout.write(printed)
 
 
 def spell_out_short_options(args: list[str]) -> list[str]:
