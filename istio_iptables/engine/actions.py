@@ -83,7 +83,7 @@ def perform(
 ) -> None:
     """The action in the current namespace. ``namespace_path``: the namespace entered (CNI mode's lock file)."""
     if action is Action.CHECK:
-        check(config, system, footprint, namespace_path)
+        check_drift(config, system, footprint, namespace_path)
         return
     log.info("effective configuration:\n%s", config.describe())
     plan = build_plan(config)
@@ -92,7 +92,7 @@ def perform(
         # ProgramNftables skip the whole step); --run-validation still runs.
         log.info("--skip-rule-apply: no rules written")
     elif action is Action.RENDER:
-        out.write(render(config, plan, system))
+        out.write(render_dry_run(config, plan, system))
     elif action is Action.PREVIEW_CLEANUP:
         out.write(preview_cleanup(config, plan, system, footprint))
     else:
@@ -105,16 +105,16 @@ def perform(
         # lock is taken before the first read, so a run decides from a state nobody else is changing.
         with system.namespace_lock():
             if action is Action.CLEANUP:
-                forms.cleanup(config, plan, system, footprint, namespace_path)
+                forms.clean_every_form(config, plan, system, footprint, namespace_path)
             else:
-                forms.apply(config, plan, system, footprint, namespace_path)
+                forms.apply_form(config, plan, system, footprint, namespace_path)
     if config.run_validation:
         from istio_iptables.engine.validation import run_validation
 
         run_validation(config)
 
 
-def render(config: Config, plan: Plan, system: System) -> str:
+def render_dry_run(config: Config, plan: Plan, system: System) -> str:
     """The dry run: the ipset and restore documents, or the nft script."""
     if config.native_nftables:
         from istio_iptables.engine.nft import NftForm
@@ -134,7 +134,7 @@ def preview_cleanup(config: Config, plan: Plan, system: System, footprint: Footp
     return "".join(f"# {family.restore_program}\n{script}" for family, script in scripts.items())
 
 
-def check(config: Config, system: System, footprint: Footprint = SIDECAR, namespace_path: str = "") -> None:
+def check_drift(config: Config, system: System, footprint: Footprint = SIDECAR, namespace_path: str = "") -> None:
     """Raise :class:`DriftError` unless the namespace holds exactly the configuration's rules (reads only)."""
     if config.native_nftables:
         from istio_iptables.engine.nft import NftForm

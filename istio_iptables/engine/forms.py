@@ -50,7 +50,7 @@ def guard_xtables_run(config: Config, system: System, footprint: Footprint) -> b
     return True
 
 
-def apply(config: Config, plan: Plan, system: System, footprint: Footprint, namespace_path: str) -> None:
+def apply_form(config: Config, plan: Plan, system: System, footprint: Footprint, namespace_path: str) -> None:
     """Write the configuration's form, replacing the other one under --reconcile."""
     if config.native_nftables:
         from istio_iptables.engine.nft import NftForm
@@ -67,7 +67,7 @@ def apply(config: Config, plan: Plan, system: System, footprint: Footprint, name
         system.remove_nft_tables(state.our_tables)
 
 
-def cleanup(config: Config, plan: Plan, system: System, footprint: Footprint, namespace_path: str) -> None:
+def clean_every_form(config: Config, plan: Plan, system: System, footprint: Footprint, namespace_path: str) -> None:
     """Remove every form of our rules the namespace holds, and the routes they imply.
 
     The form the flags name is cleaned first, as before; then whatever other form is found: our

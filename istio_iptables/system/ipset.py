@@ -18,7 +18,7 @@ from istio_iptables.policy.lists import (
     render_ipset_restore,
     temporary_name,
 )
-from istio_iptables.system.spawn import Finished, run, which
+from istio_iptables.system.spawn import Finished, run_program, which
 from istio_iptables.xtables.model import NamedSet
 
 
@@ -46,7 +46,7 @@ class Ipset:
         self.referenced = set(referenced)
 
     def _run(self, *args: str, input: str | None = None) -> Finished:
-        return run([self.program, *args], input=input, env=self.env)
+        return run_program([self.program, *args], input=input, env=self.env)
 
     def listing(self) -> dict[str, list[str]]:
         """Every set of the namespace with its members, from one ``ipset save``."""

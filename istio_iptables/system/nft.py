@@ -17,7 +17,7 @@ from pathlib import Path
 from istio_iptables._lib.log import log
 from istio_iptables.errors import ApplyError, EnvironmentProblem
 from istio_iptables.policy.footprint import SIDECAR, Footprint
-from istio_iptables.system.spawn import Finished, run, which
+from istio_iptables.system.spawn import Finished, run_program, which
 from istio_iptables.xtables.model import OWN_CHAINS
 
 # Names read back from the kernel are spliced into nft/iptables input only if they look like this.
@@ -32,9 +32,9 @@ def _kernel_name(name: object) -> str:
     return name
 
 
-def _run(argv: Sequence[str], stdin: str | None = None) -> Finished:
+def _run_tool(argv: Sequence[str], stdin: str | None = None) -> Finished:
     try:
-        return run(argv, input=stdin, timeout=60)
+        return run_program(argv, input=stdin, timeout=60)
     except FileNotFoundError:
         raise EnvironmentProblem(f"'{argv[0]}' is missing") from None
 
@@ -52,7 +52,7 @@ def nft_program() -> str:
 def apply_script(script: str) -> None:
     """Load ``script`` with ``nft -f -`` as one transaction: the kernel takes all of it or nothing."""
     log.info("nftables: applying %d commands as one transaction", script.count("\n"))
-    result = _run([nft_program(), "-f", "-"], stdin=script)
+    result = _run_tool([nft_program(), "-f", "-"], stdin=script)
     if result.returncode != 0:
         raise ApplyError(f"nftables refused the ruleset, nothing was changed: {result.stderr.strip()}")
 
@@ -103,7 +103,7 @@ def read_nft_state(state: NamespaceState) -> None:
     path = which("nft")
     if path is None:
         return  # without nft there are neither our tables nor iptables-nft rules to look at
-    listing = _run([path, "-j", "list", "ruleset"])
+    listing = _run_tool([path, "-j", "list", "ruleset"])
     if listing.returncode != 0:
         raise EnvironmentProblem(f"cannot list the nftables ruleset: {listing.stderr.strip()}")
     parse_nft_listing(json.loads(listing.stdout or "{}").get("nftables", []), state)
@@ -158,7 +158,7 @@ def read_legacy_state(state: NamespaceState, proc_net: Path = Path("/proc/thread
             continue  # the legacy x_tables module is not even loaded
         if not tables or which(f"{program}-save") is None:
             continue
-        save = _run([f"{program}-save"])
+        save = _run_tool([f"{program}-save"])
         if save.returncode == 0 and legacy_own_chains(save.stdout):
             state.legacy_saves[program] = save.stdout
 
@@ -225,7 +225,7 @@ def legacy_removal_document(save_text: str) -> str:
 
 def remove_legacy_form(state: NamespaceState) -> None:
     for program, save_text in state.legacy_saves.items():
-        result = _run([f"{program}-restore", "--noflush", "--wait=30"], stdin=legacy_removal_document(save_text))
+        result = _run_tool([f"{program}-restore", "--noflush", "--wait=30"], stdin=legacy_removal_document(save_text))
         if result.returncode != 0:
             raise ApplyError(f"{program}-restore could not remove the old iptables rules: {result.stderr.strip()}")
         log.info("removed the iptables rules left by %s", program)
@@ -241,7 +241,7 @@ def restore_our_tables(before: NamespaceState) -> None:
         kind, body = next(iter(entry.items()))
         # In an add command a rule's handle names the rule to append after: drop it (and the table's).
         commands.append({"add": {kind: {key: value for key, value in body.items() if key != "handle"}}})
-    result = _run([nft_program(), "-j", "-f", "-"], stdin=json.dumps({"nftables": commands}))
+    result = _run_tool([nft_program(), "-j", "-f", "-"], stdin=json.dumps({"nftables": commands}))
     if result.returncode != 0:
         raise ApplyError(f"could not put the previous nftables rules back: {result.stderr.strip()}")
 

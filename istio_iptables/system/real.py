@@ -150,7 +150,7 @@ class RealSystem:
     ) -> bool:
         from istio_iptables.system import routes
 
-        return routes.remove(pairs, passthrough_v6=passthrough_v6, keep=keep)
+        return routes.remove_routes(pairs, passthrough_v6=passthrough_v6, keep=keep)
 
     def fwmark_rules_present(self, pairs: Iterable[tuple[int, int]]) -> set[Family]:
         from istio_iptables.system import routes
@@ -161,12 +161,12 @@ class RealSystem:
 
     def nft_tables_may_exist(self, footprint: Footprint) -> bool:
         """A quick ``nft list tables``: the full JSON reading (and its ~12 ms of imports) only if needed."""
-        from istio_iptables.system.spawn import run, which
+        from istio_iptables.system.spawn import run_program, which
 
         nft = which("nft")
         if nft is None:
             return False  # without nft there can be no tables of ours
-        listing = run([nft, "list", "tables"], timeout=30)
+        listing = run_program([nft, "list", "tables"], timeout=30)
         if listing.returncode != 0:
             return True  # let the full reading report why nft cannot list
         return any(

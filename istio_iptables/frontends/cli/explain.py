@@ -27,7 +27,7 @@ from istio_iptables.frontends.cli.flags import (
     raw_settings,
 )
 from istio_iptables.net import Family, IPNetwork
-from istio_iptables.system.spawn import Finished, run, which
+from istio_iptables.system.spawn import Finished, run_program, which
 
 DEFAULT_REMOTE = {4: "203.0.113.10", 6: "2001:db8:ffff::10"}
 DEFAULT_POD = {4: "10.0.0.2", 6: "fd00::2"}
@@ -261,11 +261,11 @@ def read_live(namespace: str, force_binary: str, family: Family) -> tuple[Tables
     return Tables.from_saved(saved, f"installed rules ({program} in {where})", sets), addresses
 
 
-def _run(*command: str) -> Finished | None:
+def _run_if_installed(*command: str) -> Finished | None:
     if which(command[0]) is None:
         return None
     try:
-        return run(command, timeout=30)
+        return run_program(command, timeout=30)
     except OSError as error:  # spawn's TimeoutError is one
         raise EnvironmentProblem(f"cannot run {command[0]}: {error}") from None
 
@@ -274,7 +274,7 @@ def _native_nftables(family: Family, namespace: str) -> Tables | None:
     """Our nft tables (``--native-nftables``), if the namespace holds any; None: use iptables."""
     from istio_iptables.explain.from_nft import NftJsonError, listed_texts, read_json, to_tables
 
-    done = _run("nft", "-j", "list", "ruleset")
+    done = _run_if_installed("nft", "-j", "list", "ruleset")
     if done is None or done.returncode != 0:
         return None  # no nft, or no nf_tables: only iptables-legacy can hold rules
     try:
@@ -284,7 +284,7 @@ def _native_nftables(family: Family, namespace: str) -> Tables | None:
     if not any(table.ours for table in read):
         return None
     # The rules as nft prints them, for the user; a rule added in between falls back to our spelling.
-    listed = _run("nft", "-a", "list", "ruleset")
+    listed = _run_if_installed("nft", "-a", "list", "ruleset")
     texts = listed_texts(listed.stdout) if listed is not None and listed.returncode == 0 else {}
     where = f"namespace {namespace}" if namespace else "this namespace"
     return to_tables(read, family, f"installed rules (native nftables in {where})", True, texts)[0]
@@ -292,7 +292,7 @@ def _native_nftables(family: Family, namespace: str) -> Tables | None:
 
 def _ipsets() -> dict[str, tuple[IPNetwork, ...] | tuple[int, ...]] | None:
     """Members of every ipset (``ipset save``: CIDRs, or ports of bitmap:port sets); None when ipset cannot tell."""
-    done = _run("ipset", "save")
+    done = _run_if_installed("ipset", "save")
     if done is None or done.returncode != 0:
         return None
     members: dict[str, list[IPNetwork]] = {}

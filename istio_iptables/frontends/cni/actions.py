@@ -126,8 +126,8 @@ def _in_child(user_namespace: int, netns: str, action: Callable[[str], None]) ->
         outcome: dict[str, object] = {"ok": True}
         try:
             net = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
-            _setns(user_namespace, CLONE_NEWUSER, "the pod's user namespace")
-            _setns(net, CLONE_NEWNET, "the pod's network namespace")
+            _enter_namespace_fd(user_namespace, CLONE_NEWUSER, "the pod's user namespace")
+            _enter_namespace_fd(net, CLONE_NEWNET, "the pod's network namespace")
             _become_namespace_root()
             action(netns)
         except IstioIptablesError as error:
@@ -166,7 +166,7 @@ def _become_namespace_root() -> None:
     os.setresuid(0, 0, 0)
 
 
-def _setns(descriptor: int, kind: int, what: str) -> None:
+def _enter_namespace_fd(descriptor: int, kind: int, what: str) -> None:
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
