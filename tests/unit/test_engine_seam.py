@@ -191,3 +191,31 @@ def test_the_sidecar_footprint_owns_its_chains_sets_and_tables() -> None:
     assert SIDECAR.owns_nft_table("inet", "istio-proxy-nat") and not SIDECAR.owns_nft_table("ip", "istio-proxy-nat")
     assert SIDECAR.owns_set_name("istio-v4-out-excl-0123abcd") and not SIDECAR.owns_set_name("kube-proxy-set")
     assert SIDECAR.owns_nft_set_name("istio-port-in") and not SIDECAR.owns_nft_set_name("foreign")
+
+
+def test_native_apply_order_and_rollback_when_the_routes_fail() -> None:
+    cfg = config(tproxy=True, native_nftables="true")
+    system = FakeSystem()
+    run(Action.APPLY, cfg, system)
+    assert system.events == [
+        "enter pod", "check privileges", "lock", "read nft", "check lo", "load netlink", "nft -f", "routes", "unlock",
+    ]
+    failing = FakeSystem(fail_at={"routes": "fail"})
+    with pytest.raises(EnvironmentProblem, match="the nftables rules were rolled back"):
+        run(Action.APPLY, cfg, failing)
+    assert failing.events[-3:] == ["routes", "restore nft tables", "unlock"]
+
+
+def test_a_native_cleanup_walks_the_iptables_form_too() -> None:
+    system = FakeSystem(before=complete(config()), after={Family.V4: "", Family.V6: ""})
+
+    def with_iptables_form(footprint: object, *, with_legacy: bool) -> object:
+        from istio_iptables.system.nft import NamespaceState
+
+        system.events.append("read nft")
+        return NamespaceState(footprint=SIDECAR, iptables_nft_chains=[("ip", "nat", "ISTIO_OUTPUT")])
+
+    system.read_nft_state = with_iptables_form  # type: ignore[method-assign]
+    run(Action.CLEANUP, config(cleanup_only="true", native_nftables="true"), system)
+    assert system.events.index("remove nft tables") < system.events.index("write IPv4")
+    assert system.saves == {Family.V4: "", Family.V6: ""}
