@@ -22,13 +22,16 @@ from typing import TextIO
 
 from istio_iptables._lib.log import log
 from istio_iptables.config.sidecar import Config
-from istio_iptables.engine.seam import System, real_system
 from istio_iptables.errors import DriftError
-from istio_iptables.policy.footprint import SIDECAR, Footprint
 from istio_iptables.policy.lists import render_ipset_document
 from istio_iptables.policy.sidecar_xtables import build_plan
 from istio_iptables.xtables.model import Plan
 from istio_iptables.xtables.render import render_documents
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # the seam's protocols and the footprints cost ~1 ms: the dry run needs neither
+    from istio_iptables.engine.seam import System
+    from istio_iptables.policy.footprint import Footprint
 
 
 class Action(Enum):
@@ -66,22 +69,30 @@ def execute(
     source: str = "--network-namespace",
     entered_path: str = "",
     system: System | None = None,
-    footprint: Footprint = SIDECAR,
+    footprint: Footprint | None = None,
 ) -> None:
     """Run ``action``: enter ``namespace`` (named by ``source``) if the action needs it, build the
     configuration there with ``settings()``, and act. ``entered_path``: the caller has entered the
     namespace itself (the CNI plugin inside a pod's user namespace) and this is its path.
     """
-    system = system or real_system()
+    if system is None:
+        from istio_iptables.system.real import RealSystem
+
+        system = RealSystem()
     with system.enter_namespace(namespace if action.enters_namespace else "", source) as path:
         config = settings()
         perform(action, config, out, system, footprint, path or entered_path)
 
 
 def perform(
-    action: Action, config: Config, out: TextIO, system: System, footprint: Footprint, namespace_path: str = ""
+    action: Action, config: Config, out: TextIO, system: System, footprint: Footprint | None, namespace_path: str = ""
 ) -> None:
-    """The action in the current namespace. ``namespace_path``: the namespace entered (CNI mode's lock file)."""
+    """The action in the current namespace. ``namespace_path``: the namespace entered (CNI mode's lock file);
+    ``footprint``: whose rules (None: the sidecar's)."""
+    if footprint is None and action is not Action.RENDER:
+        from istio_iptables.policy.footprint import SIDECAR
+
+        footprint = SIDECAR
     if action is Action.CHECK:
         check_drift(config, system, footprint, namespace_path)
         return
@@ -134,7 +145,7 @@ def preview_cleanup(config: Config, plan: Plan, system: System, footprint: Footp
     return "".join(f"# {family.restore_program}\n{script}" for family, script in scripts.items())
 
 
-def check_drift(config: Config, system: System, footprint: Footprint = SIDECAR, namespace_path: str = "") -> None:
+def check_drift(config: Config, system: System, footprint: Footprint, namespace_path: str = "") -> None:
     """Raise :class:`DriftError` unless the namespace holds exactly the configuration's rules (reads only)."""
     if config.native_nftables:
         from istio_iptables.engine.nft import NftForm
