@@ -16,10 +16,13 @@ from typing import Protocol
 
 from istio_iptables._lib.log import log
 from istio_iptables.config.sidecar import Config
-from istio_iptables.engine.seam import System
 from istio_iptables.errors import DriftError
 from istio_iptables.policy.footprint import Footprint
 from istio_iptables.xtables.model import Plan
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # the seam is for annotations: its protocols are never needed at run time
+    from istio_iptables.engine.seam import System
 
 
 class Form(Protocol):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from istio_iptables._lib.log import log
 from istio_iptables.config.sidecar import Config
-from istio_iptables.engine.seam import System
 from istio_iptables.errors import DriftError, IstioIptablesError
 from istio_iptables.net import Family
 from istio_iptables.nft.render import render_cleanup, render_script
@@ -20,7 +19,8 @@ from istio_iptables.policy.sidecar_nft import build_nft_ruleset
 from istio_iptables.xtables.model import Plan
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the seam is for annotations: its protocols are never needed at run time
+    from istio_iptables.engine.seam import System
     from istio_iptables.system.nft import NamespaceState
 
 

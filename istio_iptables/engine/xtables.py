@@ -15,7 +15,6 @@ from collections.abc import Mapping
 
 from istio_iptables._lib.log import log
 from istio_iptables.config.sidecar import Config
-from istio_iptables.engine.seam import Applier, Sets, System, real_system
 from istio_iptables.errors import ApplyError, DriftError, IstioIptablesError
 from istio_iptables.net import Family
 from istio_iptables.policy.footprint import SIDECAR, Footprint
@@ -37,6 +36,10 @@ from istio_iptables.xtables.reconcile import (
 
 FAMILIES = (Family.V4, Family.V6)
 Created = dict[Family, set[tuple[str, str]]]  # nft backend: (table, built-in chain) a write creates
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # the seam is for annotations: its protocols are never needed at run time
+    from istio_iptables.engine.seam import Applier, Sets, System
 
 
 class Outcome:
@@ -328,7 +331,7 @@ def apply(config: Config, plan: Plan, namespace_path: str = "", system: System |
 
     Kept for the kernel tests and the bench; front ends go through :mod:`istio_iptables.engine.actions`.
     """
-    system = system or real_system()
+    system = system or _real_system()
     system.check_privileges()
     return XtablesForm(config, system, SIDECAR, namespace_path).apply(plan)
 
@@ -395,7 +398,7 @@ def removal_scripts(live: dict[Family, TableState]) -> dict[Family, str]:
 
 def plan_for_this_host(config: Config, plan: Plan, system: System | None = None) -> Plan:
     """``--use-sets=auto`` without the ipset command: the same policy without sets, and a warning."""
-    system = system or real_system()
+    system = system or _real_system()
     if not sets_of(plan.rulesets) or system.has_program("ipset"):
         return plan
     if config.use_sets != "auto":
@@ -412,3 +415,9 @@ def plan_for_this_host(config: Config, plan: Plan, system: System | None = None)
     from istio_iptables.policy.sidecar_xtables import build_plan
 
     return build_plan(replace(config, use_sets="multiport"))
+
+
+def _real_system() -> System:
+    from istio_iptables.system.real import RealSystem
+
+    return RealSystem()
