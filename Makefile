@@ -5,7 +5,7 @@ APT_PACKAGES := iptables iproute2 nftables ipset conntrack libip4tc-dev libip6tc
 # Commands that must exist; a missing one triggers the apt-get install.
 REQUIRED_COMMANDS := ip iptables-legacy-restore iptables-nft-restore nft ipset conntrack
 
-.PHONY: deps venv demo test image-test cni-runtime-test bench clean
+.PHONY: deps venv demo demo-ambient test image-test cni-runtime-test bench clean
 
 deps:
 	@missing=""; for c in $(REQUIRED_COMMANDS); do command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
@@ -24,6 +24,9 @@ venv: $(VENV)/.installed
 
 demo: deps venv
 	$(PYTHON) scripts/demo.py
+
+demo-ambient: deps venv
+	$(PYTHON) scripts/demo.py --ambient
 
 test: deps venv
 	$(VENV)/bin/ruff check .

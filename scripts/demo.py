@@ -52,6 +52,9 @@ def main() -> int:
     parser.add_argument("--backend", choices=("nft", "legacy"), default="nft", help="iptables backend (nft)")
     parser.add_argument("--mode", choices=("REDIRECT", "TPROXY"), default="REDIRECT",
                         help="inbound interception mode (REDIRECT, the injector's default)")
+    parser.add_argument("--ambient", action="store_true",
+                        help="ambient mode instead: a ztunnel stand-in (mark 0x539) and the node agent's rules")
+    parser.add_argument("--native", action="store_true", help="with --ambient: native nftables")
     options = parser.parse_args()
     if os.geteuid() != 0:
         print("demo: needs root (it creates network namespaces): sudo make demo", file=sys.stderr)
@@ -61,6 +64,8 @@ def main() -> int:
         print(f"demo: missing {', '.join(missing)} (apt-get install iptables iproute2 util-linux)", file=sys.stderr)
         return 2
 
+    if options.ambient:
+        return ambient_demo("native-nftables" if options.native else options.backend)
     started = time.monotonic()
     args = injector_args(options.mode)
     with Testbed(backend=options.backend, mode=options.mode) as bed:
@@ -95,6 +100,56 @@ def main() -> int:
     elapsed = time.monotonic() - started
     print(f"\n{len(cases) - failures}/{len(cases)} connections landed where Istio sends them "
           f"({elapsed:.1f} s); namespaces removed.")
+    return 1 if failures else 0
+
+
+def ambient_demo(backend: str) -> int:
+    """Ambient capture with live traffic: the pod's rules, then the node's probe SNAT (docs/ambient.md)."""
+    from tests.beds.testbed import APP_PORT, Probe
+    from tests.support.ambient_support import ambient_testbed
+    from tests.support.netns import NetNS
+
+    started = time.monotonic()
+    bed = ambient_testbed(backend, NetNS)
+    try:
+        print(f"pod namespace {bed.pod.name}: app (uid 1000) on :8080, ztunnel stand-in (SO_MARK 0x539) on "
+              f":15001/:15006/:15008/:15053; the remote namespace doubles as the node\n")
+        pod_args = ["--redirect-dns", "--enable-ipv6"]
+        bed.load(*pod_args)
+        print(f"# istio-iptables ambient --dry-run {shlex.join(pod_args)}  (loaded, {backend})")
+        kinds = [
+            ("app -> remote service (outbound)", lambda f: Probe("app", f.service, 80), ("ztunnel:15001", "remote:80")),
+            ("remote -> the app's port (inbound)", lambda f: Probe("remote", f.pod, APP_PORT),
+             ("ztunnel:15006", f"app:{APP_PORT}")),
+            ("remote -> 15008 (HBONE)", lambda f: Probe("remote", f.pod, 15008), ("ztunnel:15008",)),
+            ("ztunnel's own connection", lambda f: Probe("ztunnel", f.service, 80), ("remote:80",)),
+            ("app -> itself over lo", lambda f: Probe("app", f.pod, APP_PORT), (f"app:{APP_PORT}",)),
+            ("app DNS query (udp 53)", lambda f: Probe("app", f.dns, 53, op="dns", proto="udp"), ("ztunnel:15053",)),
+        ]
+        cases = [(name, family, make(family), want) for name, make, want in kinds for family in FAMILIES]
+        landings = bed.send([probe for _name, _family, probe, _want in cases])
+        host_args = ["--host", "--enable-ipv6", *(["--kubelet-uid", "0"] if backend == "native-nftables" else []),
+                     "--enrol", ",".join(f.pod for f in FAMILIES), "--pod-uid", "demo-pod"]
+        bed.load(*host_args, namespace=bed.remote)
+        print(f"# istio-iptables ambient --dry-run {shlex.join(host_args)}  (loaded in the node)\n")
+        probes = [("kubelet probe from the node (SNATed)", family, Probe("remote", family.pod, APP_PORT),
+                   (f"app:{APP_PORT}",)) for family in FAMILIES]
+        cases += probes
+        landings += bed.send([probe for _name, _family, probe, _want in probes])
+        rows = [("traffic (ambient)", "to", "landed on", "seen from", "check")]
+        failures = 0
+        for (name, family, probe, want), landing in zip(cases, landings, strict=True):
+            ok = landing.path == want if probe.op == "tcp" else landing.listener == want[0]
+            failures += not ok
+            rows.append((name if family.version == 4 else "",
+                         f"[{probe.host}]:{probe.port}" if ":" in probe.host else f"{probe.host}:{probe.port}",
+                         describe(landing), landing.hops[0].peer_host if landing.hops else "-",
+                         "ok" if ok else f"WRONG: want {' -> '.join(want)}"))
+        print(table(rows))
+    finally:
+        bed.close()
+    print(f"\n{len(cases) - failures}/{len(cases)} connections landed where Istio's ambient design sends them "
+          f"({time.monotonic() - started:.1f} s); namespaces removed.")
     return 1 if failures else 0
 
 

@@ -24,13 +24,14 @@ from typing import Any, TypeAlias
 from istio_iptables.explain.walk import BaseChain, ChainRule, Hook, Tables
 from istio_iptables.net import Family, IPNetwork
 from istio_iptables.nft import model as nft
-from istio_iptables.nft.names import OUR_TABLES
+from istio_iptables.nft.names import AMBIENT_TABLES, OUR_TABLES
 from istio_iptables.nft.render import match_text, statement_text
 from istio_iptables.xtables.model import (
     Address,
     ConnMark,
     ConnMarkRestore,
     ConnMarkSave,
+    ConnMarkSet,
     ConnState,
     CtZone,
     Interface,
@@ -46,11 +47,15 @@ from istio_iptables.xtables.model import (
     Rule,
     SetMark,
     SetMatch,
+    Snat,
     Target,
     Tproxy,
     Unsupported,
     Verdict,
 )
+
+# Every table explain evaluates: the sidecar's and ambient's (both ``inet``).
+EXPLAINED_TABLES = (*OUR_TABLES, *AMBIENT_TABLES)
 
 HOOKS: dict[str, Hook] = {
     "prerouting": "PREROUTING",
@@ -107,7 +112,7 @@ class ReadTable:
 
     @property
     def ours(self) -> bool:
-        return self.family == "inet" and self.name in OUR_TABLES
+        return self.family == "inet" and self.name in EXPLAINED_TABLES
 
     @property
     def has_effect(self) -> bool:
@@ -218,8 +223,18 @@ def _statement(expression: Mapping[str, Any]) -> Part | None:
         return nft.RedirectTo(int(value["port"]))
     if key == "tproxy" and set(value) == {"family", "port"} and value["family"] in ("ip", "ip6"):
         return nft.TproxyTo(4 if value["family"] == "ip" else 6, int(value["port"]))
+    if key == "snat" and set(value) <= {"addr", "family"} and isinstance(value.get("addr"), str):
+        return nft.SnatTo(ipaddress.ip_address(value["addr"]))
     if key == "mangle":
         target, source = value["key"], value["value"]
+        if target == {"ct": {"key": "mark"}} and isinstance(source, dict) and "|" in source:
+            # ct mark set ct mark & KEEP | VALUE (ambient's CONNMARK --set-xmark 0x111/0xfff)
+            kept, bits = source["|"]
+            inner, keep = kept["&"]
+            if inner == {"ct": {"key": "mark"}}:
+                keep, bits = _u32(keep), _u32(bits)
+                return nft.SetCtMarkBits(bits, (~keep & 0xFFFFFFFF) | bits)
+            return None
         if target == {"meta": {"key": "mark"}}:
             if source == {"ct": {"key": "mark"}}:
                 return nft.RestoreMarkFromConnection()
@@ -236,6 +251,12 @@ def _match(match: Mapping[str, Any]) -> Part | None:
     negate = op == "!="
     if op not in ("==", "!=", "in"):
         return None
+    if "&" in left and left["&"][0] in ({"meta": {"key": "mark"}}, {"ct": {"key": "mark"}}):
+        # meta mark & 0xfff != 0x539, ct mark & 0xfff == 0x111 (ambient's masked marks)
+        subject, mask = left["&"]
+        if subject == {"meta": {"key": "mark"}}:
+            return nft.MarkIs(_u32(right), negate, _u32(mask))
+        return None if negate else nft.CtMarkIs(_u32(right), _u32(mask))
     if "meta" in left:
         key = left["meta"]["key"]
         if key == "l4proto" and right in ("tcp", "udp") and not negate:
@@ -365,7 +386,7 @@ def listed_texts(listing: str) -> dict[tuple[str, str, int], str]:
             table, chain = (words[2] if words[1:2] == ["inet"] and len(words) >= 3 else ""), ""
         elif words[:1] == ["chain"] and len(words) >= 2:
             chain = words[1]
-        elif table in OUR_TABLES and chain and "# handle " in line:
+        elif table in EXPLAINED_TABLES and chain and "# handle " in line:
             text, _, handle = line.strip().rpartition(" # handle ")
             if handle.isdigit():
                 texts[(table, chain, int(handle))] = _COUNTS.sub("counter", text)  # counts change; the rule not
@@ -511,9 +532,9 @@ def _to_match(part: nft.NftMatch | Unsupported) -> Match:
     if isinstance(part, nft.SocketOwner):
         return Owner(part.kind, part.id, part.negate)
     if isinstance(part, nft.MarkIs):
-        return Mark(part.value, part.negate)
+        return Mark(part.value, part.negate, part.mask)
     if isinstance(part, nft.CtMarkIs):
-        return ConnMark(part.value)
+        return ConnMark(part.value, mask=part.mask)
     if isinstance(part, nft.CtState):
         return ConnState(tuple(state.upper() for state in part.states))
     return part if isinstance(part, Unsupported) else Unsupported(repr(part))
@@ -537,6 +558,10 @@ def _to_target(statements: list[nft.Statement | Unsupported]) -> Target:
             return ConnMarkRestore()
         if isinstance(statement, nft.SetCtZone):
             return CtZone(statement.zone)
+        if isinstance(statement, nft.SetCtMarkBits):
+            return ConnMarkSet(statement.value, statement.mask)
+        if isinstance(statement, nft.SnatTo):
+            return Snat(statement.address)
     if (
         len(statements) in (2, 3)
         and isinstance(statements[0], nft.TproxyTo)

@@ -29,10 +29,12 @@ from typing import Any, Literal, TypeAlias
 from istio_iptables.net import Family, IPNetwork
 from istio_iptables.xtables.model import (
     BUILTIN_CHAINS,
+    FULL_MASK,
     Address,
     ConnMark,
     ConnMarkRestore,
     ConnMarkSave,
+    ConnMarkSet,
     ConnState,
     CtZone,
     Interface,
@@ -44,11 +46,14 @@ from istio_iptables.xtables.model import (
     PortRange,
     Ports,
     Protocol,
+    ProtocolModule,
     Redirect,
     Rule,
     RuleSet,
     SetMark,
     SetMatch,
+    Snat,
+    SocketExists,
     Target,
     Tproxy,
     Unsupported,
@@ -177,6 +182,8 @@ class Flow:
     out_interface: str = "eth0"  # local origin, when the destination is not this namespace
     local_addresses: tuple[IPAddress, ...] | None = None  # None: unknown (remote flows are for us)
     ct_state: str = "NEW"
+    mark: int = 0  # the sending socket's SO_MARK (ztunnel's 0x539); remote packets arrive unmarked
+    ctmark: int = 0  # the connection's mark, for a later packet (ct_state ESTABLISHED)
 
     @property
     def family(self) -> Family:
@@ -318,6 +325,11 @@ class _Walker:
         if isinstance(match, ConnState):
             state = self.flow.ct_state if packet.has_conntrack else "INVALID"
             return state in match.states
+        if isinstance(match, ProtocolModule):
+            return flow.protocol == match.name
+        if isinstance(match, SocketExists):
+            # xt_owner --socket-exists: a locally generated packet, seen where it still has its socket.
+            return packet.has_socket and self.hook in ("OUTPUT", "POSTROUTING")
         if isinstance(match, SetMatch):
             if self.tables.sets is None or match.name not in self.tables.sets:
                 return None
@@ -454,9 +466,24 @@ class _Walker:
             self.steps.append(replace(step, action="CONNMARK", note=f"connection mark {packet.ctmark:#x}"))
             return "continue"
         if isinstance(target, ConnMarkRestore):
-            packet.mark = packet.ctmark
+            # xt_connmark: mark = (mark & ~nfmask) ^ (ctmark & ctmask); unwritten masks are full.
+            nfmask = FULL_MASK if target.nfmask is None else target.nfmask
+            ctmask = FULL_MASK if target.ctmask is None else target.ctmask
+            packet.mark = (packet.mark & ~nfmask & FULL_MASK) ^ (packet.ctmark & ctmask)
             self.steps.append(replace(step, action="CONNMARK", note=f"mark becomes {packet.mark:#x}"))
             return "continue"
+        if isinstance(target, ConnMarkSet):
+            packet.ctmark = (packet.ctmark & ~target.mask & FULL_MASK) ^ target.value
+            self.effects.append(f"connection mark {packet.ctmark:#x}")
+            self.steps.append(replace(step, action="CONNMARK", note=f"connection mark becomes {packet.ctmark:#x}"))
+            return "continue"
+        if isinstance(target, Snat):
+            if self.kind != "nat":
+                raise _Undetermined(replace(step, action="unknown"), "SNAT outside a nat chain")
+            packet.src = target.address
+            self.effects.append(f"source address {target.address} (SNAT)")
+            self.steps.append(replace(step, action="SNAT", note=f"source becomes {target.address}"))
+            return "accept"
         if isinstance(target, CtZone):
             # xt_CT leaves a packet that already carries conntrack state alone: the looped-back packet
             # keeps its entry, and a second CT rule cannot override the first one's template.
@@ -514,7 +541,9 @@ def explain(tables: Tables | None, flow: Flow, groups: GroupResolver = _no_group
 
 def _walk(walker: _Walker, flow: Flow) -> Landing:
     original = _endpoint(flow.dst, flow.dport)
-    packet = _Packet(flow.src, flow.dst, flow.sport, flow.dport)
+    packet = _Packet(flow.src, flow.dst, flow.sport, flow.dport, ctmark=flow.ctmark)
+    if flow.locally_generated:
+        packet.mark = flow.mark
     if not flow.locally_generated:
         packet.iif = flow.in_interface
         if walker.run_hook("PREROUTING", packet) == "drop":
@@ -678,9 +707,12 @@ def flow_text(flow: Flow) -> str:
         "local": f"from a local process (uid {flow.uid}, gid {flow.gid})",
         "proxy": f"from the proxy (uid {flow.uid}, gid {flow.gid})",
     }[flow.origin]
+    marks = (f", socket mark {flow.mark:#x}" if flow.mark and flow.locally_generated else "") + (
+        f", connection mark {flow.ctmark:#x}" if flow.ctmark else ""
+    )
     return (
         f"{flow.protocol.upper()} {_endpoint(flow.src, flow.sport)} → {_endpoint(flow.dst, flow.dport)} "
-        f"{who} [IPv{flow.family.value}, conntrack {flow.ct_state}]"
+        f"{who} [IPv{flow.family.value}, conntrack {flow.ct_state}{marks}]"
     )
 
 

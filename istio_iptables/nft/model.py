@@ -7,6 +7,7 @@ parsed networks, checked names), never from free text.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
@@ -37,7 +38,7 @@ class Hook:
     """Where a base chain attaches: ``{ type TYPE hook HOOK priority PRIORITY ; }``."""
 
     type: Literal["nat", "filter", "route"]
-    hook: Literal["prerouting", "output"]
+    hook: Literal["prerouting", "output", "postrouting"]
     priority: int
 
 
@@ -143,19 +144,24 @@ class SocketOwner:
     negate: bool = False
 
 
+FULL_MARK_MASK = 0xFFFFFFFF
+
+
 @dataclass(frozen=True)
 class MarkIs:
-    """``mark 1337`` / ``mark != 1338`` (the packet mark)."""
+    """``mark 1337`` / ``mark != 1338`` (the packet mark); with a mask, ``meta mark & 0xfff != 0x539``."""
 
     value: int
     negate: bool = False
+    mask: int = FULL_MARK_MASK
 
 
 @dataclass(frozen=True)
 class CtMarkIs:
-    """``ct mark 1337`` (the connection mark)."""
+    """``ct mark 1337`` (the connection mark); with a mask, ``ct mark & 0xfff == 0x111``."""
 
     value: int
+    mask: int = FULL_MARK_MASK
 
 
 @dataclass(frozen=True)
@@ -231,6 +237,22 @@ class RestoreMarkFromConnection:
 
 
 @dataclass(frozen=True)
+class SetCtMarkBits:
+    """``ct mark set ct mark & KEEP | VALUE``: the connection mark's bits outside ``mask`` stay,
+    those inside become ``value`` (iptables' ``CONNMARK --set-xmark value/mask``; ambient's 0x111/0xfff)."""
+
+    value: int
+    mask: int
+
+
+@dataclass(frozen=True)
+class SnatTo:
+    """``snat to ADDRESS`` (nat postrouting): ambient's host rule for kubelet probes."""
+
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True)
 class SetCtZone:
     """``ct zone set ZONE``."""
 
@@ -238,7 +260,16 @@ class SetCtZone:
 
 
 Statement: TypeAlias = (
-    Verdict | JumpTo | RedirectTo | TproxyTo | SetMark | SaveMarkToConnection | RestoreMarkFromConnection | SetCtZone
+    Verdict
+    | JumpTo
+    | RedirectTo
+    | TproxyTo
+    | SetMark
+    | SaveMarkToConnection
+    | RestoreMarkFromConnection
+    | SetCtZone
+    | SetCtMarkBits
+    | SnatTo
 )
 
 RETURN = Verdict("return")
@@ -250,6 +281,7 @@ DROP = Verdict("drop")
 class NftRule:
     matches: tuple[NftMatch, ...]
     statements: tuple[Statement, ...]
+    counter: bool = True  # Istio's ambient jumps carry no counter; every other rule has one
 
 
 @dataclass
@@ -297,9 +329,9 @@ class NftRuleset:
     tables: dict[str, Table] = field(default_factory=lambda: {name: Table.empty(name) for name in OUR_TABLES})
 
     def append(
-        self, table: str, chain: str, *matches: NftMatch, then: Statement | tuple[Statement, ...]
+        self, table: str, chain: str, *matches: NftMatch, then: Statement | tuple[Statement, ...], counter: bool = True
     ) -> None:
-        self.tables[table].chains[chain].rules.append(_rule(matches, then))
+        self.tables[table].chains[chain].rules.append(_rule(matches, then, counter))
 
     def insert(
         self, table: str, chain: str, index: int, *matches: NftMatch, then: Statement | tuple[Statement, ...]
@@ -315,8 +347,8 @@ class NftRuleset:
         return [table for table in self.tables.values() if table.has_rules]
 
 
-def _rule(matches: tuple[NftMatch, ...], then: Statement | tuple[Statement, ...]) -> NftRule:
+def _rule(matches: tuple[NftMatch, ...], then: Statement | tuple[Statement, ...], counter: bool = True) -> NftRule:
     statements = then if isinstance(then, tuple) else (then,)
     if not statements:
         raise ValueError("a rule needs at least one statement")
-    return NftRule(matches, statements)
+    return NftRule(matches, statements, counter)

@@ -15,3 +15,9 @@ ISTIO_OUTPUT_DNS = "istio-output-dns"
 ISTIO_DIVERT = "istio-divert"
 ISTIO_TPROXY = "istio-tproxy"
 ISTIO_DROP = "istio-drop"
+
+# Ambient mode's tables (Istio's node agent, cni/pkg/nftables): ours too, owned by the ambient footprint.
+AMBIENT_NAT = "istio-ambient-nat"
+AMBIENT_MANGLE = "istio-ambient-mangle"
+AMBIENT_RAW = "istio-ambient-raw"
+AMBIENT_TABLES = (AMBIENT_NAT, AMBIENT_MANGLE, AMBIENT_RAW)

@@ -31,8 +31,10 @@ from istio_iptables.nft.model import (
     RedirectTo,
     RestoreMarkFromConnection,
     SaveMarkToConnection,
+    SetCtMarkBits,
     SetCtZone,
     SetMark,
+    SnatTo,
     SocketOwner,
     Statement,
     Table,
@@ -82,8 +84,10 @@ def _network(network: object) -> str:
 
 
 # Our set names (istio_iptables.policy.sidecar_nft.nft_set_name): per purpose, family and prefix length; no digest.
+# Ambient's probe sets (istio-inpod-probes-v4/-v6) are named by Istio and filled by the node agent.
 OWN_NFT_SET_NAME = re.compile(
-    r"istio-(?:(?:v4|v6)-(?:out-excl|out-incl)-[0-9]{1,3}|port-out|port-out-excl|port-in|port-in-excl)"
+    r"istio-(?:(?:v4|v6)-(?:out-excl|out-incl)-[0-9]{1,3}|port-out|port-out-excl|port-in|port-in-excl"
+    r"|inpod-probes-v4|inpod-probes-v6)"
 )
 
 
@@ -101,6 +105,21 @@ def _netmask(version: int, prefixlen: int) -> str:
 
 def _not(negate: bool) -> str:
     return "!= " if negate else ""
+
+
+def _masked(mask: int) -> str:
+    """``& 0xfff `` before a masked mark's comparison; nothing for the full mask."""
+    return "" if mask == MAX_U32 else f"& {int(_number(mask, 0, MAX_U32)):#x} "
+
+
+def _relation(negate: bool, mask: int) -> str:
+    # After '& MASK' the comparison is spelled out ('== '), as Istio writes it.
+    return "!= " if negate else ("" if mask == MAX_U32 else "== ")
+
+
+def _mark_value(value: int, mask: int) -> str:
+    # Masked marks in hex, as Istio writes them (0x539); full-mask marks in decimal, as before.
+    return _number(value, 0, MAX_U32) if mask == MAX_U32 else f"{int(_number(value, 0, MAX_U32)):#x}"
 
 
 def match_text(match: NftMatch) -> str:
@@ -132,9 +151,9 @@ def match_text(match: NftMatch) -> str:
         owner = _number(int(match.id), 0, MAX_U32) if match.id.isdigit() else _name(match.id)
         return f"{keyword} {_not(match.negate)}{owner}"
     if isinstance(match, MarkIs):
-        return f"mark {_not(match.negate)}{_number(match.value, 0, MAX_U32)}"
+        return f"mark {_masked(match.mask)}{_relation(match.negate, match.mask)}{_mark_value(match.value, match.mask)}"
     if isinstance(match, CtMarkIs):
-        return f"ct mark {_number(match.value, 0, MAX_U32)}"
+        return f"ct mark {_masked(match.mask)}{_relation(False, match.mask)}{_mark_value(match.value, match.mask)}"
     if isinstance(match, CtState):
         if not match.states or not CT_STATES.issuperset(match.states):
             raise RenderError(f"refusing to render conntrack states {match.states!r}")
@@ -159,13 +178,21 @@ def statement_text(statement: Statement) -> str:
         return "meta mark set ct mark"
     if isinstance(statement, SetCtZone):
         return f"ct zone set {_number(statement.zone, 0, 65535)}"
+    if isinstance(statement, SetCtMarkBits):
+        keep = MAX_U32 & ~int(_number(statement.mask, 0, MAX_U32))
+        return f"ct mark set ct mark & {keep:#010x} | {int(_number(statement.value, 0, MAX_U32)):#x}"
+    if isinstance(statement, SnatTo):
+        if not isinstance(statement.address, ipaddress.IPv4Address | ipaddress.IPv6Address):
+            raise RenderError(f"refusing to render {statement.address!r}: not a parsed address")
+        return f"snat {'ip' if statement.address.version == 4 else 'ip6'} to {statement.address}"
     raise TypeError(f"unknown statement {statement!r}")
 
 
 def rule_text(rule: NftRule) -> str:
     """Matches, then the statements with ``counter`` just before the last one (Istio's layout)."""
     statements = [statement_text(statement) for statement in rule.statements]
-    parts = [match_text(match) for match in rule.matches] + [*statements[:-1], "counter", statements[-1]]
+    counter = ["counter"] if rule.counter else []
+    parts = [match_text(match) for match in rule.matches] + [*statements[:-1], *counter, statements[-1]]
     return " ".join(parts)
 
 

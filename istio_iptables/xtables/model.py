@@ -8,6 +8,7 @@ renderers turn them into text without ever splicing free-form strings.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Literal, TypeAlias
 
 from istio_iptables._lib.records import factory, record
@@ -161,6 +162,19 @@ class NamedSet:
 
 
 @record
+class ProtocolModule:
+    """``-m tcp`` / ``-m udp`` with no option: Istio's ambient rules load it bare (``-p tcp -m tcp``),
+    and the kernel keeps (and iptables-save prints) the empty match, so a rule with it differs from one without."""
+
+    name: Literal["tcp", "udp"]
+
+
+@record
+class SocketExists:
+    """``-m owner --socket-exists``: the packet belongs to a local socket (not forwarded)."""
+
+
+@record
 class Unsupported:
     """A match or target read from live rules that this tool does not model (the text as it was read).
 
@@ -171,7 +185,18 @@ class Unsupported:
 
 
 Match: TypeAlias = (
-    Protocol | Address | Ports | Interface | Owner | Mark | ConnMark | ConnState | SetMatch | Unsupported
+    Protocol
+    | Address
+    | Ports
+    | Interface
+    | Owner
+    | Mark
+    | ConnMark
+    | ConnState
+    | SetMatch
+    | ProtocolModule
+    | SocketExists
+    | Unsupported
 )
 
 
@@ -223,7 +248,20 @@ class ConnMarkSave:
 
 @record
 class ConnMarkRestore:
-    pass
+    """``-j CONNMARK --restore-mark``; ambient writes the masks out (``--nfmask/--ctmask``), the sidecar does not.
+
+    ``None`` leaves a mask unwritten (the kernel's default is the full mask either way).
+    """
+
+    nfmask: int | None = None
+    ctmask: int | None = None
+
+
+@record
+class Snat:
+    """``-j SNAT --to-source ADDRESS`` (nat POSTROUTING): ambient's host rule for kubelet probes."""
+
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @record
@@ -232,7 +270,17 @@ class CtZone:
 
 
 Target: TypeAlias = (
-    Jump | Verdict | Redirect | Tproxy | SetMark | ConnMarkSet | ConnMarkSave | ConnMarkRestore | CtZone | Unsupported
+    Jump
+    | Verdict
+    | Redirect
+    | Tproxy
+    | SetMark
+    | ConnMarkSet
+    | ConnMarkSave
+    | ConnMarkRestore
+    | CtZone
+    | Snat
+    | Unsupported
 )
 
 RETURN = Verdict("RETURN")

@@ -28,11 +28,14 @@ from istio_iptables.xtables.model import (
     PortRange,
     Ports,
     Protocol,
+    ProtocolModule,
     Redirect,
     Rule,
     RuleSet,
     SetMark,
     SetMatch,
+    Snat,
+    SocketExists,
     Target,
     Tproxy,
     Verdict,
@@ -99,6 +102,10 @@ def match_tokens(match: Match) -> list[str]:
         return ["-m", "conntrack", "--ctstate", ",".join(match.states)]
     if isinstance(match, SetMatch):
         return ["-m", "set", *_negated(match.negate, "--match-set", match.name, match.direction)]
+    if isinstance(match, ProtocolModule):
+        return ["-m", match.name]
+    if isinstance(match, SocketExists):
+        return ["-m", "owner", "--socket-exists"]
     raise TypeError(f"unknown match {match!r}")
 
 
@@ -120,9 +127,15 @@ def target_tokens(target: Target) -> list[str]:
     if isinstance(target, ConnMarkSave):
         return ["-j", "CONNMARK", "--save-mark"]
     if isinstance(target, ConnMarkRestore):
-        return ["-j", "CONNMARK", "--restore-mark"]
+        masks = [f"{mask:#x}" if mask is not None else None for mask in (target.nfmask, target.ctmask)]
+        tokens = ["-j", "CONNMARK", "--restore-mark"]
+        for option, mask in zip(("--nfmask", "--ctmask"), masks, strict=True):
+            tokens += [option, mask] if mask is not None else []
+        return tokens
     if isinstance(target, CtZone):
         return ["-j", "CT", "--zone", str(target.zone)]
+    if isinstance(target, Snat):
+        return ["-j", "SNAT", "--to-source", str(target.address)]
     raise TypeError(f"unknown target {target!r}")
 
 

@@ -22,6 +22,7 @@ from istio_iptables.xtables.model import (
     ConnMark,
     ConnMarkRestore,
     ConnMarkSave,
+    ConnMarkSet,
     ConnState,
     CtZone,
     Interface,
@@ -37,6 +38,8 @@ from istio_iptables.xtables.model import (
     Rule,
     SetMark,
     SetMatch,
+    Snat,
+    SocketExists,
     Target,
     Tproxy,
     Unsupported,
@@ -254,6 +257,9 @@ def _port_module(options: list[tuple[bool, str, list[str]]]) -> list[Match] | No
 def _owner_module(options: list[tuple[bool, str, list[str]]]) -> list[Match] | None:
     matches: list[Match] = []
     for negate, name, values in options:
+        if name == "--socket-exists" and not values and not negate:
+            matches.append(SocketExists())
+            continue
         kind = {"--uid-owner": "uid", "--gid-owner": "gid"}.get(name)
         # A uid range (a-b) or --suppl-groups/--socket-exists are not modelled.
         if kind is None or len(values) != 1 or not values[0].isdigit():
@@ -398,7 +404,14 @@ def _known_target(name: str, values: dict[str, list[str]]) -> Target | None:
             return ConnMarkSave()
         if masks_full and keys - {"--nfmask", "--ctmask", "--mask"} == {"--restore-mark"}:
             return ConnMarkRestore()
+        if keys - {"--nfmask", "--ctmask"} == {"--restore-mark"}:
+            return ConnMarkRestore(*(_number(values.get(option, full)[0]) for option in ("--nfmask", "--ctmask")))
+        if keys == {"--set-xmark"}:
+            value, mask = _value_mask(values["--set-xmark"][0])
+            return ConnMarkSet(value, mask)
         return None
+    if name == "SNAT" and keys == {"--to-source"} and len(values["--to-source"]) == 1:
+        return Snat(ipaddress.ip_address(values["--to-source"][0]))  # a range or a port is not modelled
     if name == "CT" and keys == {"--zone"} and values["--zone"][0].isdigit():
         return CtZone(int(values["--zone"][0]))
     return None

@@ -24,8 +24,17 @@ from tests.beds.bed_child import emit, endpoint, family_of, listening_socket, or
 
 TIMEOUT = 3.0
 DNS_TXT = 16
+SO_MARK = 36
+
 
 CONFIG: dict[str, Any] = {}
+
+
+def marked(sock: socket.socket) -> socket.socket:
+    """Every socket of a node configured with a ``mark`` carries it (ztunnel's 0x539: SO_MARK, CAP_NET_ADMIN)."""
+    if CONFIG.get("mark"):
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, CONFIG["mark"])
+    return sock
 
 
 def parse_endpoint(text: str) -> tuple[str, int]:
@@ -99,10 +108,10 @@ def forward(spec: dict[str, Any], hop: dict[str, Any], payload: bytes, read_repl
     target = CONFIG.get("upstreams", {}).get(hop["original_dst"], hop["original_dst"])
     host, port = parse_endpoint(target)
     family = family_of(host)
-    upstream = socket.socket(family, socket.SOCK_STREAM)
+    upstream = marked(socket.socket(family, socket.SOCK_STREAM))
     try:
         upstream.settimeout(TIMEOUT)
-        if spec["kind"] == "inbound":
+        if spec["kind"] == "inbound" and spec.get("passthrough_bind", True):
             # Envoy's inbound passthrough binds 127.0.0.6 / ::6, so its own rules let it through.
             upstream.bind(("127.0.0.6" if family == socket.AF_INET else "::6", 0))
         upstream.connect((host, port))
@@ -187,7 +196,7 @@ def command(request: dict[str, Any]) -> dict[str, Any]:
     family = family_of(host)
     timeout = request.get("timeout", TIMEOUT)
     proto = request.get("proto", "tcp")
-    sock = socket.socket(family, socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM)
+    sock = marked(socket.socket(family, socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM))
     try:
         sock.settimeout(timeout)
         if request.get("bind"):
@@ -200,6 +209,8 @@ def command(request: dict[str, Any]) -> dict[str, Any]:
                     "local": endpoint(sock.getsockname())}
         sock.connect((host, port))
         local = endpoint(sock.getsockname())
+        if request["op"] == "connect":
+            return {"local": local}  # the handshake only: the listener forwards nothing (explain's counter proofs)
         if request["op"] == "dns":
             query = dns_query(request["name"], request["id"] & 0xFFFF)
             sock.sendall(struct.pack("!H", len(query)) + query)
@@ -228,9 +239,9 @@ def main() -> None:
         # A UDP server answers from the address it is bound to: DNS servers bind each address they serve.
         transparent = spec.get("transparent", False)
         for address in spec.get("addresses", ["0.0.0.0", "::"]):
-            tcp = listening_socket(address, spec["port"], socket.SOCK_STREAM, transparent)
+            tcp = marked(listening_socket(address, spec["port"], socket.SOCK_STREAM, transparent))
             if spec["kind"] == "dns":
-                udp = listening_socket(address, spec["port"], socket.SOCK_DGRAM, transparent)
+                udp = marked(listening_socket(address, spec["port"], socket.SOCK_DGRAM, transparent))
                 threading.Thread(target=dns_udp_loop, args=(udp, spec), daemon=True).start()
             threading.Thread(target=accept_loop, args=(tcp, spec), daemon=True).start()
     emit({"ready": True})

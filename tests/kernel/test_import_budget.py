@@ -61,6 +61,13 @@ TPROXY = "-p 15001 -z 15006 -u 1337 -m TPROXY -i '*' -x '' -b '*' -d 15090,15021
 # pyroute2) and for our native nft tables (`nft -j`: json); it is not the init path.
 CLEANUP_EXTRAS = frozenset({"istio_iptables.system.routes", "socket", "json"})
 
+# The ambient dry runs need neither the sidecar's policy and configuration nor any system module.
+AMBIENT_NOT_ON_DRY_RUN = frozenset(
+    {"istio_iptables.policy.sidecar_xtables", "istio_iptables.policy.sidecar_nft", "istio_iptables.system.spawn",
+    "istio_iptables.system.host",
+     "istio_iptables.engine.actions", "istio_iptables.policy.lists", "istio_iptables.system.netns"}
+)
+
 # path -> (argv, forbidden modules)
 ROOTLESS_PATHS = {
     "iptables dry run": (
@@ -69,6 +76,20 @@ ROOTLESS_PATHS = {
         "istio_iptables.engine.forms"},
     ),
     "native dry run": (f"--dry-run --native-nftables {INJECTOR}", BASE | IPTABLES_ENGINE),
+    # `istio-iptables ambient --dry-run`: the policy modules and the renderers, nothing of the engine.
+    "ambient dry run": (
+        "ambient --dry-run --redirect-dns --enable-ipv6",
+        BASE | IPTABLES_ONLY | IPTABLES_ENGINE | AMBIENT_NOT_ON_DRY_RUN | {"select", "istio_iptables.engine.forms"},
+    ),
+    "ambient host dry run": (
+        "ambient --dry-run --host --enable-ipv6",
+        BASE | IPTABLES_ONLY | IPTABLES_ENGINE | AMBIENT_NOT_ON_DRY_RUN | {"select", "istio_iptables.engine.forms"},
+    ),
+    "ambient native dry run": (
+        "ambient --dry-run --native-nftables --redirect-dns --enable-ipv6",
+        BASE | IPTABLES_ENGINE | (AMBIENT_NOT_ON_DRY_RUN - {"istio_iptables.policy.lists"})  # nft.render's set helpers
+        | {"istio_iptables.system.nft", "istio_iptables.engine.nft"},
+    ),
 }
 KERNEL_PATHS = {
     "iptables apply": (INJECTOR, BASE | IPTABLES_ONLY),

@@ -87,7 +87,8 @@ KNOWN_PACKAGE_CROSSINGS: dict[tuple[str, str], str] = {
 # system may import policy for data only (lists' text, footprints), never a capture policy.
 SYSTEM_POLICY_MODULES = frozenset({"policy.lists", "policy.footprint"})
 
-POLICY = frozenset({"policy.sidecar_xtables", "policy.sidecar_nft"})  # pure, but only for those who decide what to do
+# pure, but only for those who decide what to do
+POLICY = frozenset({"policy.sidecar_xtables", "policy.sidecar_nft", "policy.ambient_xtables", "policy.ambient_nft"})
 
 # (importer, imported, module level?) -> why it is allowed for now.
 KNOWN_VIOLATIONS: dict[tuple[str, str, bool], str] = {}

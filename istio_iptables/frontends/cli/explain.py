@@ -22,9 +22,9 @@ from istio_iptables.frontends.cli.flags import (
     VALUE_OPTIONS,
     IstioCommand,
     _host,
-    _show_help,
     config_options,
     raw_settings,
+    show_help,
 )
 from istio_iptables.net import Family, IPNetwork
 from istio_iptables.system.spawn import Finished, run_program, which
@@ -58,7 +58,7 @@ ID = click.IntRange(0, 2**32 - 2)
 
 @click.command(cls=IstioCommand, add_help_option=False, context_settings={"max_content_width": 110})
 @config_options
-@click.option("-h", "--help", is_flag=True, expose_value=False, is_eager=True, callback=_show_help,
+@click.option("-h", "--help", is_flag=True, expose_value=False, is_eager=True, callback=show_help,
               help="Show this message and exit.")
 @click.option(
     "--live",

@@ -247,7 +247,8 @@ class IstioCommand(click.Command):
         return spelled
 
 
-def _show_help(ctx: click.Context, _param: click.Parameter, wanted: bool) -> None:
+def show_help(ctx: click.Context, _param: click.Parameter, wanted: bool) -> None:
+    """Our own --help: click's translates its texts with gettext on every run, which imports locale (~1 ms)."""
     if wanted and not ctx.resilient_parsing:
         sys.stdout.write(ctx.get_help() + "\n")  # not click.echo: a failing stdout must reach GuardedStdout
         ctx.exit()

@@ -27,10 +27,10 @@ from istio_iptables.frontends.cli.flags import (
     BoolOption,
     IstioCommand,
     _host,
-    _show_help,
     bool_value,
     config_options,
     raw_settings,
+    show_help,
 )
 
 
@@ -91,7 +91,7 @@ def _log_rotate_options(command: Callable[..., Any]) -> Callable[..., Any]:
               "flags given here win.")
 # Our own --help and --version: click's translate their texts with gettext on every run, which
 # imports locale (~1 ms).
-@click.option("-h", "--help", is_flag=True, expose_value=False, is_eager=True, callback=_show_help,
+@click.option("-h", "--help", is_flag=True, expose_value=False, is_eager=True, callback=show_help,
               help="Show this message and exit.")
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_show_version,
               help="Show the version and exit.")
@@ -294,7 +294,7 @@ def program() -> NoReturn:
     exit_now(0)
 
 
-SUBCOMMANDS = ("explain",)
+SUBCOMMANDS = ("explain", "ambient")
 
 
 def _near(word: str, target: str) -> bool:
@@ -358,10 +358,18 @@ def main(argv: list[str] | None = None) -> None:
         # Istio's injector writes `args: [istio-iptables, -p, ...]` for `pilot-agent`: accept that
         # argv unchanged, so only the init container's image has to change.
         args = args[1:]
+    if args[:2] == ["explain", "ambient"]:
+        from istio_iptables.frontends.cli.ambient import explain_ambient_command
+
+        invoke(explain_ambient_command, args[2:], "istio-iptables explain ambient")
     if args[:1] == ["explain"]:
         from istio_iptables.frontends.cli.explain import explain_command
 
         invoke(explain_command, args[1:], "istio-iptables explain")
+    if args[:1] == ["ambient"]:
+        from istio_iptables.frontends.cli.ambient import ambient_command
+
+        invoke(ambient_command, args[1:], "istio-iptables ambient")
     if args and not args[0].startswith("-") and any(_near(args[0], name) for name in SUBCOMMANDS):
         # cobra ignores stray words, but this one is a typo of a subcommand: say so.
         suggestion = next(name for name in SUBCOMMANDS if _near(args[0], name))
