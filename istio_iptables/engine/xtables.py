@@ -28,11 +28,11 @@ from istio_iptables.xtables.reconcile import (
     desired_state,
     diff_states,
     normalised,
-    parse_save,
     rollback_script,
     state_lines,
     transition_script,
 )
+from istio_iptables.xtables.save import read_save
 
 FAMILIES = (Family.V4, Family.V6)
 Created = dict[Family, set[tuple[str, str]]]  # nft backend: (table, built-in chain) a write creates
@@ -234,7 +234,7 @@ class XtablesForm:
         changed = False
         for family, tables in touched.items():
             before = detection.dump(family)
-            now = parse_save(applier.read(family))
+            now = read_save(applier.read(family))
             script = rollback_script(before, now, tables, wanted.get(family, {}), family)
             if script:
                 log.debug("%s rollback input for %s:\n%s", applier.name, family.label, script)

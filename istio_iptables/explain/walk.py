@@ -39,13 +39,13 @@ from istio_iptables.xtables.model import (
     CtZone,
     Interface,
     Jump,
+    L4Protocol,
     Mark,
     Match,
     Owner,
     PortEntry,
     PortRange,
     Ports,
-    Protocol,
     ProtocolModule,
     Redirect,
     Rule,
@@ -60,8 +60,8 @@ from istio_iptables.xtables.model import (
     Verdict,
     port_in,
 )
-from istio_iptables.xtables.render import match_tokens, target_tokens
 from istio_iptables.xtables.save import SavedRules
+from istio_iptables.xtables.spelling import written_tokens
 
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 Hook = Literal["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"]
@@ -135,7 +135,7 @@ class Tables:
         chains: dict[tuple[str, str], list[ChainRule]] = {}
         for table in ruleset.tables():
             for chain, rules in ruleset.chain_order(table).items():
-                chains[(table, chain)] = [ChainRule(rule, rule_text(rule)) for rule in rules]
+                chains[(table, chain)] = [ChainRule(rule, xtables_rule_text(rule)) for rule in rules]
         sets = {name: named.members for name, named in ruleset.sets.items()}  # long lists (sets.py)
         return cls(ruleset.family, chains, sets=sets, source=source)
 
@@ -155,11 +155,12 @@ class Tables:
         )
 
 
-def rule_text(rule: Rule) -> str:
+def xtables_rule_text(rule: Rule) -> str:
+    """The rule as iptables arguments (``-A CHAIN ...``, as written); unread parts as they were read."""
     tokens = ["-A", rule.chain]
     for match in rule.matches:
-        tokens += [match.text] if isinstance(match, Unsupported) else match_tokens(match)
-    tokens += [rule.target.text] if isinstance(rule.target, Unsupported) else target_tokens(rule.target)
+        tokens += [match.text] if isinstance(match, Unsupported) else written_tokens(match)
+    tokens += [rule.target.text] if isinstance(rule.target, Unsupported) else written_tokens(rule.target)
     return " ".join(tokens)
 
 
@@ -297,7 +298,7 @@ class _Walker:
 
     def match(self, match: Match, packet: _Packet) -> bool | None:
         flow = self.flow
-        if isinstance(match, Protocol):
+        if isinstance(match, L4Protocol):
             return (flow.protocol == match.name) != match.negate
         if isinstance(match, Address):
             address = packet.src if match.direction == "src" else packet.dst

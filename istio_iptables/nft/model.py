@@ -34,7 +34,7 @@ from istio_iptables.xtables.model import PortEntry
 
 
 @dataclass(frozen=True)
-class Hook:
+class ChainHook:
     """Where a base chain attaches: ``{ type TYPE hook HOOK priority PRIORITY ; }``."""
 
     type: Literal["nat", "filter", "route"]
@@ -49,10 +49,10 @@ RAW_PRIORITY = -300
 
 # Every chain each table may hold, in the order Istio declares them (the kernel lists chains in
 # creation order). ``output`` of mangle is a route chain so a changed mark re-routes the packet.
-CHAIN_LAYOUT: dict[str, tuple[tuple[str, Hook | None], ...]] = {
+CHAIN_LAYOUT: dict[str, tuple[tuple[str, ChainHook | None], ...]] = {
     NAT: (
-        (PREROUTING, Hook("nat", "prerouting", NAT_PRIORITY)),
-        (OUTPUT, Hook("nat", "output", NAT_PRIORITY)),
+        (PREROUTING, ChainHook("nat", "prerouting", NAT_PRIORITY)),
+        (OUTPUT, ChainHook("nat", "output", NAT_PRIORITY)),
         (ISTIO_INBOUND, None),
         (ISTIO_REDIRECT, None),
         (ISTIO_IN_REDIRECT, None),
@@ -60,16 +60,16 @@ CHAIN_LAYOUT: dict[str, tuple[tuple[str, Hook | None], ...]] = {
         (ISTIO_OUTPUT_DNS, None),
     ),
     MANGLE: (
-        (PREROUTING, Hook("filter", "prerouting", MANGLE_PRIORITY)),
-        (OUTPUT, Hook("route", "output", MANGLE_PRIORITY)),
+        (PREROUTING, ChainHook("filter", "prerouting", MANGLE_PRIORITY)),
+        (OUTPUT, ChainHook("route", "output", MANGLE_PRIORITY)),
         (ISTIO_DIVERT, None),
         (ISTIO_TPROXY, None),
         (ISTIO_INBOUND, None),
         (ISTIO_DROP, None),
     ),
     RAW: (
-        (PREROUTING, Hook("filter", "prerouting", RAW_PRIORITY)),
-        (OUTPUT, Hook("filter", "output", RAW_PRIORITY)),
+        (PREROUTING, ChainHook("filter", "prerouting", RAW_PRIORITY)),
+        (OUTPUT, ChainHook("filter", "output", RAW_PRIORITY)),
         (ISTIO_INBOUND, None),
         (ISTIO_OUTPUT_DNS, None),
     ),
@@ -195,7 +195,7 @@ class NftSet:
 
 
 @dataclass(frozen=True)
-class Verdict:
+class NftVerdict:
     name: Literal["return", "accept", "drop"]
 
 
@@ -220,7 +220,7 @@ class TproxyTo:
 
 
 @dataclass(frozen=True)
-class SetMark:
+class SetMetaMark:
     """``meta mark set VALUE``."""
 
     value: int
@@ -260,11 +260,11 @@ class SetCtZone:
 
 
 Statement: TypeAlias = (
-    Verdict
+    NftVerdict
     | JumpTo
     | RedirectTo
     | TproxyTo
-    | SetMark
+    | SetMetaMark
     | SaveMarkToConnection
     | RestoreMarkFromConnection
     | SetCtZone
@@ -272,9 +272,9 @@ Statement: TypeAlias = (
     | SnatTo
 )
 
-RETURN = Verdict("return")
-ACCEPT = Verdict("accept")
-DROP = Verdict("drop")
+NFT_RETURN = NftVerdict("return")
+NFT_ACCEPT = NftVerdict("accept")
+NFT_DROP = NftVerdict("drop")
 
 
 @dataclass(frozen=True)
@@ -287,12 +287,12 @@ class NftRule:
 @dataclass
 class Chain:
     name: str
-    hook: Hook | None
+    hook: ChainHook | None
     rules: list[NftRule] = field(default_factory=list)
 
 
 @dataclass
-class Table:
+class NftTable:
     """One ``inet`` table; every chain of its layout exists here, used or not."""
 
     name: str
@@ -300,7 +300,7 @@ class Table:
     sets: dict[str, NftSet] = field(default_factory=dict)  # by name, in declaration order
 
     @classmethod
-    def empty(cls, name: str) -> Table:
+    def empty(cls, name: str) -> NftTable:
         return cls(name, {chain: Chain(chain, hook) for chain, hook in CHAIN_LAYOUT[name]})
 
     def jump_targets(self) -> set[str]:
@@ -326,7 +326,7 @@ class Table:
 class NftRuleset:
     """Our three tables. ``append``/``insert`` mirror how Istio builds its rules."""
 
-    tables: dict[str, Table] = field(default_factory=lambda: {name: Table.empty(name) for name in OUR_TABLES})
+    tables: dict[str, NftTable] = field(default_factory=lambda: {name: NftTable.empty(name) for name in OUR_TABLES})
 
     def append(
         self, table: str, chain: str, *matches: NftMatch, then: Statement | tuple[Statement, ...], counter: bool = True
@@ -343,7 +343,7 @@ class NftRuleset:
         """Declare ``named`` in ``table``; rules of that table then match it as ``@NAME``."""
         self.tables[table].sets[named.name] = named
 
-    def used_tables(self) -> list[Table]:
+    def used_tables(self) -> list[NftTable]:
         return [table for table in self.tables.values() if table.has_rules]
 
 

@@ -26,6 +26,8 @@ from istio_iptables.nft.model import (
     NftRule,
     NftRuleset,
     NftSet,
+    NftTable,
+    NftVerdict,
     Port,
     PortInSet,
     RedirectTo,
@@ -33,13 +35,11 @@ from istio_iptables.nft.model import (
     SaveMarkToConnection,
     SetCtMarkBits,
     SetCtZone,
-    SetMark,
+    SetMetaMark,
     SnatTo,
     SocketOwner,
     Statement,
-    Table,
     TproxyTo,
-    Verdict,
 )
 from istio_iptables.policy.lists import member_text, port_ranges
 from istio_iptables.xtables.model import PortEntry, PortRange
@@ -162,7 +162,7 @@ def match_text(match: NftMatch) -> str:
 
 
 def statement_text(statement: Statement) -> str:
-    if isinstance(statement, Verdict):
+    if isinstance(statement, NftVerdict):
         return check_token(statement.name)
     if isinstance(statement, JumpTo):
         return f"jump {check_token(statement.chain)}"
@@ -170,7 +170,7 @@ def statement_text(statement: Statement) -> str:
         return f"redirect to :{_port(statement.port)}"
     if isinstance(statement, TproxyTo):
         return f"tproxy {'ip' if statement.version == 4 else 'ip6'} to :{_port(statement.port)}"
-    if isinstance(statement, SetMark):
+    if isinstance(statement, SetMetaMark):
         return f"meta mark set {_number(statement.value, 0, MAX_U32)}"
     if isinstance(statement, SaveMarkToConnection):
         return "ct mark set mark"
@@ -302,7 +302,7 @@ def render_script(
 TableObjects = tuple[Sequence[str], Sequence[str]]  # the chains and sets a live table holds, by name
 
 
-def empty_table_lines(table: Table, held: TableObjects) -> list[str]:
+def empty_table_lines(table: NftTable, held: TableObjects) -> list[str]:
     """Empty a live table for its new contents: no rules, and no chain or set the new ones do not declare."""
     name = check_token(table.name)
     chains, sets = held

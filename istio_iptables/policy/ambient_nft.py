@@ -30,18 +30,19 @@ from istio_iptables.config.ambient import (
 )
 from istio_iptables.net import Family
 from istio_iptables.nft.model import (
-    ACCEPT,
-    RETURN,
+    NFT_ACCEPT,
+    NFT_RETURN,
     Addr,
     AddrInSet,
     Chain,
+    ChainHook,
     CtMarkIs,
-    Hook,
     IfName,
     JumpTo,
     L4Proto,
     MarkIs,
     NftRuleset,
+    NftTable,
     Port,
     RedirectTo,
     RestoreMarkFromConnection,
@@ -49,7 +50,6 @@ from istio_iptables.nft.model import (
     SetCtZone,
     SnatTo,
     SocketOwner,
-    Table,
 )
 from istio_iptables.nft.names import AMBIENT_MANGLE, AMBIENT_NAT, AMBIENT_RAW, AMBIENT_TABLES
 from istio_iptables.policy.ambient_xtables import families
@@ -60,28 +60,28 @@ PREROUTING, OUTPUT, POSTROUTING = "prerouting", "output", "postrouting"
 ISTIO_PREROUTING, ISTIO_OUTPUT = "istio-prerouting", "istio-output"
 
 # Chains of each pod table in Istio's declaration order (the kernel lists them in creation order).
-POD_LAYOUT: dict[str, tuple[tuple[str, Hook | None], ...]] = {
+POD_LAYOUT: dict[str, tuple[tuple[str, ChainHook | None], ...]] = {
     AMBIENT_NAT: (
-        (PREROUTING, Hook("nat", "prerouting", -100)),
-        (OUTPUT, Hook("nat", "output", -100)),
+        (PREROUTING, ChainHook("nat", "prerouting", -100)),
+        (OUTPUT, ChainHook("nat", "output", -100)),
         (ISTIO_PREROUTING, None),
         (ISTIO_OUTPUT, None),
     ),
     AMBIENT_MANGLE: (
-        (PREROUTING, Hook("filter", "prerouting", -150)),
-        (OUTPUT, Hook("route", "output", -150)),  # a route chain: a restored mark re-routes the packet
+        (PREROUTING, ChainHook("filter", "prerouting", -150)),
+        (OUTPUT, ChainHook("route", "output", -150)),  # a route chain: a restored mark re-routes the packet
         (ISTIO_PREROUTING, None),
         (ISTIO_OUTPUT, None),
     ),
     AMBIENT_RAW: (
-        (PREROUTING, Hook("filter", "prerouting", -300)),
-        (OUTPUT, Hook("filter", "output", -300)),
+        (PREROUTING, ChainHook("filter", "prerouting", -300)),
+        (OUTPUT, ChainHook("filter", "output", -300)),
         (ISTIO_PREROUTING, None),
         (ISTIO_OUTPUT, None),
     ),
 }
-HOST_LAYOUT: dict[str, tuple[tuple[str, Hook | None], ...]] = {
-    AMBIENT_NAT: ((POSTROUTING, Hook("nat", "postrouting", 100)),),
+HOST_LAYOUT: dict[str, tuple[tuple[str, ChainHook | None], ...]] = {
+    AMBIENT_NAT: ((POSTROUTING, ChainHook("nat", "postrouting", 100)),),
 }
 
 TCP = L4Proto("tcp")
@@ -90,9 +90,9 @@ NOT_ZTUNNEL_PACKET = MarkIs(INPOD_MARK, negate=True, mask=INPOD_MASK)
 LOOPBACK = {Family.V4: ipaddress.ip_network("127.0.0.1/32"), Family.V6: ipaddress.ip_network("::1/128")}
 
 
-def _ruleset(layout: dict[str, tuple[tuple[str, Hook | None], ...]]) -> NftRuleset:
+def _ruleset(layout: dict[str, tuple[tuple[str, ChainHook | None], ...]]) -> NftRuleset:
     tables = {
-        name: Table(name, {chain: Chain(chain, hook) for chain, hook in chains}) for name, chains in layout.items()
+        name: NftTable(name, {chain: Chain(chain, hook) for chain, hook in chains}) for name, chains in layout.items()
     }
     return NftRuleset(tables=tables)
 
@@ -115,10 +115,10 @@ def pod_ruleset(config: AmbientConfig) -> NftRuleset:
     nft.append(AMBIENT_NAT, PREROUTING, then=JumpTo(ISTIO_PREROUTING), counter=False)
     for name in config.virtual_interfaces:
         nft.append(AMBIENT_NAT, ISTIO_PREROUTING, IfName("in", name), TCP, then=RedirectTo(ZTUNNEL_OUTBOUND_PORT))
-        nft.append(AMBIENT_NAT, ISTIO_PREROUTING, IfName("in", name), TCP, then=RETURN)
+        nft.append(AMBIENT_NAT, ISTIO_PREROUTING, IfName("in", name), TCP, then=NFT_RETURN)
     if not config.ingress_mode:
-        per_family(AMBIENT_NAT, ISTIO_PREROUTING, lambda f: (TCP, Addr("saddr", _probe(config, f))), then=ACCEPT)
-    per_family(AMBIENT_NAT, ISTIO_OUTPUT, lambda f: (TCP, Addr("daddr", _probe(config, f))), then=ACCEPT)
+        per_family(AMBIENT_NAT, ISTIO_PREROUTING, lambda f: (TCP, Addr("saddr", _probe(config, f))), then=NFT_ACCEPT)
+    per_family(AMBIENT_NAT, ISTIO_OUTPUT, lambda f: (TCP, Addr("daddr", _probe(config, f))), then=NFT_ACCEPT)
     if not config.ingress_mode:
         per_family(AMBIENT_NAT, ISTIO_PREROUTING, lambda f: (
             Addr("daddr", LOOPBACK[f], negate=True), Port("tcp", "dport", (ZTUNNEL_INBOUND_PORT,), negate=True),
@@ -129,9 +129,9 @@ def pod_ruleset(config: AmbientConfig) -> NftRuleset:
         per_family(AMBIENT_NAT, ISTIO_OUTPUT, lambda f: (
             Addr("daddr", LOOPBACK[f], negate=True), Port("tcp", "dport", (DNS_PORT,)), NOT_ZTUNNEL_PACKET),
             then=RedirectTo(DNS_CAPTURE_PORT))
-    nft.append(AMBIENT_NAT, ISTIO_OUTPUT, TCP, MarkIs(INPOD_TPROXY_MARK, mask=INPOD_TPROXY_MASK), then=ACCEPT)
+    nft.append(AMBIENT_NAT, ISTIO_OUTPUT, TCP, MarkIs(INPOD_TPROXY_MARK, mask=INPOD_TPROXY_MASK), then=NFT_ACCEPT)
     per_family(AMBIENT_NAT, ISTIO_OUTPUT, lambda f: (IfName("out", "lo"), Addr("daddr", LOOPBACK[f], negate=True)),
-               then=ACCEPT)
+               then=NFT_ACCEPT)
     per_family(AMBIENT_NAT, ISTIO_OUTPUT, lambda f: (TCP, Addr("daddr", LOOPBACK[f], negate=True),
                                                      NOT_ZTUNNEL_PACKET), then=RedirectTo(ZTUNNEL_OUTBOUND_PORT))
 

@@ -38,9 +38,9 @@ from istio_iptables.xtables.model import (
     CtZone,
     Interface,
     Jump,
+    L4Protocol,
     Mark,
     Ports,
-    Protocol,
     ProtocolModule,
     Redirect,
     RuleSet,
@@ -57,8 +57,8 @@ ISTIO_POSTRT = "ISTIO_POSTRT"
 POD_CHAINS = (ISTIO_PRERT, ISTIO_OUTPUT)
 HOST_CHAINS = (ISTIO_POSTRT,)
 
-TCP = Protocol("tcp")
-UDP = Protocol("udp")
+TCP = L4Protocol("tcp")
+UDP = L4Protocol("udp")
 ZTUNNEL_PACKET = Mark(INPOD_MARK, mask=INPOD_MASK)  # ztunnel's own sockets carry 0x539/0xfff
 NOT_ZTUNNEL_PACKET = Mark(INPOD_MARK, negate=True, mask=INPOD_MASK)
 ACCEPT = Verdict("ACCEPT")

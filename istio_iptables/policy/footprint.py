@@ -27,7 +27,8 @@ from istio_iptables.xtables.model import FULL_MASK, OWN_CHAINS
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from istio_iptables.xtables.reconcile import Chains, SaveDump, TableState
+    from istio_iptables.xtables.reconcile import Chains, TableState
+    from istio_iptables.xtables.save import SaveDump
 
     Claim = Callable[[SaveDump, TableState | None, Family], TableState]
 

@@ -42,7 +42,8 @@ from istio_iptables.xtables.model import (
     SetMatch,
     port_bounds,
 )
-from istio_iptables.xtables.render import MULTIPORT_LIMIT, check_token, multiport_slots, port_text
+from istio_iptables.xtables.render import check_token
+from istio_iptables.xtables.spelling import MULTIPORT_LIMIT, multiport_slots, port_text
 
 # Above this many entries a list becomes a set (auto) or multiport rules. Below it, walking the
 # rules costs less than 0.2x a new connection's baseline even on iptables-nft (docs/speed.md).

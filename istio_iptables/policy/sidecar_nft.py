@@ -8,7 +8,7 @@ order of the rules is the order in which the steps append (or insert) them.
 
 Long CIDR and port lists become named sets of the table that matches them, decided exactly as
 for the iptables backends (:func:`istio_iptables.policy.lists.use_set`, ``--use-sets``), see
-:func:`cidr_matches` and :func:`port_choices`.
+:func:`nft_cidr_matches` and :func:`port_choices`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from typing import Literal
 from istio_iptables.config.sidecar import DNS_CAPTURE_PORT, OUTBOUND_MARK, Config
 from istio_iptables.net import Family, IPNetwork
 from istio_iptables.nft.model import (
-    ACCEPT,
-    DROP,
     ISTIO_DIVERT,
     ISTIO_DROP,
     ISTIO_IN_REDIRECT,
@@ -31,10 +29,12 @@ from istio_iptables.nft.model import (
     ISTIO_TPROXY,
     MANGLE,
     NAT,
+    NFT_ACCEPT,
+    NFT_DROP,
+    NFT_RETURN,
     OUTPUT,
     PREROUTING,
     RAW,
-    RETURN,
     Addr,
     AddrInSet,
     CtMarkIs,
@@ -52,7 +52,7 @@ from istio_iptables.nft.model import (
     RestoreMarkFromConnection,
     SaveMarkToConnection,
     SetCtZone,
-    SetMark,
+    SetMetaMark,
     SocketOwner,
     TproxyTo,
 )
@@ -82,7 +82,7 @@ def build_nft_ruleset(config: Config) -> NftRuleset:
     bypass_excluded_outbound_ports(config, nft)
     # Envoy's inbound passthrough connects to the app from 127.0.0.6 / ::6: never capture it again.
     for family in families:
-        nft.append(NAT, ISTIO_OUTPUT, LOOPBACK_OUT, Addr("saddr", family.inbound_passthrough_source), then=RETURN)
+        nft.append(NAT, ISTIO_OUTPUT, LOOPBACK_OUT, Addr("saddr", family.inbound_passthrough_source), then=NFT_RETURN)
     for kind, ids in (("uid", config.proxy_uids), ("gid", config.proxy_gids)):
         for proxy_id in ids:
             protect_proxy_traffic(config, nft, families, SocketOwner(kind, proxy_id))  # type: ignore[arg-type]
@@ -91,11 +91,11 @@ def build_nft_ruleset(config: Config) -> NftRuleset:
         capture_dns(config, nft, families)
     # Envoy-aware apps and container-to-container traffic use localhost explicitly: leave it alone.
     for family in families:
-        nft.append(NAT, ISTIO_OUTPUT, Addr("daddr", loopback_cidr(config, family)), then=RETURN)
+        nft.append(NAT, ISTIO_OUTPUT, Addr("daddr", loopback_cidr(config, family)), then=NFT_RETURN)
     for family in families:
         excluded = of_family(config.outbound_exclude, family)
-        for destination in cidr_matches(config, nft, NAT, "out-excl", family, excluded):
-            nft.append(NAT, ISTIO_OUTPUT, destination, then=RETURN)
+        for destination in nft_cidr_matches(config, nft, NAT, "out-excl", family, excluded):
+            nft.append(NAT, ISTIO_OUTPUT, destination, then=NFT_RETURN)
     for ports in port_choices(config, nft, NAT, "port-out", config.outbound_ports_include):
         nft.append(NAT, ISTIO_OUTPUT, dport("tcp", ports), then=JumpTo(ISTIO_REDIRECT))
     capture_outbound_ranges(config, nft, families)
@@ -109,26 +109,26 @@ def bypass_excluded_interfaces(config: Config, nft: NftRuleset) -> None:
     tables = (NAT, MANGLE) if config.tproxy else (NAT,)
     for table in tables:
         for name in config.exclude_interfaces:
-            nft.append(table, PREROUTING, IfName("in", name), then=RETURN)
-            nft.append(table, OUTPUT, IfName("out", name), then=RETURN)
+            nft.append(table, PREROUTING, IfName("in", name), then=NFT_RETURN)
+            nft.append(table, OUTPUT, IfName("out", name), then=NFT_RETURN)
 
 
 def bypass_virt_interfaces(config: Config, nft: NftRuleset) -> None:
     """``-k``: VM guests behind these NICs are not inbound traffic (they become outbound, see below)."""
     for name in config.virt_interfaces:
-        nft.insert(NAT, PREROUTING, 0, IfName("in", name), then=RETURN)
+        nft.insert(NAT, PREROUTING, 0, IfName("in", name), then=NFT_RETURN)
 
 
 def drop_invalid(config: Config, nft: NftRuleset) -> None:
     """Out-of-window packets of redirected flows would make the kernel reset the connection (#36566)."""
     if config.drop_invalid:
         nft.append(MANGLE, PREROUTING, TCP, CtState(("invalid",)), then=JumpTo(ISTIO_DROP))
-        nft.append(MANGLE, ISTIO_DROP, then=DROP)
+        nft.append(MANGLE, ISTIO_DROP, then=NFT_DROP)
 
 
 def fill_redirect_chains(config: Config, nft: NftRuleset) -> None:
     # HBONE (the tunnel port) must reach Envoy's own listener untouched.
-    nft.append(NAT, ISTIO_INBOUND, TCP, Port("tcp", "dport", (config.inbound_tunnel_port,)), then=RETURN)
+    nft.append(NAT, ISTIO_INBOUND, TCP, Port("tcp", "dport", (config.inbound_tunnel_port,)), then=NFT_RETURN)
     nft.append(NAT, ISTIO_REDIRECT, TCP, then=RedirectTo(config.proxy_port))
     nft.append(NAT, ISTIO_IN_REDIRECT, TCP, then=RedirectTo(config.inbound_capture_port))
 
@@ -141,21 +141,21 @@ def capture_inbound(config: Config, nft: NftRuleset, families: tuple[Family, ...
     if config.tproxy:
         mark = config.tproxy_mark
         # Marked packets are routed to lo by the policy route, so TPROXY sockets receive them.
-        nft.append(MANGLE, ISTIO_DIVERT, then=SetMark(mark))
-        nft.append(MANGLE, ISTIO_DIVERT, then=ACCEPT)
+        nft.append(MANGLE, ISTIO_DIVERT, then=SetMetaMark(mark))
+        nft.append(MANGLE, ISTIO_DIVERT, then=NFT_ACCEPT)
         for family in families:
             nft.append(
                 MANGLE,
                 ISTIO_TPROXY,
                 TCP,
                 Addr("daddr", loopback_cidr(config, family), negate=True),
-                then=(TproxyTo(family.value, config.inbound_capture_port), SetMark(mark), ACCEPT),  # type: ignore[arg-type]
+                then=(TproxyTo(family.value, config.inbound_capture_port), SetMetaMark(mark), NFT_ACCEPT),  # type: ignore[arg-type]
             )
     table = MANGLE if config.tproxy else NAT
     nft.append(table, PREROUTING, TCP, then=JumpTo(ISTIO_INBOUND))
     if ports.wildcard:
         for excluded in port_choices(config, nft, table, "port-in-excl", config.inbound_exclude_ports):
-            nft.append(table, ISTIO_INBOUND, TCP, dport("tcp", excluded), then=RETURN)
+            nft.append(table, ISTIO_INBOUND, TCP, dport("tcp", excluded), then=NFT_RETURN)
         divert_inbound(config, nft, ())
     else:
         for included in port_choices(config, nft, table, "port-in", ports.ports):
@@ -176,7 +176,7 @@ def bypass_excluded_outbound_ports(config: Config, nft: NftRuleset) -> None:
     """``-o``: must come before the loopback rules so connections back to self honour it too."""
     for ports in port_choices(config, nft, NAT, "port-out-excl", config.outbound_ports_exclude):
         for protocol in ("tcp", "udp"):
-            nft.append(NAT, ISTIO_OUTPUT, dport(protocol, ports), then=RETURN)  # type: ignore[arg-type]
+            nft.append(NAT, ISTIO_OUTPUT, dport(protocol, ports), then=NFT_RETURN)  # type: ignore[arg-type]
 
 
 def protect_proxy_traffic(
@@ -207,22 +207,22 @@ def protect_proxy_traffic(
         if dns:
             nft.append(
                 NAT, ISTIO_OUTPUT, LOOPBACK_OUT, TCP, Port("tcp", "dport", (DNS_PORT,), negate=True), not_owner,
-                then=RETURN,
+                then=NFT_RETURN,
             )
         else:
-            nft.append(NAT, ISTIO_OUTPUT, LOOPBACK_OUT, not_owner, then=RETURN)
+            nft.append(NAT, ISTIO_OUTPUT, LOOPBACK_OUT, not_owner, then=NFT_RETURN)
     # Everything the proxy itself sends (upstream, xDS, DNS upstream) leaves uncaptured.
-    nft.append(NAT, ISTIO_OUTPUT, owner, then=RETURN)
+    nft.append(NAT, ISTIO_OUTPUT, owner, then=NFT_RETURN)
 
 
 def capture_by_owner_group(config: Config, nft: NftRuleset) -> None:
     """ISTIO_OUTBOUND_OWNER_GROUPS(_EXCLUDE): capture only (or all but) these groups' traffic."""
     if config.owner_groups_include is not None:
         not_in_groups = tuple(SocketOwner("gid", group, negate=True) for group in config.owner_groups_include)
-        nft.append(NAT, ISTIO_OUTPUT, *not_in_groups, then=RETURN)
+        nft.append(NAT, ISTIO_OUTPUT, *not_in_groups, then=NFT_RETURN)
         return
     for group in config.owner_groups_exclude:
-        nft.append(NAT, ISTIO_OUTPUT, SocketOwner("gid", group), then=RETURN)
+        nft.append(NAT, ISTIO_OUTPUT, SocketOwner("gid", group), then=NFT_RETURN)
 
 
 def capture_dns(config: Config, nft: NftRuleset, families: tuple[Family, ...]) -> None:
@@ -273,7 +273,7 @@ def capture_outbound_ranges(config: Config, nft: NftRuleset, families: tuple[Fam
             nft.insert(NAT, PREROUTING, 0, IfName("in", name), then=JumpTo(ISTIO_REDIRECT))
         return
     for family in families:
-        for destination in cidr_matches(config, nft, NAT, "out-incl", family, of_family(include.cidrs, family)):
+        for destination in nft_cidr_matches(config, nft, NAT, "out-incl", family, of_family(include.cidrs, family)):
             for name in config.virt_interfaces:
                 nft.insert(NAT, PREROUTING, 0, IfName("in", name), destination, then=JumpTo(ISTIO_REDIRECT))
             nft.append(NAT, ISTIO_OUTPUT, destination, then=JumpTo(ISTIO_REDIRECT))
@@ -285,7 +285,7 @@ def keep_tproxy_marks(config: Config, nft: NftRuleset, families: tuple[Family, .
     # Envoy's original_src sockets mark app-bound packets; remember it on the connection.
     nft.append(MANGLE, PREROUTING, TCP, MarkIs(mark), then=SaveMarkToConnection())
     # Don't re-mark Envoy -> app packets (they already carry the TPROXY mark).
-    nft.append(MANGLE, OUTPUT, LOOPBACK_OUT, TCP, MarkIs(mark), then=RETURN)
+    nft.append(MANGLE, OUTPUT, LOOPBACK_OUT, TCP, MarkIs(mark), then=NFT_RETURN)
     # app -> VIP -> Envoy outbound -(mark 1338)-> Envoy inbound -> app: tag Envoy's leg to its own pod IP.
     for kind, ids in (("uid", config.proxy_uids), ("gid", config.proxy_gids)):
         for proxy_id in ids:
@@ -297,7 +297,7 @@ def keep_tproxy_marks(config: Config, nft: NftRuleset, families: tuple[Family, .
                     TCP,
                     Addr("daddr", loopback_cidr(config, family), negate=True),
                     SocketOwner(kind, proxy_id),  # type: ignore[arg-type]
-                    then=SetMark(OUTBOUND_MARK),
+                    then=SetMetaMark(OUTBOUND_MARK),
                 )
     # The app's replies to a (spoofed) remote source get the mark back, so policy routing returns
     # them to Envoy instead of the network.
@@ -305,12 +305,18 @@ def keep_tproxy_marks(config: Config, nft: NftRuleset, families: tuple[Family, .
     # Don't TPROXY again what is already marked (prevents loops), what Envoy's passthrough sends
     # from 127.0.0.6 / ::6, or app -> app over lo unless Envoy tagged it 1338. The indexes are
     # Istio's: both passthrough rules go to index 1, so the IPv6 one ends up above the IPv4 one.
-    nft.insert(MANGLE, ISTIO_INBOUND, 0, TCP, MarkIs(mark), then=RETURN)
+    nft.insert(MANGLE, ISTIO_INBOUND, 0, TCP, MarkIs(mark), then=NFT_RETURN)
     for family in families:
         nft.insert(
-            MANGLE, ISTIO_INBOUND, 1, LOOPBACK_IN, TCP, Addr("saddr", family.inbound_passthrough_source), then=RETURN
+            MANGLE,
+            ISTIO_INBOUND,
+            1,
+            LOOPBACK_IN,
+            TCP,
+            Addr("saddr", family.inbound_passthrough_source),
+            then=NFT_RETURN,
         )
-    nft.insert(MANGLE, ISTIO_INBOUND, 2, LOOPBACK_IN, TCP, MarkIs(OUTBOUND_MARK, negate=True), then=RETURN)
+    nft.insert(MANGLE, ISTIO_INBOUND, 2, LOOPBACK_IN, TCP, MarkIs(OUTBOUND_MARK, negate=True), then=NFT_RETURN)
 
 
 # --- long lists as named sets ------------------------------------------------------------------------
@@ -318,7 +324,7 @@ def keep_tproxy_marks(config: Config, nft: NftRuleset, families: tuple[Family, .
 PortChoice = tuple[PortEntry, ...] | str  # ports and ranges to match in one rule, or the name of a set of them
 
 
-def cidr_matches(
+def nft_cidr_matches(
     config: Config, nft: NftRuleset, table: str, purpose: CidrPurpose, family: Family, cidrs: Sequence[IPNetwork]
 ) -> list[NftMatch]:
     """The destination match of each rule a CIDR list needs: one per CIDR, or one per prefix length.

@@ -30,12 +30,12 @@ from istio_iptables.xtables.model import (
     CtZone,
     Interface,
     Jump,
+    L4Protocol,
     Mark,
     Match,
     Owner,
     Plan,
     Ports,
-    Protocol,
     Redirect,
     RuleSet,
     SetMark,
@@ -44,8 +44,8 @@ from istio_iptables.xtables.model import (
     Verdict,
 )
 
-TCP = Protocol("tcp")
-UDP = Protocol("udp")
+TCP = L4Protocol("tcp")
+UDP = L4Protocol("udp")
 LOOPBACK_OUT = Interface("out", "lo")
 LOOPBACK_IN = Interface("in", "lo")
 DNS_PORT = 53

@@ -13,9 +13,11 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from istio_iptables._lib.log import log
 from istio_iptables.errors import ApplyError, EnvironmentProblem
+from istio_iptables.nft.listing import read_listing_objects
 from istio_iptables.policy.footprint import SIDECAR, Footprint
 from istio_iptables.system.spawn import Finished, run_program, which
 from istio_iptables.xtables.model import OWN_CHAINS
@@ -110,37 +112,30 @@ def read_nft_state(state: NamespaceState) -> None:
 
 
 def parse_nft_listing(objects: list[dict], state: NamespaceState) -> None:
-    """Fill ``state`` from ``nft -j list ruleset`` objects."""
+    """Fill ``state`` from ``nft -j list ruleset`` objects (read by :mod:`istio_iptables.nft.listing`);
+    what is ours is what ``state.footprint`` claims."""
     ours = state.footprint
-    for entry in objects:
-        if "table" in entry:
-            table = entry["table"]
-            if ours.owns_nft_table(table["family"], table["name"]):
-                state.our_tables.append(table["name"])
-                state.our_objects.append(entry)
-        elif "set" in entry:
-            named = entry["set"]
-            if ours.owns_nft_table(named["family"], named["table"]):
-                state.our_objects.append(entry)  # listed before the rules that match it, as a restore needs
-        elif "chain" in entry:
-            chain = entry["chain"]
-            if ours.owns_nft_table(chain["family"], chain["table"]):
-                state.our_objects.append(entry)
-            elif chain["family"] in IPTABLES_NFT_FAMILIES and ours.owns_chain(chain["name"]):
-                state.iptables_nft_chains.append((chain["family"], chain["table"], chain["name"]))
-        elif "rule" in entry:
-            rule = entry["rule"]
-            if ours.owns_nft_table(rule["family"], rule["table"]):
-                _note_our_rule(rule, state)
-                state.our_objects.append(entry)
-                continue
-            from_other_chain = rule["family"] in IPTABLES_NFT_FAMILIES and not ours.owns_chain(rule["chain"])
-            if from_other_chain and ours.jumps_into_own_chain(rule.get("expr", [])):
-                state.iptables_nft_jumps.append((rule["family"], rule["table"], rule["chain"], rule["handle"]))
+    for table in read_listing_objects(objects):
+        if ours.owns_nft_table(table.family, table.name):
+            if any("table" in entry for entry in table.objects):
+                state.our_tables.append(table.name)
+            state.our_objects += table.objects  # sets listed before the rules that match them, as a restore needs
+            for chain in table.chains.values():
+                for rule in chain.rules:
+                    _note_our_rule(rule.expressions, state)
+        elif table.family in IPTABLES_NFT_FAMILIES:
+            for chain in table.chains.values():
+                if ours.owns_chain(chain.name):
+                    state.iptables_nft_chains.append((table.family, table.name, chain.name))
+                    continue
+                state.iptables_nft_jumps += [
+                    (table.family, table.name, chain.name, rule.handle)
+                    for rule in chain.rules
+                    if ours.jumps_into_own_chain(rule.expressions)
+                ]
 
 
-def _note_our_rule(rule: dict, state: NamespaceState) -> None:
-    expressions = rule.get("expr", [])
+def _note_our_rule(expressions: list[Any], state: NamespaceState) -> None:
     text = json.dumps(expressions)
     state.our_ipv6 = state.our_ipv6 or '"protocol": "ip6"' in text
     if any("tproxy" in expr for expr in expressions):
@@ -176,19 +171,19 @@ def legacy_own_chains(save_text: str) -> list[str]:
 
 def _parse_legacy_save(save_text: str) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """Per table: our chains (``:ISTIO_X`` headers), and the rules of other chains that jump into them."""
+    from istio_iptables.xtables.save import read_save  # only when iptables-legacy holds tables
+
     own: dict[str, list[str]] = {}
     jumps: dict[str, list[str]] = {}
-    table = ""
-    for line in save_text.splitlines():
-        words = line.split()
-        if line.startswith("*"):
-            table = line[1:].strip()
-        elif line.startswith(":") and words[0][1:] in OWN_CHAINS:
-            own.setdefault(table, []).append(words[0][1:])
-        elif line.startswith("-A ") and words[1] not in OWN_CHAINS and any(
-            word in ("-j", "-g") and target in OWN_CHAINS for word, target in itertools.pairwise(words)
-        ):
-            jumps.setdefault(table, []).append(line)
+    for table, chains in read_save(save_text).tables.items():
+        for chain, specs in chains.items():
+            if chain in OWN_CHAINS:
+                own.setdefault(table, []).append(chain)
+                continue
+            for spec in specs:
+                words = spec.split()
+                if any(word in ("-j", "-g") and target in OWN_CHAINS for word, target in itertools.pairwise(words)):
+                    jumps.setdefault(table, []).append(f"-A {chain} {spec}")
     return own, jumps
 
 

@@ -14,7 +14,7 @@ from typing import Literal
 from istio_iptables.errors import EnvironmentProblem
 from istio_iptables.net import Family
 from istio_iptables.system.spawn import run_all, which
-from istio_iptables.xtables.reconcile import SaveDump, parse_save
+from istio_iptables.xtables.save import SaveDump, read_save
 
 BackendName = Literal["legacy", "nft"]
 BACKENDS: tuple[BackendName, ...] = ("legacy", "nft")
@@ -46,7 +46,7 @@ class Detection:
         self.reason = reason
 
     def dump(self, family: Family) -> SaveDump:
-        return parse_save(self.saves[family])
+        return read_save(self.saves[family])
 
 
 def legacy_tables_exist(family: Family) -> bool:
@@ -105,7 +105,7 @@ def detect(forced: str, needed: Sequence[Family], env: Mapping[str, str] | None 
             name: [
                 f"{family.label} {item}"
                 for family in (Family.V4, Family.V6)
-                for item in parse_save(outputs[(name, family)]).holds_rules()
+                for item in read_save(outputs[(name, family)]).holds_rules()
             ]
             for name in BACKENDS
         }

@@ -224,20 +224,13 @@ def nft_listing(family: Family, env: Mapping[str, str] | None = None) -> NftChai
     listed = run_program([nft, "-j", "list", "ruleset", _nft_family(family)], env=env, timeout=60)
     if listed.returncode != 0:
         return None
-    import json
+    from istio_iptables.nft.listing import read_listing
 
-    chains: NftChains = {}
-    for entry in json.loads(listed.stdout or "{}").get("nftables", []):
-        if "chain" in entry:
-            chain = entry["chain"]
-            chains[(chain["table"], chain["name"])] = ("hook" in chain, chain.get("policy", "accept"), 0)
-        elif "rule" in entry:
-            rule = entry["rule"]
-            key = (rule["table"], rule["chain"])
-            if key in chains:
-                base, policy, count = chains[key]
-                chains[key] = (base, policy, count + 1)
-    return chains
+    return {
+        (table.name, chain.name): (chain.hook is not None, chain.policy.lower(), len(chain.rules))
+        for table in read_listing(listed.stdout or '{"nftables": []}')
+        for chain in table.chains.values()
+    }
 
 
 def nft_chains(family: Family, env: Mapping[str, str] | None = None) -> set[tuple[str, str]]:

@@ -45,7 +45,7 @@ OWN_CHAINS = frozenset(
 
 
 @record
-class Protocol:
+class L4Protocol:
     name: Literal["tcp", "udp"]
     negate: bool = False
 
@@ -185,7 +185,7 @@ class Unsupported:
 
 
 Match: TypeAlias = (
-    Protocol
+    L4Protocol
     | Address
     | Ports
     | Interface

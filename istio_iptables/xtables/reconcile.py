@@ -3,7 +3,9 @@
 The kernel normalises every rule it stores (``-m tcp``, ``-s -d -i -o -p`` first, hex marks,
 explicit default masks), and ``iptables-save`` prints that normal form. To compare what a plan
 wants with what a namespace holds, :func:`canonical_spec` renders the model straight into that
-form; tests prove it equal to the kernel's dump for every conformance case on both backends.
+form (each part's spelling from :mod:`istio_iptables.xtables.spelling`); tests prove it equal to
+the kernel's dump for every conformance case on both backends. Live dumps are read by
+:func:`istio_iptables.xtables.save.read_save`.
 
 What we own in a live namespace: every chain in :data:`~istio_iptables.xtables.model.OWN_CHAINS` and every
 rule of a built-in chain that jumps into one (the namespace shows them); any other rule of a
@@ -13,15 +15,13 @@ built-in chain only when this run's configuration writes it or our live chains i
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from istio_iptables.config.sidecar import OUTBOUND_MARK
-from istio_iptables.net import Family, IPNetwork
+from istio_iptables.net import Family
 from istio_iptables.xtables.model import (
-    ALL_PORTS,
     BUILTIN_CHAINS,
     ISTIO_DIVERT,
     ISTIO_INBOUND,
@@ -30,188 +30,48 @@ from istio_iptables.xtables.model import (
     ISTIO_TPROXY,
     OWN_CHAINS,
     TABLES,
-    Address,
     ConnMark,
     ConnMarkRestore,
     ConnMarkSave,
-    ConnMarkSet,
-    ConnState,
-    CtZone,
     Interface,
-    Jump,
+    L4Protocol,
     Mark,
-    Match,
-    Owner,
-    Ports,
-    Protocol,
-    Redirect,
     Rule,
     RuleSet,
-    SetMark,
-    SetMatch,
-    Target,
-    Tproxy,
     Verdict,
 )
-from istio_iptables.xtables.render import check_token, port_text, rule_line
+from istio_iptables.xtables.render import check_token, rule_line
+from istio_iptables.xtables.save import Chains, SaveDump
+from istio_iptables.xtables.spelling import (
+    SAVED_HEAD_ORDER,
+    GidResolver,
+    SavedContext,
+    numeric_gid,
+    saved_tokens,
+    spelling_of,
+)
 
-# table -> chain -> rule specs (the text after "-A CHAIN "), in kernel order.
-Chains = dict[str, list[str]]
 TableState = dict[str, Chains]
-GidResolver = Callable[[str], str]
-
-_FULL_MASK = 0xFFFFFFFF
-# The order libxt_conntrack prints --ctstate in, whatever order the rule gave.
-_CTSTATE_ORDER = ("INVALID", "NEW", "RELATED", "ESTABLISHED", "UNTRACKED", "SNAT", "DNAT")
-
-
-# --- iptables-save parsing ----------------------------------------------------
-
-
-class SaveDump:
-    """One family's ``iptables-save`` output: tables -> chains (policy, ordered rule specs)."""
-
-    def __init__(self) -> None:
-        self.tables: dict[str, Chains] = {}
-        self.policies: dict[str, dict[str, str]] = {}
-
-    def holds_rules(self) -> list[str]:
-        """Evidence that someone uses this backend: tables with rules, user chains or a non-ACCEPT policy."""
-        evidence = []
-        for table, chains in self.tables.items():
-            rules = sum(len(specs) for specs in chains.values())
-            user_chains = [name for name in chains if name not in BUILTIN_CHAINS]
-            policies = [name for name, policy in self.policies.get(table, {}).items() if policy not in ("ACCEPT", "-")]
-            if rules or user_chains or policies:
-                evidence.append(f"{table} ({rules} rules, {len(user_chains)} user chains)")
-        return evidence
-
-
-def parse_save(text: str) -> SaveDump:
-    dump = SaveDump()
-    chains: Chains | None = None
-    for line in text.splitlines():
-        if not line or line.startswith("#") or line == "COMMIT":
-            continue
-        if line.startswith("*"):
-            table = line[1:].strip()
-            chains = dump.tables.setdefault(table, {})
-            dump.policies.setdefault(table, {})
-        elif chains is None:
-            continue
-        elif line.startswith(":"):
-            name, policy = [*line[1:].split(), "-"][:2]
-            chains.setdefault(name, [])
-            dump.policies[table][name] = policy
-        elif line.startswith("-A "):
-            _, chain, *rest = line.split(" ", 2)
-            chains.setdefault(chain, []).append(rest[0] if rest else "")
-    return dump
 
 
 # --- the model in the kernel's spelling ---------------------------------------------
 
 
-def numeric_gid(name: str) -> str:
-    """Group names become gids in the kernel; resolve them as iptables would (this process's NSS)."""
-    if name.isdigit():
-        return name
-    import grp
-
-    return str(grp.getgrnam(name).gr_gid)
-
-
-def kernel_network(network: IPNetwork) -> str:
-    """An address as iptables prints it: glibc's inet_ntop keeps embedded IPv4 dotted (``::127.0.0.53``)."""
-    address = network.network_address
-    if isinstance(address, ipaddress.IPv6Address):
-        words = [int.from_bytes(address.packed[i : i + 2], "big") for i in range(0, 16, 2)]
-        dotted = str(ipaddress.IPv4Address(address.packed[12:]))
-        if words[:6] == [0] * 6 and words[6] != 0:
-            return f"::{dotted}/{network.prefixlen}"
-        if words[:5] == [0] * 5 and words[5] == 0xFFFF:
-            return f"::ffff:{dotted}/{network.prefixlen}"
-    return network.compressed
-
-
-def _negated(negate: bool, *tokens: str) -> list[str]:
-    return ["!", *tokens] if negate else list(tokens)
-
-
-def _protocol_of(matches: Iterable[Match]) -> str:
-    return next((match.name for match in matches if isinstance(match, Protocol)), "tcp")
-
-
-def _kernel_mark(value: int, mask: int) -> str:
-    """libxt_mark and libxt_connmark print the mask only when it is not the full one."""
-    return f"{value:#x}" if mask == _FULL_MASK else f"{value:#x}/{mask:#x}"
-
-
-def _module_tokens(match: Match, protocol: str, resolve_gid: GidResolver) -> list[str]:
-    if isinstance(match, Ports):
-        if len(match.ports) == 1:
-            if match.ports[0] == ALL_PORTS and not match.negate:
-                return ["-m", protocol]  # the kernel keeps no port test that every port passes
-            option = "--sport" if match.direction == "src" else "--dport"
-            return ["-m", protocol, *_negated(match.negate, option, port_text(match.ports[0]))]
-        option = "--sports" if match.direction == "src" else "--dports"
-        return ["-m", "multiport", *_negated(match.negate, option, ",".join(map(port_text, match.ports)))]
-    if isinstance(match, Owner):
-        owner = resolve_gid(match.id) if match.kind == "gid" else match.id
-        return ["-m", "owner", *_negated(match.negate, f"--{match.kind}-owner", owner)]
-    if isinstance(match, Mark):
-        return ["-m", "mark", *_negated(match.negate, "--mark", _kernel_mark(match.value, match.mask))]
-    if isinstance(match, ConnMark):
-        return ["-m", "connmark", *_negated(match.negate, "--mark", _kernel_mark(match.value, match.mask))]
-    if isinstance(match, ConnState):
-        states = [state for state in _CTSTATE_ORDER if state in match.states]
-        return ["-m", "conntrack", "--ctstate", ",".join(states)]
-    if isinstance(match, SetMatch):
-        return ["-m", "set", *_negated(match.negate, "--match-set", match.name, match.direction)]
-    raise TypeError(f"unknown match {match!r}")
-
-
-def _target_tokens(target: Target, family: Family) -> list[str]:
-    if isinstance(target, Jump):
-        return ["-j", target.chain]
-    if isinstance(target, Verdict):
-        return ["-j", target.name]
-    if isinstance(target, Redirect):
-        return ["-j", "REDIRECT", "--to-ports", str(target.port)]
-    if isinstance(target, Tproxy):
-        on_ip = "0.0.0.0" if family is Family.V4 else "::"
-        mark = f"{target.mark:#x}/{target.mask:#x}"
-        return ["-j", "TPROXY", "--on-port", str(target.port), "--on-ip", on_ip, "--tproxy-mark", mark]
-    if isinstance(target, SetMark):
-        return ["-j", "MARK", "--set-xmark", f"{target.value:#x}/{target.mask:#x}"]
-    if isinstance(target, ConnMarkSet):
-        return ["-j", "CONNMARK", "--set-xmark", f"{target.value:#x}/{target.mask:#x}"]
-    if isinstance(target, ConnMarkSave | ConnMarkRestore):
-        action = "--save-mark" if isinstance(target, ConnMarkSave) else "--restore-mark"
-        return ["-j", "CONNMARK", action, "--nfmask", f"{_FULL_MASK:#x}", "--ctmask", f"{_FULL_MASK:#x}"]
-    if isinstance(target, CtZone):
-        return ["-j", "CT", "--zone", str(target.zone)]
-    raise TypeError(f"unknown target {target!r}")
-
-
 def canonical_spec(rule: Rule, family: Family, resolve_gid: GidResolver = numeric_gid) -> str:
     """``rule`` as ``iptables-save`` prints it after the kernel stored it (without ``-A CHAIN``)."""
+    protocol = next((match.name for match in rule.matches if isinstance(match, L4Protocol)), "tcp")
+    context = SavedContext(family, protocol, resolve_gid)
     head: dict[str, list[str]] = {}
     modules: list[str] = []
-    protocol = _protocol_of(rule.matches)
     for match in rule.matches:
-        if isinstance(match, Address):
-            option = "-s" if match.direction == "src" else "-d"
-            head[option] = _negated(match.negate, option, kernel_network(match.network))
-        elif isinstance(match, Interface):
-            option = "-i" if match.direction == "in" else "-o"
-            head[option] = _negated(match.negate, option, match.name)
-        elif isinstance(match, Protocol):
-            head["-p"] = _negated(match.negate, "-p", match.name)
+        spelling = spelling_of(match)
+        tokens = spelling.saved(match, context)
+        if spelling.head:
+            head[tokens[1] if tokens[0] == "!" else tokens[0]] = tokens
         else:
-            modules += _module_tokens(match, protocol, resolve_gid)
-    tokens = [token for option in ("-s", "-d", "-i", "-o", "-p") for token in head.get(option, [])]
-    tokens += modules + _target_tokens(rule.target, family)
+            modules += tokens
+    tokens = [token for option in SAVED_HEAD_ORDER for token in head.get(option, [])]
+    tokens += modules + saved_tokens(rule.target, context)
     return " ".join(check_token(token) if token != "!" else token for token in tokens)
 
 
@@ -277,9 +137,9 @@ def _tied_to_our_chains(dump: SaveDump, family: Family) -> set[OwnedKey]:
     mark = live_tproxy_mark(mangle)
     if mark is not None:
         implied = [
-            Rule("mangle", "PREROUTING", (Protocol("tcp"), Mark(mark)), ConnMarkSave()),
-            Rule("mangle", "OUTPUT", (Interface("out", "lo"), Protocol("tcp"), Mark(mark)), Verdict("RETURN")),
-            Rule("mangle", "OUTPUT", (Protocol("tcp"), ConnMark(mark)), ConnMarkRestore()),
+            Rule("mangle", "PREROUTING", (L4Protocol("tcp"), Mark(mark)), ConnMarkSave()),
+            Rule("mangle", "OUTPUT", (Interface("out", "lo"), L4Protocol("tcp"), Mark(mark)), Verdict("RETURN")),
+            Rule("mangle", "OUTPUT", (L4Protocol("tcp"), ConnMark(mark)), ConnMarkRestore()),
         ]
         tied |= {(rule.table, rule.chain, canonical_spec(rule, family)) for rule in implied}
         owners = {

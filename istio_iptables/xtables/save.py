@@ -1,19 +1,28 @@
-"""Read ``iptables-save`` output (with or without ``-c`` counters) back into the rule model.
+"""The one reader of ``iptables-save`` output (with or without ``-c`` counters). Pure.
 
-Pure: text in, typed rules out. Every match and target this tool writes is understood; anything
-else is kept as :class:`~istio_iptables.xtables.model.Unsupported` with its original text and listed in
-:attr:`SavedRules.problems`, so a reader of live rules never skips what it does not understand.
+Two depths over one line lexer (:func:`save_lines`):
+
+- :func:`read_save` is the apply path's pass: lenient and fast, it keeps each rule as the text
+  after ``-A CHAIN`` (the kernel's spelling, which :mod:`istio_iptables.xtables.reconcile`
+  compares) and skips what it does not recognise. No line numbers, no model.
+- :func:`read_save_model` is explain's: strict (what is not iptables-save output is a
+  :class:`SaveFormatError` naming the line), it reads every rule into the rule model with its
+  position and counters. Every match and target this tool writes is understood; anything else is
+  kept as :class:`~istio_iptables.xtables.model.Unsupported` with its original text and listed in
+  :attr:`SavedRules.problems`, so a reader of live rules never skips what it does not understand.
+
+The module stays light to import (records, no dataclasses; shlex only when the model is read):
+the apply path loads it.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-import shlex
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import TypeAlias
 
+from istio_iptables._lib.records import factory, record
 from istio_iptables.net import Family
 from istio_iptables.xtables.model import (
     BUILTIN_CHAINS,
@@ -27,13 +36,13 @@ from istio_iptables.xtables.model import (
     CtZone,
     Interface,
     Jump,
+    L4Protocol,
     Mark,
     Match,
     Owner,
     PortEntry,
     PortRange,
     Ports,
-    Protocol,
     Redirect,
     Rule,
     SetMark,
@@ -46,12 +55,96 @@ from istio_iptables.xtables.model import (
     Verdict,
 )
 
-_COUNTERS = re.compile(r"^\[(\d+):(\d+)\]\s+")
+_COUNTERS = r"\[(\d+):(\d+)\]\s+"  # a pattern, compiled on first use (re caches it): explain only
 _TOP_LEVEL = {"-p", "-s", "-d", "-i", "-o"}
 _CT_STATES = {"NEW", "ESTABLISHED", "RELATED", "INVALID", "UNTRACKED", "SNAT", "DNAT"}
 
+# table -> chain -> rule specs (the text after "-A CHAIN "), in kernel order.
+Chains = dict[str, list[str]]
 
-@dataclass(frozen=True)
+# --- the lexer both readers share -----------------------------------------------------
+
+# What a line of iptables-save output is: its kind (the first character that tells), and its body.
+TABLE_LINE, CHAIN_LINE, RULE_LINE, COMMIT_LINE = "*", ":", "-", "COMMIT"
+
+
+def save_lines(text: str) -> Iterator[tuple[int, str, str | None, str]]:
+    """``(line number, kind, table, body)`` for every line that is not blank or a comment.
+
+    ``kind`` is :data:`TABLE_LINE` (body: the table's name), :data:`CHAIN_LINE` (body: ``NAME
+    POLICY [counters]``), :data:`COMMIT_LINE`, or :data:`RULE_LINE` for anything else (body: the
+    whole line, ``[p:b] -A CHAIN spec`` or ``-A CHAIN spec``). ``table`` is the table the line
+    belongs to, None outside ``*table`` ... ``COMMIT``.
+    """
+    table: str | None = None
+    for number, raw_line in enumerate(text.splitlines(), 1):
+        line = raw_line.strip()
+        if not line or line[0] == "#":
+            continue
+        if line[0] == "*":
+            table = line[1:].strip()
+            yield number, TABLE_LINE, table, table
+        elif line == "COMMIT":
+            yield number, COMMIT_LINE, table, line
+            table = None
+        elif line[0] == ":":
+            yield number, CHAIN_LINE, table, line[1:]
+        else:
+            yield number, RULE_LINE, table, line
+
+
+def split_rule_line(line: str) -> tuple[str, str] | None:
+    """``-A CHAIN spec`` as ``(CHAIN, spec)`` with the spec verbatim; None for any other line."""
+    if not line.startswith("-A "):
+        return None
+    _, chain, *rest = line.split(" ", 2)
+    return chain, rest[0] if rest else ""
+
+
+# --- the apply path's pass: chains of rule texts ---------------------------------------------
+
+
+class SaveDump:
+    """One family's ``iptables-save`` output: tables -> chains (policy, ordered rule specs)."""
+
+    def __init__(self) -> None:
+        self.tables: dict[str, Chains] = {}
+        self.policies: dict[str, dict[str, str]] = {}
+
+    def holds_rules(self) -> list[str]:
+        """Evidence that someone uses this backend: tables with rules, user chains or a non-ACCEPT policy."""
+        evidence = []
+        for table, chains in self.tables.items():
+            rules = sum(len(specs) for specs in chains.values())
+            user_chains = [name for name in chains if name not in BUILTIN_CHAINS]
+            policies = [name for name, policy in self.policies.get(table, {}).items() if policy not in ("ACCEPT", "-")]
+            if rules or user_chains or policies:
+                evidence.append(f"{table} ({rules} rules, {len(user_chains)} user chains)")
+        return evidence
+
+
+def read_save(text: str) -> SaveDump:
+    """Tables, chain policies and rule texts, in kernel order; lines it does not know are skipped."""
+    dump = SaveDump()
+    for _, kind, table, body in save_lines(text):
+        if table is None or kind == COMMIT_LINE:
+            continue
+        chains = dump.tables.setdefault(table, {})
+        if kind == TABLE_LINE:
+            dump.policies.setdefault(table, {})
+        elif kind == CHAIN_LINE:
+            name, policy = [*body.split(), "-"][:2]
+            chains.setdefault(name, [])
+            dump.policies.setdefault(table, {})[name] = policy
+        elif (rule := split_rule_line(body)) is not None:
+            chains.setdefault(rule[0], []).append(rule[1])
+    return dump
+
+
+# --- explain's reader: the rule model, with positions and counters ---------------------------
+
+
+@record
 class SavedRule:
     rule: Rule
     text: str  # the line as iptables-save printed it, without counters
@@ -59,14 +152,14 @@ class SavedRule:
     packets: int | None = None  # from ``iptables-save -c``
 
 
-@dataclass
+@record(frozen=False)
 class SavedRules:
     """One family's tables as iptables-save printed them."""
 
     family: Family
-    chains: dict[tuple[str, str], list[SavedRule]] = field(default_factory=dict)
-    policies: dict[tuple[str, str], str] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
+    chains: dict[tuple[str, str], list[SavedRule]] = factory(dict)
+    policies: dict[tuple[str, str], str] = factory(dict)
+    problems: list[str] = factory(list)
 
     def rule(self, table: str, chain: str, number: int) -> SavedRule:
         return self.chains[(table, chain)][number - 1]
@@ -76,29 +169,25 @@ class SaveFormatError(ValueError):
     """The text is not iptables-save output."""
 
 
-def parse_save(text: str, family: Family) -> SavedRules:
+def read_save_model(text: str, family: Family) -> SavedRules:
+    """Every rule of ``text`` in the rule model, per chain in order, with its text and counters."""
+    import shlex  # explain only: the apply path never reads rules into the model
+
     saved = SavedRules(family)
-    table: str | None = None
-    for line_number, raw_line in enumerate(text.splitlines(), 1):
-        line = raw_line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("*"):
-            table = line[1:].strip()
-            continue
-        if line == "COMMIT":
-            table = None
+    for line_number, kind, table, line in save_lines(text):
+        if kind in (TABLE_LINE, COMMIT_LINE):
             continue
         if table is None:
-            raise SaveFormatError(f"line {line_number}: {line!r} outside a table")
-        if line.startswith(":"):
-            name, policy = line[1:].split()[:2]
+            whole = line if kind == RULE_LINE else ":" + line
+            raise SaveFormatError(f"line {line_number}: {whole!r} outside a table")
+        if kind == CHAIN_LINE:
+            name, policy = line.split()[:2]
             saved.chains.setdefault((table, name), [])
             if name in BUILTIN_CHAINS:
                 saved.policies[(table, name)] = policy
             continue
         packets = None
-        counters = _COUNTERS.match(line)
+        counters = re.match(_COUNTERS, line)
         if counters:
             packets = int(counters.group(1))
             line = line[counters.end() :]
@@ -177,7 +266,7 @@ def _top_level(head: str, body: list[str]) -> Match:
     value = values[0]
     try:
         if head == "-p" and re.fullmatch(r"[a-z][a-z0-9-]*", value):
-            return Protocol(value, negate)  # type: ignore[arg-type]
+            return L4Protocol(value, negate)  # type: ignore[arg-type]
         if head in ("-s", "-d"):
             network = ipaddress.ip_network(value, strict=False)
             return Address("src" if head == "-s" else "dst", network, negate)

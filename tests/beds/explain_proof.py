@@ -27,7 +27,7 @@ from istio_iptables.explain.walk import Explanation, Flow, Tables, explain
 from istio_iptables.frontends.cli.flags import raw_settings
 from istio_iptables.frontends.cli.main import command
 from istio_iptables.net import Family
-from istio_iptables.xtables.model import Address, Ports, Protocol, Redirect, Tproxy, Verdict
+from istio_iptables.xtables.model import Address, L4Protocol, Ports, Redirect, Tproxy, Verdict
 from tests.beds.flowsender import FORWARDED_V4, FORWARDED_V6, FlowBed, Landing
 from tests.conftest import require_kernel
 from tests.support.conformance import EXTRA_GROUPS, Case
@@ -403,7 +403,7 @@ def only_unpredicted_counts(problems: list[str]) -> bool:
 
 def matches_any_packet(tables: Tables, keys: set[RuleKey]) -> bool:
     """Rules without a protocol, port or address match also count packets the namespace sends by itself."""
-    specific = (Protocol, Ports, Address)
+    specific = (L4Protocol, Ports, Address)
     return all(
         not any(isinstance(match, specific) for match in tables.chains[key[:2]][key[2] - 1].rule.matches)
         for key in keys

@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from istio_iptables.explain.from_nft import read_json
+from istio_iptables.explain import from_nft
+from istio_iptables.nft.listing import read_listing
 from tests.beds.testbed import APP_PORT, FAMILIES
 from tests.support.ambient_support import ambient_testbed
 from tests.support.netns import NetNS
@@ -42,10 +43,10 @@ def counters(bed: Any, version: int, namespace: NetNS | None = None) -> dict[Rul
     """Packets per rule of our tables (in the pod, or ``namespace``), keyed as explain numbers rules."""
     namespace = namespace or bed.pod
     if bed.backend == "native-nftables":
-        read = read_json(namespace.run("nft", "-j", "list", "ruleset").stdout)
+        read = read_listing(namespace.run("nft", "-j", "list", "ruleset").stdout)
         # Istio's ambient jumps carry no counter: only the rules that count can be compared.
         return {(table.name, chain.name, number): rule.packets
-                for table in read if table.ours for chain in table.chains.values()
+                for table in read if from_nft.explained(table) for chain in table.chains.values()
                 for number, rule in enumerate(chain.rules, 1) if rule.packets is not None}
     program = f"{'iptables' if version == 4 else 'ip6tables'}-{bed.backend}-save"
     found: dict[RuleKey, int] = {}

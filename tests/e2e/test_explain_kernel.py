@@ -17,7 +17,7 @@ from istio_iptables.explain.walk import Tables
 from istio_iptables.net import Family
 from istio_iptables.policy.sidecar_xtables import build_plan
 from istio_iptables.xtables.render import render_restore
-from istio_iptables.xtables.save import parse_save
+from istio_iptables.xtables.save import read_save_model
 from tests.beds.explain_proof import EXTRA_CASES, Backend, RuleKey, case_config, flow_bed, prove
 from tests.beds.flowsender import FlowBed
 from tests.support.conformance import Case, load_cases
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.netns
 
 
 def counters(text: str, family: Family) -> dict[RuleKey, int]:
-    saved = parse_save(text, family)
+    saved = read_save_model(text, family)
     return {
         (table, chain, item.number): item.packets or 0
         for (table, chain), rules in saved.chains.items()
@@ -61,6 +61,6 @@ def test_explain_matches_the_kernel(case: Case, backend: str, bed: FlowBed) -> N
 
     def snapshot(family: Family) -> tuple[Tables, dict[RuleKey, int]]:
         text = bed.save(family.value)
-        return Tables.from_saved(parse_save(text, family), "live"), counters(text, family)
+        return Tables.from_saved(read_save_model(text, family), "live"), counters(text, family)
 
     prove(case, config, bed, Backend(model, snapshot, frozenset({"nat"})))

@@ -11,9 +11,10 @@ from dataclasses import replace
 
 import pytest
 
-from istio_iptables.explain.from_nft import read_json, read_model, to_tables
+from istio_iptables.explain.from_nft import read_model, to_tables
 from istio_iptables.explain.walk import Tables
 from istio_iptables.net import Family
+from istio_iptables.nft.listing import read_listing
 from istio_iptables.nft.names import NAT
 from istio_iptables.nft.render import render_script
 from istio_iptables.policy.sidecar_nft import build_nft_ruleset
@@ -49,7 +50,7 @@ def test_explain_matches_the_kernel_with_native_nftables(case: Case, bed: FlowBe
         return to_tables(model, family, "configuration")[0]
 
     def snapshot(family: Family) -> tuple[Tables, dict[RuleKey, int]]:
-        tables, rules = to_tables(read_json(bed.save(family.value)), family, "live")
+        tables, rules = to_tables(read_listing(bed.save(family.value)), family, "live")
         return tables, {key: rule.packets or 0 for key, rule in rules.items()}
 
     prove(case, config, bed, Backend(model_tables, snapshot, frozenset({NAT})))

@@ -15,7 +15,7 @@ import pytest
 from istio_iptables.engine.xtables import apply
 from istio_iptables.errors import ExitCode, IstioIptablesError
 from istio_iptables.policy.sidecar_xtables import build_plan
-from istio_iptables.xtables.reconcile import parse_save
+from istio_iptables.xtables.save import read_save
 from tests.support.apply_support import case_args, config_of, inside, save_both
 from tests.support.conformance import EXTRA_GROUPS, load_cases
 from tests.support.lifecycle_support import lifecycle
@@ -75,7 +75,7 @@ def test_both_appliers_leave_the_same_kernel_state(netns_factory, tmp_path: Path
             )
             with inside(namespace):
                 apply(config, build_plan(config))
-            states.append({family: parse_save(text).tables for family, text in save_both(namespace, "legacy").items()})
+            states.append({family: read_save(text).tables for family, text in save_both(namespace, "legacy").items()})
             namespace.delete()
         assert states[0] == states[1], case.name
 

@@ -14,11 +14,11 @@ from istio_iptables.xtables.reconcile import (
     diff_states,
     normalised,
     owned_state,
-    parse_save,
     rollback_script,
     transition_script,
 )
 from istio_iptables.xtables.render import render_restore
+from istio_iptables.xtables.save import read_save
 from tests.support.apply_support import BACKENDS, FOREIGN_V4, case_args, config_of, program, resolve_test_gid
 from tests.support.conformance import EXTRA_GROUPS, load_cases
 
@@ -29,8 +29,8 @@ def plan_of(case, tmp_path: Path):
     return build_plan(config_of(case_args(case, tmp_path), case.env))
 
 
-def test_parse_save_keeps_order_and_chains() -> None:
-    dump = parse_save(FOREIGN_V4)
+def test_read_save_keeps_order_and_chains() -> None:
+    dump = read_save(FOREIGN_V4)
     assert list(dump.tables) == ["filter", "nat", "mangle", "raw"]
     assert dump.tables["nat"]["FOREIGN_NAT"] == ["-j RETURN"]
     assert dump.tables["filter"]["OUTPUT"] == ["-j FOREIGN_FW"]
@@ -38,7 +38,7 @@ def test_parse_save_keeps_order_and_chains() -> None:
 
 
 def test_foreign_rules_are_not_ours() -> None:
-    assert owned_state(parse_save(FOREIGN_V4)) == {}
+    assert owned_state(read_save(FOREIGN_V4)) == {}
 
 
 def as_dump(state: dict[str, dict[str, list[str]]]):
@@ -46,7 +46,7 @@ def as_dump(state: dict[str, dict[str, list[str]]]):
     for table, chains in state.items():
         text += f"*{table}\n" + "".join(f"-A {chain} {spec}\n" for chain, specs in chains.items() for spec in specs)
         text += "COMMIT\n"
-    return parse_save(text)
+    return read_save(text)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
@@ -96,7 +96,7 @@ COMMIT
 
 
 def test_look_alikes_are_not_ours_unless_the_flags_or_our_chains_say_so() -> None:
-    owned = owned_state(parse_save(LOOK_ALIKES))
+    owned = owned_state(read_save(LOOK_ALIKES))
     assert owned["nat"]["PREROUTING"] == ["-p tcp -j ISTIO_INBOUND"]
     assert owned["nat"]["OUTPUT"] == ["-j ISTIO_OUTPUT"]
     assert owned["mangle"]["PREROUTING"] == [
@@ -106,23 +106,23 @@ def test_look_alikes_are_not_ours_unless_the_flags_or_our_chains_say_so() -> Non
         "-o lo -p tcp -m mark --mark 0x539 -j RETURN",
         "! -d 127.0.0.1/32 -o lo -p tcp -m owner --uid-owner 1337 -j MARK --set-xmark 0x53a/0xffffffff",
     ]
-    with_flags = owned_state(parse_save(LOOK_ALIKES), {"nat": {"PREROUTING": ["-i eth7 -j RETURN"]}})
+    with_flags = owned_state(read_save(LOOK_ALIKES), {"nat": {"PREROUTING": ["-i eth7 -j RETURN"]}})
     assert with_flags["nat"]["PREROUTING"] == ["-i eth7 -j RETURN", "-p tcp -j ISTIO_INBOUND"]
     assert with_flags["nat"]["OUTPUT"] == ["-j ISTIO_OUTPUT"]
 
 
 def test_a_twin_is_claimed_only_as_often_as_we_write_it() -> None:
-    dump = parse_save("*nat\n-A PREROUTING -i eth0 -j RETURN\n-A PREROUTING -i eth0 -j RETURN\n"
+    dump = read_save("*nat\n-A PREROUTING -i eth0 -j RETURN\n-A PREROUTING -i eth0 -j RETURN\n"
                       "-A PREROUTING -p tcp -j ISTIO_INBOUND\nCOMMIT\n")
     owned = owned_state(dump, {"nat": {"PREROUTING": ["-i eth0 -j RETURN", "-p tcp -j ISTIO_INBOUND"]}})
     assert owned["nat"]["PREROUTING"] == ["-i eth0 -j RETURN", "-p tcp -j ISTIO_INBOUND"]
 
 
 def test_rollback_touches_only_what_changed() -> None:
-    before = parse_save("*nat\n:FOREIGN - [0:0]\n-A PREROUTING -p udp -j RETURN\n-A OUTPUT -d 10.0.0.1/32 -j RETURN\n"
+    before = read_save("*nat\n:FOREIGN - [0:0]\n-A PREROUTING -p udp -j RETURN\n-A OUTPUT -d 10.0.0.1/32 -j RETURN\n"
                         "-A OUTPUT -j ISTIO_OUTPUT\n-A OUTPUT -p udp -j RETURN\n-A ISTIO_OUTPUT -j RETURN\nCOMMIT\n"
                         "*raw\n-A OUTPUT -j ACCEPT\nCOMMIT\n")
-    now = parse_save("*nat\n:FOREIGN - [0:0]\n-A PREROUTING -p udp -j RETURN\n-A PREROUTING -p tcp -j ISTIO_INBOUND\n"
+    now = read_save("*nat\n:FOREIGN - [0:0]\n-A PREROUTING -p udp -j RETURN\n-A PREROUTING -p tcp -j ISTIO_INBOUND\n"
                      "-A OUTPUT -d 10.0.0.1/32 -j RETURN\n-A OUTPUT -p udp -j RETURN\n-A OUTPUT -j ISTIO_OUTPUT\n"
                      "-A ISTIO_INBOUND -j RETURN\n-A ISTIO_OUTPUT -j ACCEPT\nCOMMIT\n"
                      "*raw\n-A OUTPUT -j ACCEPT\nCOMMIT\n")
@@ -180,7 +180,7 @@ def test_kernel_spelling_matches_the_kernel_for_every_case(backend: str, netns_f
         for ruleset in plan_of(case, tmp_path).rulesets:
             text = render_restore(ruleset)
             namespace.run(program(backend, ruleset.family, "restore"), "--noflush", input=text)
-            dump = parse_save(namespace.run(program(backend, ruleset.family, "save")).stdout)
+            dump = read_save(namespace.run(program(backend, ruleset.family, "save")).stdout)
             kernel = normalised(dump.tables)
             predicted = normalised(desired_state(ruleset, resolve_test_gid))
             assert kernel == predicted, "\n".join(

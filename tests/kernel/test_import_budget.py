@@ -19,13 +19,14 @@ from tests.support.netns import NetNS
 
 # Never on any path below: heavy libraries the default paths avoid on purpose.
 HEAVY = frozenset({"iptc", "pyroute2", "subprocess", "logging", "difflib", "shutil", "locale", "socket", "ctypes"})
+# xtables/save.py reads iptables-save on the apply path too; only explain's model reader needs shlex.
+EXPLAIN_LIBRARIES = frozenset({"shlex"})
 HEAVY_DIGESTS = frozenset({"zlib", "hashlib"})  # set names carry a CRC; Istio's short lists never need one
 EXPLAIN_AND_EXTRAS = frozenset(
     {
         "istio_iptables.explain.walk",
         "istio_iptables.explain.from_nft",
         "istio_iptables.frontends.cli.explain",
-        "istio_iptables.xtables.save",
         "istio_iptables.system.xtables_libiptc",  # --applier libiptc only
         "istio_iptables.system.routes",  # TPROXY and IPv6 only (pyroute2)
         "istio_iptables.engine.validation",  # --run-validation only
@@ -46,13 +47,14 @@ IPTABLES_ENGINE = frozenset(
         "istio_iptables.system.xtables_backend",
         "istio_iptables.system.xtables_restore",
         "istio_iptables.xtables.reconcile",
+        "istio_iptables.xtables.save",
         "istio_iptables.system.ipset",
     }
 )
 # dataclasses and json stay off the iptables paths (records.py, JSON only for JSON logs); the native
 # paths pay for them today (nft/model.py's dataclasses, ~8 ms; nft -j listings): a known cost.
 IPTABLES_ONLY = frozenset({"dataclasses", "json"}) | NATIVE_MODULES
-BASE = HEAVY | HEAVY_DIGESTS | EXPLAIN_AND_EXTRAS
+BASE = HEAVY | HEAVY_DIGESTS | EXPLAIN_AND_EXTRAS | EXPLAIN_LIBRARIES
 
 INJECTOR = "-p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x '' -b '*' -d 15090,15021,15020"
 TPROXY = "-p 15001 -z 15006 -u 1337 -m TPROXY -i '*' -x '' -b '*' -d 15090,15021,15020"

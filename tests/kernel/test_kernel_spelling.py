@@ -21,23 +21,24 @@ from istio_iptables.xtables.model import (
     CtZone,
     Interface,
     Jump,
+    L4Protocol,
     Mark,
     Ports,
-    Protocol,
     Redirect,
     Rule,
     RuleSet,
     SetMark,
     Verdict,
 )
-from istio_iptables.xtables.reconcile import canonical_spec, desired_state, diff_states, normalised, parse_save
+from istio_iptables.xtables.reconcile import canonical_spec, desired_state, diff_states, normalised
 from istio_iptables.xtables.render import render_restore
+from istio_iptables.xtables.save import read_save
 from tests.support.apply_support import BACKENDS, program
 from tests.support.netns import NetNS
 
 MESH_MARK, MASK = 0x539, 0xFFF  # ambient: packets from ztunnel
 CONNECTION_MARK = 0x111  # ambient: connections that came in through ztunnel
-TCP, UDP = Protocol("tcp"), Protocol("udp")
+TCP, UDP = L4Protocol("tcp"), L4Protocol("udp")
 ACCEPT = Verdict("ACCEPT")
 
 
@@ -93,6 +94,6 @@ def test_masked_marks_read_back_exactly_as_predicted(backend: str, netns: NetNS,
     for family in (Family.V4, Family.V6):
         ruleset = ambient_like(family)
         netns.run(program(backend, family, "restore"), "--noflush", input=render_restore(ruleset), env=lock)
-        dump = parse_save(netns.run(program(backend, family, "save"), env=lock).stdout)
+        dump = read_save(netns.run(program(backend, family, "save"), env=lock).stdout)
         kernel, predicted = normalised(dump.tables), normalised(desired_state(ruleset))
         assert kernel == predicted, "\n".join(diff_states(kernel, predicted, family))

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from istio_iptables.policy.sidecar_xtables import build_plan
-from istio_iptables.xtables.reconcile import desired_state, diff_states, normalised, parse_save
+from istio_iptables.xtables.reconcile import desired_state, diff_states, normalised
 from istio_iptables.xtables.render import render_restore
+from istio_iptables.xtables.save import read_save
 from tests.support.apply_support import config_of, resolve_test_gid
 from tests.support.netns import NetNS, canonical_save
 
@@ -148,7 +149,7 @@ def test_kernel_spelling_of_ranges_is_predicted(
         netns = netns_factory("iit-rngs")
         [ruleset] = build_plan(config_of(argv)).rulesets
         netns.run(f"iptables-{backend}-restore", input=render_restore(ruleset), env=env)
-        kernel = normalised(parse_save(netns.run(f"iptables-{backend}-save", env=env).stdout).tables)
+        kernel = normalised(read_save(netns.run(f"iptables-{backend}-save", env=env).stdout).tables)
         predicted = normalised(desired_state(ruleset, resolve_test_gid))
         assert kernel == predicted, "\n".join([" ".join(argv), *diff_states(kernel, predicted, ruleset.family)])
 

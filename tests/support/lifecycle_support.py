@@ -10,7 +10,8 @@ from istio_iptables.engine.xtables import apply
 from istio_iptables.errors import ExitCode, IstioIptablesError
 from istio_iptables.net import Family
 from istio_iptables.policy.sidecar_xtables import build_plan
-from istio_iptables.xtables.reconcile import desired_state, normalised, owned_state, parse_save
+from istio_iptables.xtables.reconcile import desired_state, normalised, owned_state
+from istio_iptables.xtables.save import read_save
 from tests.support.apply_support import (
     cli_in,
     config_of,
@@ -46,7 +47,7 @@ def assert_holds(namespace: NetNS, backend: str, args: list[str], env: dict[str,
     for family in (Family.V4, Family.V6):
         ruleset = plan.ruleset(family)
         wanted = desired_state(ruleset, resolve_test_gid) if ruleset else {}
-        owned = owned_state(parse_save(saves[family]), wanted, family)
+        owned = owned_state(read_save(saves[family]), wanted, family)
         assert normalised(owned) == normalised(wanted), family
 
 

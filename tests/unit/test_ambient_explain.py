@@ -13,7 +13,7 @@ import pytest
 from istio_iptables.explain.walk import Flow, Tables, explain
 from istio_iptables.net import Family
 from istio_iptables.xtables.model import ConnMarkRestore, ConnMarkSet, Snat, SocketExists
-from istio_iptables.xtables.save import parse_save
+from istio_iptables.xtables.save import read_save_model
 
 CLI = [sys.executable, "-m", "istio_iptables", "explain", "ambient"]
 DIALECTS = ((), ("--native-nftables",))
@@ -116,7 +116,7 @@ COMMIT
 
 
 def test_iptables_save_reads_ambients_targets() -> None:
-    saved = parse_save(SAVED, Family.V4)
+    saved = read_save_model(SAVED, Family.V4)
     targets = [item.rule.target for rules in saved.chains.values() for item in rules]
     matches = [match for rules in saved.chains.values() for item in rules for match in item.rule.matches]
     assert ConnMarkSet(0x111, 0xFFF) in targets

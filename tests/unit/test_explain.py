@@ -15,7 +15,7 @@ from istio_iptables.frontends.cli.explain import explain_command
 from istio_iptables.net import Family
 from istio_iptables.policy.sidecar_xtables import build_plan
 from istio_iptables.xtables.model import PortRange, Ports, SetMatch, Unsupported
-from istio_iptables.xtables.save import parse_rule_spec, parse_save
+from istio_iptables.xtables.save import parse_rule_spec, read_save_model
 from tests.support.explain_support import DEFAULT, config
 
 DATA = Path(__file__).parents[1] / "data"
@@ -184,7 +184,7 @@ def test_established_packets_skip_nat() -> None:
 
 
 def test_parse_reads_back_what_we_render() -> None:
-    saved = parse_save((DATA / "explain-tproxy-dns.save").read_text(), Family.V4)
+    saved = read_save_model((DATA / "explain-tproxy-dns.save").read_text(), Family.V4)
     assert saved.problems == []
     cfg = config(
         "-u",
@@ -274,7 +274,7 @@ def test_parse_understands_comments_masks_and_sets() -> None:
 
 
 def test_an_unknown_match_is_reported_never_skipped() -> None:
-    saved = parse_save(
+    saved = read_save_model(
         "*nat\n:OUTPUT ACCEPT [0:0]\n:X - [0:0]\n-A OUTPUT -j X\n"
         "-A X -p tcp -m addrtype --dst-type LOCAL -j RETURN\n-A X -p tcp -j REDIRECT --to-ports 1\n"
         "COMMIT\n",
@@ -292,7 +292,7 @@ def test_an_unknown_match_is_reported_never_skipped() -> None:
 
 def test_sets_and_policies() -> None:
     text = "*mangle\n:OUTPUT DROP [0:0]\n-A OUTPUT -m set --match-set allowed dst -j ACCEPT\nCOMMIT\n"
-    saved = parse_save(text, Family.V4)
+    saved = read_save_model(text, Family.V4)
     allowed = {"allowed": (ipaddress.ip_network("10.1.0.0/16"),)}
     assert explain(Tables.from_saved(saved, "t", allowed), local("10.1.2.3", 80)).landing.kind == "network"
     dropped = explain(Tables.from_saved(saved, "t", allowed), local("10.2.2.3", 80))

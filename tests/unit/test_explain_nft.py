@@ -11,20 +11,13 @@ import pytest
 from click.testing import CliRunner
 
 from istio_iptables.config.sidecar import Config
-from istio_iptables.explain.from_nft import (
-    NftJsonError,
-    ReadTable,
-    listed_texts,
-    masked_members,
-    read_json,
-    read_model,
-    to_tables,
-)
+from istio_iptables.explain.from_nft import listed_texts, masked_members, read_model, to_tables
 from istio_iptables.explain.walk import Flow, Tables, chain_path, explain, verdict_text
 from istio_iptables.frontends.cli.explain import explain_command
 from istio_iptables.net import Family
+from istio_iptables.nft.listing import ListedTable, NftJsonError, read_listing
 from istio_iptables.policy.sidecar_nft import build_nft_ruleset
-from istio_iptables.xtables.model import Address, Owner, PortRange, Ports, Protocol, Tproxy, Unsupported
+from istio_iptables.xtables.model import Address, L4Protocol, Owner, PortRange, Ports, Tproxy, Unsupported
 from tests.support.explain_nft_support import SIDECAR, config
 
 RECORDED = Path(__file__).parents[1] / "data" / "explain-nft-tproxy-dns.json"
@@ -42,7 +35,7 @@ def model_tables(cfg: Config, family: Family) -> Tables:
 
 
 def recorded(family: Family) -> Tables:
-    return to_tables(read_json(RECORDED.read_text()), family, "live", handles=True)[0]
+    return to_tables(read_listing(RECORDED.read_text()), family, "live", handles=True)[0]
 
 
 def flow(origin: str, dst: str, dport: int, proto: str = "tcp", uid: int = 1000, src: str | None = None) -> Flow:
@@ -111,13 +104,13 @@ SET_FLOWS = [
 @pytest.mark.parametrize("probe", SET_FLOWS, ids=[f"{f.origin}-{f.protocol}-{f.dst}-{f.dport}" for f in SET_FLOWS])
 def test_named_sets_explain_as_the_configuration_does(probe: Flow) -> None:
     from_model = explain(model_tables(config(*SETS_ARGS), Family.V4), probe)
-    from_listing = explain(to_tables(read_json(SETS_RECORDED.read_text()), Family.V4, "live")[0], probe)
+    from_listing = explain(to_tables(read_listing(SETS_RECORDED.read_text()), Family.V4, "live")[0], probe)
     assert from_listing.problems == () and from_listing.landing.kind != "undetermined"
     assert (from_listing.landing, from_listing.matched) == (from_model.landing, from_model.matched)
 
 
 def test_namedmasked_members_at_the_matched_prefix_length() -> None:
-    tables = to_tables(read_json(SETS_RECORDED.read_text()), Family.V4, "live")[0]
+    tables = to_tables(read_listing(SETS_RECORDED.read_text()), Family.V4, "live")[0]
     assert tables.sets is not None
     assert tables.sets["istio-proxy-nat @istio-v4-out-excl-16/16"] == tuple(
         ipaddress.ip_network(f"10.{n}.0.0/16") for n in (1, 2, 4)
@@ -230,12 +223,12 @@ def test_expressions_map_to_the_model() -> None:
             {"redirect": {"port": 15001}},
         ]
     )
-    (table,) = read_json(text)
+    (table,) = read_listing(text)
     rule = table.chains["output"].rules[0]
     assert rule.packets == 3 and rule.handle == 2
     tables, index = to_tables([table], Family.V6, "t")
     model = tables.chains[("istio-proxy-nat", "output")][0].rule
-    assert model.matches[:2] == (Protocol("tcp"), Ports("dst", (53, PortRange(15000, 15002)), negate=True))
+    assert model.matches[:2] == (L4Protocol("tcp"), Ports("dst", (53, PortRange(15000, 15002)), negate=True))
     assert model.matches[2] == Address("dst", ipaddress.ip_network("fd00::/8"))
     assert model.matches[3].name == "eth+"  # type: ignore[union-attr]
     assert model.matches[4] == Owner("gid", "1337", negate=True)
@@ -250,11 +243,11 @@ def test_what_is_not_understood_is_reported_never_skipped() -> None:
         [match("==", {"fib": {"result": "type", "flags": ["daddr"]}}, "local"), {"redirect": {"port": 15001}}],
         [COUNTER, {"masquerade": None}],
     )
-    tables, _ = to_tables(read_json(text), Family.V4, "t")
+    tables, _ = to_tables(read_listing(text), Family.V4, "t")
     assert len(tables.problems) == 2 and all("not understood" in problem for problem in tables.problems)
     # Statements we know, in a combination our model has no single target for, are reported too.
     mark_and_accept = [{"mangle": {"key": {"meta": {"key": "mark"}}, "value": 7}}, {"accept": None}]
-    combined = to_tables(read_json(listing(mark_and_accept)), Family.V4, "t")[0]
+    combined = to_tables(read_listing(listing(mark_and_accept)), Family.V4, "t")[0]
     assert combined.problems == ["istio-proxy-nat output rule 1: not understood: meta mark set 7 accept in "
                                  "'meta mark set 7 accept'"]
     assert isinstance(tables.chains[("istio-proxy-nat", "output")][0].rule.matches[0], Unsupported)
@@ -265,14 +258,14 @@ def test_what_is_not_understood_is_reported_never_skipped() -> None:
 @pytest.mark.parametrize("text", ["", "[]", '{"nftables": [{"rule": {"family": "inet"}}]}', '{"nftables": 3}'])
 def test_a_listing_that_is_not_one_is_an_error(text: str) -> None:
     with pytest.raises(NftJsonError):
-        read_json(text)
+        read_listing(text)
 
 
 def test_foreign_tables_are_named_when_they_hold_rules() -> None:
-    tables = read_json(listing([{"accept": None}], tables=(("ip", "filter"),)))
+    tables = read_listing(listing([{"accept": None}], tables=(("ip", "filter"),)))
     assert to_tables(tables, Family.V4, "t")[0].problems == []  # empty: no effect
-    foreign = ReadTable("ip", "filter")
-    foreign.chains["input"] = read_json(listing([{"drop": None}]))[0].chains["output"]
+    foreign = ListedTable("ip", "filter")
+    foreign.chains["input"] = read_listing(listing([{"drop": None}]))[0].chains["output"]
     problems = to_tables([*tables, foreign], Family.V4, "t")[0].problems
     assert problems == ["table ip filter is not ours and is not evaluated"]
 
@@ -290,7 +283,7 @@ def test_socket_owner_never_matches_a_packet_without_a_socket() -> None:
             "policy": "accept",
         },
     )
-    tables, _ = to_tables(read_json(text), Family.V4, "t")
+    tables, _ = to_tables(read_listing(text), Family.V4, "t")
     assert explain(tables, flow("remote", "10.0.0.2", 8080)).landing.kind == "local"
 
 
@@ -315,7 +308,7 @@ def test_port_ranges_from_the_configuration(use_sets: str) -> None:
 
 
 def test_nft_range_expressions_are_read_as_ranges() -> None:
-    from istio_iptables.explain.from_nft import _ports
+    from istio_iptables.nft.listing import _ports
 
     assert _ports({"range": [8000, 9000]}) == (PortRange(8000, 9000),)
     assert _ports({"set": [80, {"range": [0, 100]}, {"range": [7, 7]}]}) == (80, PortRange(0, 100), 7)

@@ -12,9 +12,9 @@ from istio_iptables.errors import ApplyError, EnvironmentProblem, ExitCode
 from istio_iptables.frontends.cli import main as cli
 from istio_iptables.nft.model import (
     NAT,
+    NFT_RETURN,
     OUTPUT,
     PREROUTING,
-    RETURN,
     Addr,
     IfName,
     JumpTo,
@@ -36,9 +36,9 @@ def invoke(*args: str) -> tuple[int, str]:
 
 def test_insert_into_an_empty_or_short_chain_appends() -> None:
     nft = NftRuleset()
-    nft.insert(NAT, PREROUTING, 0, IfName("in", "a"), then=RETURN)
-    nft.insert(NAT, PREROUTING, 5, IfName("in", "b"), then=RETURN)
-    nft.insert(NAT, PREROUTING, 0, IfName("in", "c"), then=RETURN)
+    nft.insert(NAT, PREROUTING, 0, IfName("in", "a"), then=NFT_RETURN)
+    nft.insert(NAT, PREROUTING, 5, IfName("in", "b"), then=NFT_RETURN)
+    nft.insert(NAT, PREROUTING, 0, IfName("in", "c"), then=NFT_RETURN)
     names = [rule.matches[0].name for rule in nft.tables[NAT].chains[PREROUTING].rules]  # type: ignore[union-attr]
     assert names == ["c", "a", "b"]
 
@@ -51,7 +51,7 @@ def test_jump_targets_are_declared_even_without_rules() -> None:
 
 
 def test_counter_goes_before_the_last_statement() -> None:
-    rule = NftRule((Port("tcp", "dport", (53, 15008), negate=True),), (RETURN,))
+    rule = NftRule((Port("tcp", "dport", (53, 15008), negate=True),), (NFT_RETURN,))
     assert rule_text(rule) == "tcp dport != { 53, 15008 } counter return"
 
 

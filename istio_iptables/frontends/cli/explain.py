@@ -242,7 +242,7 @@ def read_live(namespace: str, force_binary: str, family: Family) -> tuple[Tables
     from istio_iptables.system.host import RealHost
     from istio_iptables.system.netns import entered
     from istio_iptables.system.xtables_backend import detect
-    from istio_iptables.xtables.save import SaveFormatError, parse_save
+    from istio_iptables.xtables.save import SaveFormatError, read_save_model
 
     with entered(namespace):
         native = _native_nftables(family, namespace)
@@ -250,7 +250,7 @@ def read_live(namespace: str, force_binary: str, family: Family) -> tuple[Tables
             return native, tuple(RealHost().addresses())
         detection = detect(force_binary, [family])
         try:
-            saved = parse_save(detection.saves[family], family)
+            saved = read_save_model(detection.saves[family], family)
         except SaveFormatError as error:
             raise EnvironmentProblem(f"cannot read iptables-save output: {error}") from None
         uses_sets = any("--match-set" in item.text for rules in saved.chains.values() for item in rules)
@@ -272,16 +272,17 @@ def _run_if_installed(*command: str) -> Finished | None:
 
 def _native_nftables(family: Family, namespace: str) -> Tables | None:
     """Our nft tables (``--native-nftables``), if the namespace holds any; None: use iptables."""
-    from istio_iptables.explain.from_nft import NftJsonError, listed_texts, read_json, to_tables
+    from istio_iptables.explain.from_nft import explained, listed_texts, to_tables
+    from istio_iptables.nft.listing import NftJsonError, read_listing
 
     done = _run_if_installed("nft", "-j", "list", "ruleset")
     if done is None or done.returncode != 0:
         return None  # no nft, or no nf_tables: only iptables-legacy can hold rules
     try:
-        read = read_json(done.stdout)
+        read = read_listing(done.stdout)
     except NftJsonError as error:
         raise EnvironmentProblem(f"cannot read 'nft -j list ruleset': {error}") from None
-    if not any(table.ours for table in read):
+    if not any(explained(table) for table in read):
         return None
     # The rules as nft prints them, for the user; a rule added in between falls back to our spelling.
     listed = _run_if_installed("nft", "-a", "list", "ruleset")
