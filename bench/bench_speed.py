@@ -39,7 +39,14 @@ from istio_iptables.xtables.render import render_documents
 from tests.support.netns import NetNS
 
 try:
-    from istio_iptables.engine.nft import run_nftables
+    try:
+        from istio_iptables.engine.nft import NftForm
+        from istio_iptables.engine.seam import real_system
+
+        def run_nftables(config: Config, out: object, plan: Plan) -> None:
+            NftForm(config, real_system()).apply(plan)
+    except ImportError:  # before the engine refactor (issue 13)
+        from istio_iptables.engine.nft import run_nftables  # type: ignore[no-redef]
     from istio_iptables.nft.render import render_script
     from istio_iptables.policy.sidecar_nft import build_nft_ruleset
 
@@ -48,7 +55,11 @@ except ImportError:  # a tree from before the native nftables backend
     BACKENDS = ("legacy", "nft")
 try:
     from istio_iptables.policy.lists import SET_THRESHOLD, render_ipset_document
-    from istio_iptables.system.ipset import plan_for_this_host
+
+    try:
+        from istio_iptables.engine.xtables import plan_for_this_host
+    except ImportError:  # before the engine refactor (issue 13)
+        from istio_iptables.system.ipset import plan_for_this_host  # type: ignore[no-redef]
 except ImportError:  # a tree from before sets (to print the "before" figures): one rule per entry only
     SET_THRESHOLD = 10**9
 

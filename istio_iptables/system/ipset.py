@@ -10,19 +10,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from istio_iptables._lib.log import log
-from istio_iptables.config.sidecar import Config
 from istio_iptables.errors import ApplyError, EnvironmentProblem
+from istio_iptables.policy.footprint import SIDECAR, Footprint
 from istio_iptables.policy.lists import (
-    SET_THRESHOLD,
     holds_what_its_name_says,
-    is_own_set,
     render_ipset_destroy,
     render_ipset_restore,
-    sets_of,
     temporary_name,
 )
-from istio_iptables.system.spawn import Finished, run, which
-from istio_iptables.xtables.model import NamedSet, Plan
+from istio_iptables.system.spawn import Finished, run_program, which
+from istio_iptables.xtables.model import NamedSet
 
 
 def ipset_program() -> str:
@@ -35,36 +32,21 @@ def ipset_program() -> str:
     return path
 
 
-def plan_for_this_host(config: Config, plan: Plan) -> Plan:
-    """``--use-sets=auto`` without the ipset command: the same policy without sets, and a warning."""
-    if not sets_of(plan.rulesets) or which("ipset"):
-        return plan
-    if config.use_sets != "auto":
-        ipset_program()  # raises, saying what to install or pass
-    log.warning(
-        "lists longer than %d entries would be ipsets, but the ipset command is missing: writing rules "
-        "instead (one per CIDR, multiport for ports); install ipset for sets",
-        SET_THRESHOLD,
-    )
-    from dataclasses import replace
-
-    from istio_iptables.policy.sidecar_xtables import build_plan
-
-    return build_plan(replace(config, use_sets="multiport"))
-
-
 class Ipset:
     """Runs ``ipset`` in the current network namespace."""
 
-    def __init__(self, env: Mapping[str, str] | None = None, referenced: Iterable[str] = ()) -> None:
+    def __init__(
+        self, env: Mapping[str, str] | None = None, referenced: Iterable[str] = (), footprint: Footprint = SIDECAR
+    ) -> None:
         """``referenced``: the sets our live rules match, ours whatever they hold (someone may have
-        edited one; a load refills it)."""
+        edited one; a load refills it). ``footprint``: whose set names to look for."""
         self.program = ipset_program()
+        self.footprint = footprint
         self.env = dict(env) if env is not None else None
         self.referenced = set(referenced)
 
     def _run(self, *args: str, input: str | None = None) -> Finished:
-        return run([self.program, *args], input=input, env=self.env)
+        return run_program([self.program, *args], input=input, env=self.env)
 
     def listing(self) -> dict[str, list[str]]:
         """Every set of the namespace with its members, from one ``ipset save``."""
@@ -88,7 +70,7 @@ class Ipset:
         ours = [
             name
             for name, members in listing.items()
-            if is_own_set(name)
+            if self.footprint.owns_set_name(name)
             and not name.endswith("-t")
             and (name in self.referenced or holds_what_its_name_says(name, members))
         ]

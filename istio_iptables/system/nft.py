@@ -18,8 +18,8 @@ from typing import Any
 from istio_iptables._lib.log import log
 from istio_iptables.errors import ApplyError, EnvironmentProblem
 from istio_iptables.nft.listing import read_listing_objects
-from istio_iptables.nft.names import OUR_TABLES
-from istio_iptables.system.spawn import Finished, run, which
+from istio_iptables.policy.footprint import SIDECAR, Footprint
+from istio_iptables.system.spawn import Finished, run_program, which
 from istio_iptables.xtables.model import OWN_CHAINS
 
 # Names read back from the kernel are spliced into nft/iptables input only if they look like this.
@@ -34,9 +34,9 @@ def _kernel_name(name: object) -> str:
     return name
 
 
-def _run(argv: Sequence[str], stdin: str | None = None) -> Finished:
+def _run_tool(argv: Sequence[str], stdin: str | None = None) -> Finished:
     try:
-        return run(argv, input=stdin, timeout=60)
+        return run_program(argv, input=stdin, timeout=60)
     except FileNotFoundError:
         raise EnvironmentProblem(f"'{argv[0]}' is missing") from None
 
@@ -54,7 +54,7 @@ def nft_program() -> str:
 def apply_script(script: str) -> None:
     """Load ``script`` with ``nft -f -`` as one transaction: the kernel takes all of it or nothing."""
     log.info("nftables: applying %d commands as one transaction", script.count("\n"))
-    result = _run([nft_program(), "-f", "-"], stdin=script)
+    result = _run_tool([nft_program(), "-f", "-"], stdin=script)
     if result.returncode != 0:
         raise ApplyError(f"nftables refused the ruleset, nothing was changed: {result.stderr.strip()}")
 
@@ -74,6 +74,8 @@ class NamespaceState:
     our_ipv6: bool = False
     # Our tables as listed (``nft -j`` objects), to put them back if a later step fails.
     our_objects: list[dict] = field(default_factory=list)
+    # Whose tables and chains these are (docs/architecture.md: footprints).
+    footprint: Footprint = SIDECAR
 
     def held(self) -> dict[str, tuple[list[str], list[str]]]:
         """Per table of ours: the chains and sets it holds, by name (checked before they reach nft input)."""
@@ -103,16 +105,18 @@ def read_nft_state(state: NamespaceState) -> None:
     path = which("nft")
     if path is None:
         return  # without nft there are neither our tables nor iptables-nft rules to look at
-    listing = _run([path, "-j", "list", "ruleset"])
+    listing = _run_tool([path, "-j", "list", "ruleset"])
     if listing.returncode != 0:
         raise EnvironmentProblem(f"cannot list the nftables ruleset: {listing.stderr.strip()}")
     parse_nft_listing(json.loads(listing.stdout or "{}").get("nftables", []), state)
 
 
 def parse_nft_listing(objects: list[dict], state: NamespaceState) -> None:
-    """Fill ``state`` from ``nft -j list ruleset`` objects (read by :mod:`istio_iptables.nft.listing`)."""
+    """Fill ``state`` from ``nft -j list ruleset`` objects (read by :mod:`istio_iptables.nft.listing`);
+    what is ours is what ``state.footprint`` claims."""
+    ours = state.footprint
     for table in read_listing_objects(objects):
-        if table.ours:
+        if ours.owns_nft_table(table.family, table.name):
             if any("table" in entry for entry in table.objects):
                 state.our_tables.append(table.name)
             state.our_objects += table.objects  # sets listed before the rules that match them, as a restore needs
@@ -121,13 +125,13 @@ def parse_nft_listing(objects: list[dict], state: NamespaceState) -> None:
                     _note_our_rule(rule.expressions, state)
         elif table.family in IPTABLES_NFT_FAMILIES:
             for chain in table.chains.values():
-                if chain.name in OWN_CHAINS:
+                if ours.owns_chain(chain.name):
                     state.iptables_nft_chains.append((table.family, table.name, chain.name))
                     continue
                 state.iptables_nft_jumps += [
                     (table.family, table.name, chain.name, rule.handle)
                     for rule in chain.rules
-                    if _jumps_to_own_chain(rule.expressions)
+                    if ours.jumps_into_own_chain(rule.expressions)
                 ]
 
 
@@ -140,14 +144,6 @@ def _note_our_rule(expressions: list[Any], state: NamespaceState) -> None:
             state.tproxy_mark = marks[0]
 
 
-def _jumps_to_own_chain(expressions: list[Any]) -> bool:
-    return any(
-        verdict in expr and expr[verdict].get("target") in OWN_CHAINS
-        for expr in expressions
-        for verdict in ("jump", "goto")
-    )
-
-
 def read_legacy_state(state: NamespaceState, proc_net: Path = Path("/proc/thread-self/net")) -> None:
     """ISTIO_* chains in iptables-legacy; skipped (no process started) when no legacy table exists."""
     for names_file, program in LEGACY_PROGRAMS.items():
@@ -157,13 +153,13 @@ def read_legacy_state(state: NamespaceState, proc_net: Path = Path("/proc/thread
             continue  # the legacy x_tables module is not even loaded
         if not tables or which(f"{program}-save") is None:
             continue
-        save = _run([f"{program}-save"])
+        save = _run_tool([f"{program}-save"])
         if save.returncode == 0 and legacy_own_chains(save.stdout):
             state.legacy_saves[program] = save.stdout
 
 
-def read_state() -> NamespaceState:
-    state = NamespaceState()
+def read_state(footprint: Footprint = SIDECAR) -> NamespaceState:
+    state = NamespaceState(footprint=footprint)
     read_nft_state(state)
     read_legacy_state(state)
     return state
@@ -224,7 +220,7 @@ def legacy_removal_document(save_text: str) -> str:
 
 def remove_legacy_form(state: NamespaceState) -> None:
     for program, save_text in state.legacy_saves.items():
-        result = _run([f"{program}-restore", "--noflush", "--wait=30"], stdin=legacy_removal_document(save_text))
+        result = _run_tool([f"{program}-restore", "--noflush", "--wait=30"], stdin=legacy_removal_document(save_text))
         if result.returncode != 0:
             raise ApplyError(f"{program}-restore could not remove the old iptables rules: {result.stderr.strip()}")
         log.info("removed the iptables rules left by %s", program)
@@ -233,13 +229,14 @@ def remove_legacy_form(state: NamespaceState) -> None:
 def restore_our_tables(before: NamespaceState) -> None:
     """Put our tables back as ``before`` listed them, in one transaction (JSON in, no text spliced)."""
     commands: list[dict] = [
-        {verb: {"table": {"family": "inet", "name": table}}} for table in OUR_TABLES for verb in ("add", "delete")
+        {verb: {"table": {"family": "inet", "name": table}}} for table in before.footprint.nft_tables
+        for verb in ("add", "delete")
     ]
     for entry in before.our_objects:
         kind, body = next(iter(entry.items()))
         # In an add command a rule's handle names the rule to append after: drop it (and the table's).
         commands.append({"add": {kind: {key: value for key, value in body.items() if key != "handle"}}})
-    result = _run([nft_program(), "-j", "-f", "-"], stdin=json.dumps({"nftables": commands}))
+    result = _run_tool([nft_program(), "-j", "-f", "-"], stdin=json.dumps({"nftables": commands}))
     if result.returncode != 0:
         raise ApplyError(f"could not put the previous nftables rules back: {result.stderr.strip()}")
 

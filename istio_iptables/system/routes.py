@@ -236,7 +236,7 @@ def _has_local_default(ipr: Any, family: Family, lo: int, table: int) -> bool:
     )
 
 
-def remove(pairs: Iterable[tuple[int, int]], passthrough_v6: bool, keep: TproxyRoutes | None = None) -> bool:
+def remove_routes(pairs: Iterable[tuple[int, int]], passthrough_v6: bool, keep: TproxyRoutes | None = None) -> bool:
     """Remove our policy routing for each (mark, table) pair, both families; True if anything went.
 
     ``keep``: the routing the current configuration wants (a reconcile keeps it). The local default

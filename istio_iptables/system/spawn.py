@@ -184,7 +184,7 @@ def run_all(
             process.close()  # nothing left to do for the ones that finished
 
 
-def run(
+def run_program(
     args: Sequence[str], *, input: str | None = None, env: Mapping[str, str] | None = None, timeout: float | None = None
 ) -> Finished:
     """Run ``args`` to completion: ``subprocess.run(args, input=..., capture_output=True, text=True)``."""

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from istio_iptables._lib.log import log
 from istio_iptables.errors import ApplyError, EnvironmentProblem, IstioIptablesError
 from istio_iptables.net import Family
-from istio_iptables.system.spawn import run, which
+from istio_iptables.system.spawn import run_program, which
 from istio_iptables.system.xtables_backend import Backend, Detection, find_program
 from istio_iptables.xtables.model import BUILTIN_CHAINS
 
@@ -197,14 +197,14 @@ class RestoreApplier:
     def read(self, family: Family) -> str:
         """What the namespace holds now (``*-save``), to compute a rollback from."""
         program = self.backend.program(family, "save")
-        process = run([find_program(program)], env=self.env, timeout=lock_wait() + 30)
+        process = run_program([find_program(program)], env=self.env, timeout=lock_wait() + 30)
         if process.returncode != 0:
             raise RestoreFailed(family, program, "", process.returncode, process.stderr)
         return process.stdout
 
     def _restore(self, family: Family, text: str, *options: str) -> None:
         program = self.backend.program(family, "restore")
-        process = run([find_program(program), *options], input=text, env=self.env, timeout=lock_wait() + 30)
+        process = run_program([find_program(program), *options], input=text, env=self.env, timeout=lock_wait() + 30)
         if process.returncode != 0:
             raise RestoreFailed(family, program, text, process.returncode, process.stderr)
 
@@ -221,7 +221,7 @@ def nft_listing(family: Family, env: Mapping[str, str] | None = None) -> NftChai
     nft = which("nft")
     if nft is None:
         return None
-    listed = run([nft, "-j", "list", "ruleset", _nft_family(family)], env=env, timeout=60)
+    listed = run_program([nft, "-j", "list", "ruleset", _nft_family(family)], env=env, timeout=60)
     if listed.returncode != 0:
         return None
     from istio_iptables.nft.listing import read_listing
@@ -261,7 +261,7 @@ def _delete_if_empty(
     commands += [f"delete table {name} {table}" for table in tables if table not in remaining]
     deleted = False
     for command in commands:  # one by one: one refusal must not keep the others
-        deleted |= run([nft, command], env=env).returncode == 0
+        deleted |= run_program([nft, command], env=env).returncode == 0
     return deleted
 
 

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from istio_iptables.engine.xtables import apply, check_privileges
+from istio_iptables.engine.xtables import apply
 from istio_iptables.errors import ApplyError, EnvironmentProblem, ExitCode, IstioIptablesError
 from istio_iptables.net import Family
 from istio_iptables.policy.sidecar_xtables import build_plan
+from istio_iptables.system.real import RealSystem
 from istio_iptables.system.xtables_restore import RestoreFailed, explain_failure
 from istio_iptables.xtables.model import ISTIO_OUTPUT, CtZone, Plan, Rule, RuleSet
 from tests.support.apply_support import (
@@ -194,7 +195,7 @@ def test_without_net_admin_nothing_is_tried(tmp_path: Path) -> None:
     status = tmp_path / "status"
     status.write_text("Name:\tx\nCapEff:\t0000000000000000\n")
     with pytest.raises(EnvironmentProblem) as refused:
-        check_privileges(str(status))
+        RealSystem().check_privileges(str(status))
     assert refused.value.exit_code == ExitCode.ENVIRONMENT and "CAP_NET_ADMIN" in str(refused.value)
 
 

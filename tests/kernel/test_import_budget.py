@@ -75,17 +75,17 @@ ROOTLESS_PATHS = {
     "iptables dry run": (
         f"--dry-run {INJECTOR}",
         BASE | IPTABLES_ONLY | IPTABLES_ENGINE | {"select", "istio_iptables.system.spawn",
-        "istio_iptables.engine.guard"},
+        "istio_iptables.engine.forms"},
     ),
     "native dry run": (f"--dry-run --native-nftables {INJECTOR}", BASE | IPTABLES_ENGINE),
     # `istio-iptables ambient --dry-run`: the policy modules and the renderers, nothing of the engine.
     "ambient dry run": (
         "ambient --dry-run --redirect-dns --enable-ipv6",
-        BASE | IPTABLES_ONLY | IPTABLES_ENGINE | AMBIENT_NOT_ON_DRY_RUN | {"select", "istio_iptables.engine.guard"},
+        BASE | IPTABLES_ONLY | IPTABLES_ENGINE | AMBIENT_NOT_ON_DRY_RUN | {"select", "istio_iptables.engine.forms"},
     ),
     "ambient host dry run": (
         "ambient --dry-run --host --enable-ipv6",
-        BASE | IPTABLES_ONLY | IPTABLES_ENGINE | AMBIENT_NOT_ON_DRY_RUN | {"select", "istio_iptables.engine.guard"},
+        BASE | IPTABLES_ONLY | IPTABLES_ENGINE | AMBIENT_NOT_ON_DRY_RUN | {"select", "istio_iptables.engine.forms"},
     ),
     "ambient native dry run": (
         "ambient --dry-run --native-nftables --redirect-dns --enable-ipv6",

@@ -76,7 +76,8 @@ def config_of(
         for name, value in (env or {}).items():
             patcher.setenv(name, value)
         patcher.setattr(
-            "istio_iptables.engine.actions.run", lambda config, out, namespace_path="": captured.append(config)
+            "istio_iptables.engine.actions.perform",
+            lambda action, config, out, system, footprint, namespace_path="": captured.append(config),
         )
         patcher.setattr(
             "istio_iptables.system.host.RealHost.group_exists",

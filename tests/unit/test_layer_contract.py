@@ -10,8 +10,10 @@ has no cycle. Function-level (lazy) imports, which the start-time budget relies 
 Within the pure layer, the capture **policy** (which rules a configuration means) is for the
 layers that decide what to do (orchestration, front ends), not for system code.
 
-``KNOWN_VIOLATIONS`` lists today's exceptions, each with why it is there; the layout moves
-(issue 13) shrink it to nothing. A new exception is a design decision, not a test fix.
+Layers are given by package (``PACKAGE_LAYERS``, with the few modules that differ in
+``MODULE_LAYERS``), and each package may import only the packages docs/architecture.md's table
+allows (``ALLOWED_PACKAGES``). ``KNOWN_VIOLATIONS`` and ``KNOWN_PACKAGE_CROSSINGS`` list today's
+exceptions, each with why it is there. A new exception is a design decision, not a test fix.
 """
 
 from __future__ import annotations
@@ -25,85 +27,71 @@ PACKAGE = Path(__file__).resolve().parents[2] / "istio_iptables"
 PURE, SYSTEM, ORCHESTRATION, FRONTEND = "pure", "system", "orchestration", "front end"
 RANK = {PURE: 0, SYSTEM: 1, ORCHESTRATION: 2, FRONTEND: 3}
 
-# Every module of the package, by layer (module names relative to istio_iptables).
-LAYERS: dict[str, str] = {
-    # front ends
-    "frontends.cli.main": FRONTEND,
-    "frontends.cli.explain": FRONTEND,
-    "__main__": FRONTEND,
-    "frontends.__init__": FRONTEND,
-    "frontends.pod": FRONTEND,
-    "frontends.cni.__init__": FRONTEND,
-    "frontends.cni.__main__": FRONTEND,
-    "frontends.cni.actions": FRONTEND,
-    "frontends.cni.install": FRONTEND,
-    "frontends.cni.plugin": FRONTEND,
-    "frontends.cni.spec": FRONTEND,
-    "frontends.cli.ambient": FRONTEND,
-    # orchestration
-    "engine.actions": ORCHESTRATION,
-    "engine.xtables": ORCHESTRATION,
-    "engine.nft": ORCHESTRATION,
-    "engine.guard": ORCHESTRATION,
-    # pure
-    "__init__": PURE,
-    "nft.__init__": PURE,
-    "errors": PURE,
-    "_lib.records": PURE,
-    "xtables.model": PURE,
-    "config.sidecar": PURE,
-    "policy.sidecar_xtables": PURE,
-    "policy.lists": PURE,
-    "xtables.render": PURE,
-    "xtables.spelling": PURE,
-    "xtables.save": PURE,
-    "explain.walk": PURE,
-    "explain.from_nft": PURE,
-    "nft.listing": PURE,
-    "xtables.reconcile": PURE,
-    "nft.model": PURE,
-    "nft.names": PURE,
-    "policy.sidecar_nft": PURE,
-    "nft.render": PURE,
-    "config.ambient": PURE,
-    "policy.ambient_xtables": PURE,
-    "policy.ambient_nft": PURE,
-    "policy.ambient_footprint": PURE,
-    # system
-    "system.spawn": SYSTEM,
-    "system.host": SYSTEM,
-    "_lib.log": SYSTEM,
-    "system.ipset": SYSTEM,
-    "engine.validation": SYSTEM,
-    "system.xtables_backend": SYSTEM,
-    "system.xtables_restore": SYSTEM,
-    "system.xtables_libiptc": SYSTEM,
-    "system.netns": SYSTEM,
-    "system.routes": SYSTEM,
-    "system.nslock": SYSTEM,
-    "system.nft": SYSTEM,
-    "system.__init__": SYSTEM,
-    "system.kube": SYSTEM,
-    "system.node_agent": SYSTEM,
-    "_lib.__init__": PURE,  # added by the relayout: check
-    "config.__init__": PURE,  # added by the relayout: check
-    "engine.__init__": ORCHESTRATION,  # added by the relayout: check
-    "explain.__init__": PURE,  # added by the relayout: check
-    "frontends.cli.__init__": FRONTEND,  # added by the relayout: check
-    "frontends.cli.flags": FRONTEND,  # added by the relayout: check
-    "net": PURE,  # added by the relayout: check
-    "policy.__init__": PURE,  # added by the relayout: check
-    "xtables.__init__": PURE,  # added by the relayout: check
+# Layers by package (docs/architecture.md): a module takes its package's layer unless listed in
+# MODULE_LAYERS (module names relative to istio_iptables).
+PACKAGE_LAYERS: dict[str, str] = {
+    "frontends": FRONTEND,
+    "engine": ORCHESTRATION,
+    "system": SYSTEM,
+    "policy": PURE,
+    "xtables": PURE,
+    "nft": PURE,
+    "explain": PURE,
+    "config": PURE,
+    "_lib": PURE,
 }
+MODULE_LAYERS: dict[str, str] = {
+    "__main__": FRONTEND,
+    "__init__": PURE,
+    "errors": PURE,
+    "net": PURE,
+    "_lib.log": SYSTEM,  # writes to streams and files, and falls back to logging
+    "engine.validation": SYSTEM,  # --run-validation: sockets and a probe server, no orchestration
+}
+
+
+def layer_of(module: str) -> str | None:
+    if module in MODULE_LAYERS:
+        return MODULE_LAYERS[module]
+    return PACKAGE_LAYERS.get(module.split(".")[0])
+
+
+def package_of(module: str) -> str:
+    """``engine.xtables`` -> ``engine``; the top-level modules are their own package."""
+    return module.split(".")[0] if "." in module else module
+
+
+# Which packages each package may import, as docs/architecture.md's table says ("below": net,
+# errors, _lib). Lazy (function-level) imports count too.
+BELOW = frozenset({"net", "errors", "_lib", "__init__"})
+ALLOWED_PACKAGES: dict[str, frozenset[str]] = {
+    "frontends": frozenset({"engine", "explain", "config", "system", "policy", "xtables", "nft"}) | BELOW,
+    "engine": frozenset({"system", "policy", "xtables", "nft", "config"}) | BELOW,
+    "explain": frozenset({"xtables", "nft", "policy", "config"}) | BELOW,
+    "system": frozenset({"xtables", "nft", "config", "policy"}) | BELOW,
+    "policy": frozenset({"xtables", "nft", "config"}) | BELOW,
+    "xtables": frozenset({"config"}) | BELOW,
+    "nft": frozenset({"config", "xtables"}) | BELOW,
+    "config": BELOW,
+    "_lib": BELOW,
+    "net": BELOW,
+    "errors": BELOW,
+    "__init__": BELOW,
+    "__main__": frozenset({"frontends"}) | BELOW,
+}
+# (importer, imported) -> why a module crosses its package's allowance today.
+KNOWN_PACKAGE_CROSSINGS: dict[tuple[str, str], str] = {
+    ("config.sidecar", "xtables.model"): "the port list values (PortEntry, PortRange) are the dialect's model types",
+    ("nft.render", "policy.lists"): "nft sets share the member spelling and port-range merge of policy.lists",
+}
+# system may import policy for data only (lists' text, footprints), never a capture policy.
+SYSTEM_POLICY_MODULES = frozenset({"policy.lists", "policy.footprint"})
+
 # pure, but only for those who decide what to do
 POLICY = frozenset({"policy.sidecar_xtables", "policy.sidecar_nft", "policy.ambient_xtables", "policy.ambient_nft"})
 
 # (importer, imported, module level?) -> why it is allowed for now.
-KNOWN_VIOLATIONS: dict[tuple[str, str, bool], str] = {
-    ("system.ipset", "policy.sidecar_xtables", False): (
-        "ipset.plan_for_this_host re-runs the capture policy from an I/O module when ipset is missing"
-    ),
-}
+KNOWN_VIOLATIONS: dict[tuple[str, str, bool], str] = {}
 
 
 class Import:
@@ -174,7 +162,8 @@ def all_imports() -> tuple[Import, ...]:
 
 
 def breaks_the_contract(found: Import) -> bool:
-    importer, imported = LAYERS[found.importer], LAYERS[found.imported]
+    importer, imported = layer_of(found.importer), layer_of(found.imported)
+    assert importer is not None and imported is not None
     if RANK[imported] > RANK[importer]:
         return True
     return found.imported in POLICY and importer not in (ORCHESTRATION, FRONTEND, PURE)
@@ -221,15 +210,40 @@ def cycles(edges: set[tuple[str, str]]) -> list[list[str]]:
 
 def test_every_module_has_a_layer() -> None:
     modules = package_modules()
-    assert sorted(modules - set(LAYERS)) == [], "new module: give it a layer in LAYERS"
-    assert sorted(set(LAYERS) - modules) == [], "module gone or moved: update LAYERS"
+    assert sorted(module for module in modules if layer_of(module) is None) == [], (
+        "new package or top-level module: give it a layer in PACKAGE_LAYERS or MODULE_LAYERS"
+    )
+    assert sorted(set(MODULE_LAYERS) - modules) == [], "module gone or moved: update MODULE_LAYERS"
+
+
+def test_packages_import_only_what_the_architecture_allows() -> None:
+    """docs/architecture.md's table, package by package; KNOWN_PACKAGE_CROSSINGS lists today's exceptions."""
+    crossings = {
+        (found.importer, found.imported): found
+        for found in all_imports()
+        if package_of(found.imported) != package_of(found.importer)
+        and package_of(found.imported) not in ALLOWED_PACKAGES[package_of(found.importer)]
+    }
+    assert [found for key, found in crossings.items() if key not in KNOWN_PACKAGE_CROSSINGS] == []
+    assert sorted(set(KNOWN_PACKAGE_CROSSINGS) - set(crossings)) == [], "fixed: remove from KNOWN_PACKAGE_CROSSINGS"
+
+
+def test_system_uses_policy_data_only() -> None:
+    offenders = [
+        found
+        for found in all_imports()
+        if package_of(found.importer) == "system"
+        and package_of(found.imported) == "policy"
+        and found.imported not in SYSTEM_POLICY_MODULES
+    ]
+    assert offenders == []
 
 
 def test_pure_modules_import_nothing_above_them_at_module_level() -> None:
     offenders = [
         found
         for found in all_imports()
-        if found.module_level and LAYERS[found.importer] == PURE and LAYERS[found.imported] != PURE
+        if found.module_level and layer_of(found.importer) == PURE and layer_of(found.imported) != PURE
     ]
     assert offenders == []
 

@@ -164,7 +164,7 @@ def test_odd_names_read_from_the_kernel_are_refused() -> None:
 
 def test_no_legacy_table_means_no_save_is_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "ip_tables_names").write_text("")
-    monkeypatch.setattr(system, "_run", lambda *args, **kwargs: pytest.fail("ran a program"))
+    monkeypatch.setattr(system, "_run_tool", lambda *args, **kwargs: pytest.fail("ran a program"))
     state = system.NamespaceState()
     system.read_legacy_state(state, proc_net=tmp_path)
     assert not state.has_iptables_form

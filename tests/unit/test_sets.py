@@ -155,18 +155,23 @@ def test_the_dry_run_prints_the_sets_before_the_rules() -> None:
 def test_without_the_ipset_command_auto_falls_back_to_rules_and_always_refuses(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from istio_iptables.engine.xtables import plan_for_this_host
+    from istio_iptables.system.real import RealSystem
+
+    without_ipset = RealSystem()
+    monkeypatch.setattr(without_ipset, "has_program", lambda name: name != "ipset")
     monkeypatch.setattr(ipset, "which", lambda name: None)
     many_ports = tuple(range(3000, 3100))
     auto = config(outbound_exclude=cidrs(100), outbound_ports_include=many_ports)
-    plan = ipset.plan_for_this_host(auto, build_plan(auto))
+    plan = plan_for_this_host(auto, build_plan(auto), without_ipset)
     text = render_documents(plan.rulesets)
     assert not plan.rulesets[0].sets and "match-set" not in text
     assert text.count("-d 10.") == 100 and text.count("-m multiport --dports") == 7
     with pytest.raises(EnvironmentProblem, match="apt install ipset"):
         always = config(outbound_exclude=cidrs(1), use_sets="always")
-        ipset.plan_for_this_host(always, build_plan(always))
+        plan_for_this_host(always, build_plan(always), without_ipset)
     small = config(outbound_exclude=cidrs(3))
-    assert ipset.plan_for_this_host(small, build_plan(small)) == build_plan(small)
+    assert plan_for_this_host(small, build_plan(small), without_ipset) == build_plan(small)
 
 
 def test_member_text_is_str_of_the_network() -> None:

@@ -14,14 +14,14 @@ from istio_iptables.system import spawn
 
 def test_input_goes_in_and_both_outputs_come_back_whole() -> None:
     text = "".join(f"-A ISTIO_OUTPUT -d 10.{i // 256}.{i % 256}.0/24 -j RETURN\n" for i in range(20000))
-    done = spawn.run(["sh", "-c", "cat; echo done >&2; exit 3"], input=text)
+    done = spawn.run_program(["sh", "-c", "cat; echo done >&2; exit 3"], input=text)
     assert (done.returncode, done.stdout, done.stderr) == (3, text, "done\n")
 
 
 def test_a_program_that_stops_reading_or_is_killed_is_reported_like_subprocess() -> None:
-    assert spawn.run(["true"], input="x" * 1_000_000).returncode == 0  # never reads its input
-    assert spawn.run(["sh", "-c", "kill -KILL $$"]).returncode == -9
-    assert spawn.run(["sh", "-c", "yes | head -1"]).stdout == "y\n"  # SIGPIPE is back to default
+    assert spawn.run_program(["true"], input="x" * 1_000_000).returncode == 0  # never reads its input
+    assert spawn.run_program(["sh", "-c", "kill -KILL $$"]).returncode == -9
+    assert spawn.run_program(["sh", "-c", "yes | head -1"]).stdout == "y\n"  # SIGPIPE is back to default
 
 
 def test_parallel_programs_and_environment() -> None:
@@ -31,7 +31,7 @@ def test_parallel_programs_and_environment() -> None:
 
 def test_a_program_past_its_timeout_is_killed() -> None:
     with pytest.raises(TimeoutError):
-        spawn.run(["sleep", "5"], timeout=0.2)
+        spawn.run_program(["sleep", "5"], timeout=0.2)
 
 
 def test_which_finds_executables_in_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -40,9 +40,9 @@ def test_which_finds_executables_in_path(tmp_path: Path, monkeypatch: pytest.Mon
     (tmp_path / "tool").chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}/usr/bin")
     assert spawn.which("tool") == str(tmp_path / "tool") and spawn.which("plain") is None
-    assert spawn.run(["tool"]).stdout == "shim\n" and spawn.which("nope") is None
+    assert spawn.run_program(["tool"]).stdout == "shim\n" and spawn.which("nope") is None
     with pytest.raises(FileNotFoundError):
-        spawn.run([str(tmp_path / "missing")])
+        spawn.run_program([str(tmp_path / "missing")])
 
 
 def _open_descriptors() -> set[str]:
@@ -105,4 +105,4 @@ def test_a_failure_while_collecting_output_kills_and_reaps_the_program(
 
 def test_a_timeout_reaps_and_closes(leak_check: None) -> None:
     with pytest.raises(TimeoutError):
-        spawn.run(["sh", "-c", "sleep 30"], input="x" * 1_000_000, timeout=0.2)
+        spawn.run_program(["sh", "-c", "sleep 30"], input="x" * 1_000_000, timeout=0.2)

@@ -27,7 +27,7 @@ from istio_iptables.frontends.cli.flags import (
     show_help,
 )
 from istio_iptables.net import Family, IPNetwork
-from istio_iptables.system.spawn import Finished, run, which
+from istio_iptables.system.spawn import Finished, run_program, which
 
 DEFAULT_REMOTE = {4: "203.0.113.10", 6: "2001:db8:ffff::10"}
 DEFAULT_POD = {4: "10.0.0.2", 6: "fd00::2"}
@@ -261,11 +261,11 @@ def read_live(namespace: str, force_binary: str, family: Family) -> tuple[Tables
     return Tables.from_saved(saved, f"installed rules ({program} in {where})", sets), addresses
 
 
-def _run(*command: str) -> Finished | None:
+def _run_if_installed(*command: str) -> Finished | None:
     if which(command[0]) is None:
         return None
     try:
-        return run(command, timeout=30)
+        return run_program(command, timeout=30)
     except OSError as error:  # spawn's TimeoutError is one
         raise EnvironmentProblem(f"cannot run {command[0]}: {error}") from None
 
@@ -275,7 +275,7 @@ def _native_nftables(family: Family, namespace: str) -> Tables | None:
     from istio_iptables.explain.from_nft import explained, listed_texts, to_tables
     from istio_iptables.nft.listing import NftJsonError, read_listing
 
-    done = _run("nft", "-j", "list", "ruleset")
+    done = _run_if_installed("nft", "-j", "list", "ruleset")
     if done is None or done.returncode != 0:
         return None  # no nft, or no nf_tables: only iptables-legacy can hold rules
     try:
@@ -285,7 +285,7 @@ def _native_nftables(family: Family, namespace: str) -> Tables | None:
     if not any(explained(table) for table in read):
         return None
     # The rules as nft prints them, for the user; a rule added in between falls back to our spelling.
-    listed = _run("nft", "-a", "list", "ruleset")
+    listed = _run_if_installed("nft", "-a", "list", "ruleset")
     texts = listed_texts(listed.stdout) if listed is not None and listed.returncode == 0 else {}
     where = f"namespace {namespace}" if namespace else "this namespace"
     return to_tables(read, family, f"installed rules (native nftables in {where})", True, texts)[0]
@@ -293,7 +293,7 @@ def _native_nftables(family: Family, namespace: str) -> Tables | None:
 
 def _ipsets() -> dict[str, tuple[IPNetwork, ...] | tuple[int, ...]] | None:
     """Members of every ipset (``ipset save``: CIDRs, or ports of bitmap:port sets); None when ipset cannot tell."""
-    done = _run("ipset", "save")
+    done = _run_if_installed("ipset", "save")
     if done is None or done.returncode != 0:
         return None
     members: dict[str, list[IPNetwork]] = {}

@@ -12,6 +12,7 @@ rewrites each boolean flag to its ``--flag=value`` form before click parses.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import sys
 from collections.abc import Callable
@@ -118,22 +119,21 @@ def command(ctx: click.Context, **values: Any) -> None:
                 return
 
         from istio_iptables.config.sidecar import parse
-        from istio_iptables.engine.actions import run
-        from istio_iptables.system.netns import entered
+        from istio_iptables.engine.actions import Action, choose_action, execute
 
-        # Enter the target namespace before parsing: IPv6 detection reads its addresses. A dry run
-        # of the rules writes and reads nothing, so it stays where it is (and needs no privilege);
-        # the cleanup preview reads the live rules, so it runs where the cleanup would.
-        dry_run = raw.flag("dry_run")
-        cleanup_only = raw.flag("cleanup_only")
-        namespace = raw.values.get("network_namespace") if cleanup_only or not dry_run else None
-        with entered(namespace.value if namespace else "", namespace.source if namespace else "") as path:
-            config = parse(raw, _host(ctx))
-            dry_run_file = os.environ.get(DRY_RUN_FILE_VARIABLE, "")
-            if config.dry_run and dry_run_file and not config.skip_rule_apply:
-                _dry_run_to_file(config, dry_run_file)
-            else:
-                run(config, sys.stdout, namespace_path=path)
+        # The engine enters the namespace when the action needs it and parses the settings there
+        # (IPv6 detection reads its addresses).
+        action = choose_action(dry_run=raw.flag("dry_run"), cleanup_only=raw.flag("cleanup_only"),
+                               skip_rule_apply=raw.flag("skip_rule_apply"))
+        namespace = raw.values.get("network_namespace")
+        host = _host(ctx)
+        dry_run_file = os.environ.get(DRY_RUN_FILE_VARIABLE, "")
+        to_file = dry_run_file and action in (Action.RENDER, Action.PREVIEW_CLEANUP) and not raw.flag("skip_rule_apply")
+        out = io.StringIO() if to_file else sys.stdout
+        execute(action, lambda: parse(raw, host), out, namespace=namespace.value if namespace else "",
+                source=namespace.source if namespace else "--network-namespace")
+        if to_file:
+            _dry_run_to_file(out.getvalue(), dry_run_file)  # type: ignore[union-attr]
     except IstioIptablesError as error:
         log.error("%s", error)
         ctx.exit(error.exit_code)
@@ -144,7 +144,7 @@ def command(ctx: click.Context, **values: Any) -> None:
 DRY_RUN_FILE_VARIABLE = "DRY_RUN_FILE_PATH"
 
 
-def _dry_run_to_file(config: Any, path: str) -> None:
+def _dry_run_to_file(printed: str, path: str) -> None:
     """The dry run's output to stdout, and what it would execute to ``path`` (Istio's DRY_RUN_FILE_PATH).
 
     The file holds the input lines the restore programs (or nft) would read, one per line, as
@@ -152,17 +152,12 @@ def _dry_run_to_file(config: Any, path: str) -> None:
     ignores the error, and writes over an older file without truncating it), a path that cannot be
     written is refused before anything is printed, and a regular file is truncated first.
     """
-    import io
     import stat
-
-    from istio_iptables.engine.actions import run
 
     def refuse(reason: str) -> ConfigError:
         return ConfigError(DRY_RUN_FILE_VARIABLE, path, f"cannot write the dry run there: {reason}")
 
-    printed = io.StringIO()
-    run(config, printed)
-    executed = "".join(line for line in printed.getvalue().splitlines(True) if not line.startswith("#"))
+    executed = "".join(line for line in printed.splitlines(True) if not line.startswith("#"))
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY, 0o644)
     except OSError as error:
@@ -180,7 +175,7 @@ def _dry_run_to_file(config: Any, path: str) -> None:
         raise refuse(error.strerror or str(error)) from None
     finally:
         os.close(fd)
-    sys.stdout.write(printed.getvalue())
+    sys.stdout.write(printed)
 
 
 def spell_out_short_options(args: list[str]) -> list[str]:

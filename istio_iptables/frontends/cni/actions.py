@@ -1,8 +1,7 @@
 """The plugin's calls into the engine: apply, cleanup and the drift check, in the pod's namespace.
 
-One small function per action, each the existing orchestration (``run.run`` for apply and
-cleanup, as the CLI calls it; the engine's state reader for the check), never a copy of it. In the
-layout of issue 13 these become the engine's actions.
+One small function per CNI command, each mapping onto the engine's action (apply, cleanup, check:
+:func:`istio_iptables.engine.actions.execute`, as the CLI calls it), never a copy of it.
 
 Pods with their own user namespace (``hostUsers: false``): their network namespace belongs to
 that user namespace, and the kernel accepts owner (uid/gid) matches only from a writer in the
@@ -18,7 +17,7 @@ import io
 import os
 from collections.abc import Callable
 
-from istio_iptables.config.sidecar import Config, RawSettings, Setting
+from istio_iptables.config.sidecar import RawSettings, Setting
 from istio_iptables.errors import DriftError, EnvironmentProblem, IstioIptablesError
 
 CLONE_NEWUSER = 0x10000000
@@ -28,7 +27,7 @@ NS_GET_USERNS = 0xB701  # _IO(0xb7, 0x1), linux/nsfs.h
 
 def apply_rules(raw: RawSettings, netns: str) -> None:
     """ADD: write the pod's rules (idempotent; a repeated ADD finds them in place)."""
-    _in_pod_namespace(netns, lambda path: _run(raw, path))
+    _in_pod_namespace(netns, lambda enter, entered: _execute("apply", raw, enter, entered))
 
 
 def remove_rules(netns: str, native_nftables: bool) -> None:
@@ -39,74 +38,35 @@ def remove_rules(netns: str, native_nftables: bool) -> None:
     if native_nftables:
         flags["native_nftables"] = Setting("true", "native_nftables")
     raw = RawSettings(values={"proxy_uid": Setting("1337", "istio-cni")}, flags=flags, enable_ipv6=False)
-    _in_pod_namespace(netns, lambda path: _run(raw, path))
+    _in_pod_namespace(netns, lambda enter, entered: _execute("cleanup", raw, enter, entered))
 
 
 def check_rules(raw: RawSettings, netns: str) -> None:
     """CHECK: raise :class:`DriftError` unless the namespace holds exactly the pod's rules (reads only)."""
-    _in_pod_namespace(netns, lambda path: _check(raw, path))
+    _in_pod_namespace(netns, lambda enter, entered: _execute("check", raw, enter, entered))
 
 
-def _run(raw: RawSettings, path: str) -> None:
+def _execute(action_name: str, raw: RawSettings, enter: str, entered: str) -> None:
+    """The engine's action in the pod's namespace: ``enter`` it, or it is ``entered`` already."""
     from istio_iptables.config.sidecar import parse
-    from istio_iptables.engine.actions import run
+    from istio_iptables.engine.actions import Action, execute
     from istio_iptables.system.host import RealHost
 
-    config = parse(raw, RealHost())
-    run(config, io.StringIO(), namespace_path=path)
+    action = {"apply": Action.APPLY, "cleanup": Action.CLEANUP, "check": Action.CHECK}[action_name]
+    execute(action, lambda: parse(raw, RealHost()), io.StringIO(), namespace=enter, source="CNI_NETNS",
+            entered_path=entered)
 
 
-def _check(raw: RawSettings, path: str) -> None:
-    from istio_iptables.config.sidecar import parse
-    from istio_iptables.system.host import RealHost
-
-    config = parse(raw, RealHost())
-    if config.native_nftables:
-        _check_nftables(config)
-    else:
-        _check_iptables(config, path)
-
-
-def _check_iptables(config: Config, path: str) -> None:
-    from istio_iptables.engine.xtables import child_environment
-    from istio_iptables.policy.sidecar_xtables import build_plan
-    from istio_iptables.system.xtables_backend import detect
-    from istio_iptables.xtables.reconcile import desired_state, diff_states, owned_state
-
-    plan = build_plan(config)
-    families = tuple(ruleset.family for ruleset in plan.rulesets)
-    detection = detect(config.force_iptables_binary, families, child_environment(config, path))
-    drift: list[str] = []
-    for ruleset in plan.rulesets:
-        live = owned_state(detection.dump(ruleset.family))
-        drift += diff_states(live, desired_state(ruleset), ruleset.family)
-    if drift:
-        raise DriftError("the pod's namespace does not hold the pod's rules:\n" + "\n".join(drift))
-
-
-def _check_nftables(config: Config) -> None:
-    """Native nftables: our tables must be there and iptables' form absent (contents not compared yet)."""
-    from istio_iptables.system import nft as system
-
-    del config
-    state = system.read_state()
-    if state.has_iptables_form:
-        raise DriftError(f"the pod's namespace holds iptables rules: {state.describe_iptables_form()}")
-    if not state.our_tables:
-        raise DriftError("the pod's namespace holds none of the pod's nftables tables")
-
-
-def _in_pod_namespace(netns: str, action: Callable[[str], None]) -> None:
-    """Run ``action(path)`` inside the pod's network namespace (and its user namespace, if it has one)."""
-    from istio_iptables.system.netns import entered
-
+def _in_pod_namespace(netns: str, action: Callable[[str, str], None]) -> None:
+    """Run ``action(enter, entered)`` for the pod's network namespace: the engine enters it
+    (``enter``), or, when the pod has its own user namespace, a child enters both and runs the
+    action there (``entered``)."""
     user_namespace = _own_user_namespace(netns)
     if user_namespace is None:
-        with entered(netns, "CNI_NETNS") as path:
-            action(path)
+        action(netns, "")
         return
     try:
-        _in_child(user_namespace, netns, action)
+        _in_child(user_namespace, netns, lambda path: action("", path))
     finally:
         os.close(user_namespace)
 
@@ -135,10 +95,12 @@ def _own_user_namespace(netns: str) -> int | None:
 # root, which may not read the host's Python installation (e.g. under /root).
 _PRELOAD = (
     "ctypes", "dataclasses", "difflib", "grp", "pwd", "_socket", "encodings.ascii", "encodings.latin_1",
-    "istio_iptables.system.host", "istio_iptables.engine.actions",
+    "istio_iptables.system.host", "istio_iptables.engine.actions", "istio_iptables.engine.forms",
+    "istio_iptables.engine.seam", "istio_iptables.system.real", "istio_iptables.system.netns",
+    "istio_iptables.system.nslock",
     "istio_iptables.policy.sidecar_xtables", "istio_iptables.engine.xtables", "istio_iptables.system.xtables_backend",
     "istio_iptables.xtables.reconcile", "istio_iptables.system.xtables_restore", "istio_iptables.system.routes",
-    "istio_iptables.system.ipset", "istio_iptables.engine.guard", "istio_iptables.engine.nft",
+    "istio_iptables.system.ipset", "istio_iptables.engine.nft",
     "istio_iptables.system.nft",
     "istio_iptables.policy.sidecar_nft", "istio_iptables.nft.render", "istio_iptables.engine.validation",
 )
@@ -164,8 +126,8 @@ def _in_child(user_namespace: int, netns: str, action: Callable[[str], None]) ->
         outcome: dict[str, object] = {"ok": True}
         try:
             net = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
-            _setns(user_namespace, CLONE_NEWUSER, "the pod's user namespace")
-            _setns(net, CLONE_NEWNET, "the pod's network namespace")
+            _enter_namespace_fd(user_namespace, CLONE_NEWUSER, "the pod's user namespace")
+            _enter_namespace_fd(net, CLONE_NEWNET, "the pod's network namespace")
             _become_namespace_root()
             action(netns)
         except IstioIptablesError as error:
@@ -204,7 +166,7 @@ def _become_namespace_root() -> None:
     os.setresuid(0, 0, 0)
 
 
-def _setns(descriptor: int, kind: int, what: str) -> None:
+def _enter_namespace_fd(descriptor: int, kind: int, what: str) -> None:
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)

@@ -87,7 +87,7 @@ def insert(ours: Mapping[str, Any], existing_text: str) -> str:
     return marshal(chained)
 
 
-def remove(existing_text: str) -> str:
+def without_our_plugin(existing_text: str) -> str:
     """The configuration without our entry (Istio's ``Installer.Cleanup``)."""
     try:
         existing = json.loads(existing_text)
@@ -191,7 +191,7 @@ def uninstall(directory: str, *, name: str = "", chained: bool = True, istio_own
             continue
         plugins = config.get("plugins") if isinstance(config, dict) else None
         if isinstance(plugins, list) and any(isinstance(p, dict) and p.get("type") == PLUGIN_TYPE for p in plugins):
-            write_atomically(path, remove(text), os.stat(path).st_mode & 0o7777)
+            write_atomically(path, without_our_plugin(text), os.stat(path).st_mode & 0o7777)
             return path
     return None
 
