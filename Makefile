@@ -49,7 +49,6 @@ cni-runtime-test: deps venv
 	ISTIO_IPTABLES_CNI_RUNTIME_TEST=1 $(PYTHON) -m pytest -q -rxX tests/e2e/test_cni_runtime.py
 
 bench: deps venv
-	$(PYTHON) bench/bench_dry_run.py
 	$(PYTHON) bench/bench_apply.py
 	$(PYTHON) bench/bench_nft.py
 	$(PYTHON) bench/bench_speed.py --skip-scale
