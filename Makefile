@@ -52,6 +52,7 @@ bench: deps venv
 	$(PYTHON) bench/bench_apply.py
 	$(PYTHON) bench/bench_nft.py
 	$(PYTHON) bench/bench_speed.py --skip-scale
+	$(PYTHON) bench/bench_cni.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

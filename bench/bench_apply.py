@@ -1,12 +1,10 @@
-"""Whole-process cost of applying rules, next to the floor measured in the same run (root only).
+"""Whole-process cost of the in-process applier against the default one (root only).
 
     .venv/bin/python bench/bench_apply.py [--rounds N]
 
-1. The injector's default argv in a fresh namespace vs the floor: ``python -I -c 'import click'``
-   plus one ``iptables-restore --noflush`` of the same text per family.        goal <= 1.25x
-2. A TPROXY run (with its policy routes) vs that floor plus ``python -I -c 'import pyroute2'``.
-                                                                                  goal <= 1.25x
-3. ``--applier libiptc`` vs the default restore applier (legacy backend).        goal <= 2x
+``--applier libiptc`` vs the default restore applier (legacy backend), the injector's argv in a
+fresh namespace each time.                                                         goal <= 2x
+(The init run and a TPROXY run against their floors are bench_speed.py's (a) and (b).)
 
 Every round uses fresh namespaces and measures both sides back to back; the ratio is the
 median of the per-round ratios. The bench process enters each
@@ -49,7 +47,6 @@ INJECTOR = [
     "-d",
     "15090,15021,15020",
 ]
-TPROXY = [*INJECTOR[:6], "-m", "TPROXY", *INJECTOR[8:]]
 
 
 class Namespace:
@@ -75,36 +72,9 @@ def timed(command: list[str], namespace: str, stdin: str | None = None, env: dic
     return elapsed
 
 
-def restore_documents(argv: list[str]) -> list[tuple[str, str]]:
-    """(restore program, text) per family, from our dry run (identical to what a run writes)."""
-    out = subprocess.run(
-        [CLI, "--dry-run", *argv, "--log_output_level=default:none"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    documents: list[tuple[str, str]] = []
-    for block in out.split("# ")[1:]:
-        header, _, body = block.partition("\n")
-        documents.append((header.strip(), body))
-    return documents
-
-
 def one_run(argv: list[str], env: dict[str, str] | None = None) -> float:
     with Namespace() as namespace:
         return timed([CLI, *argv], namespace.name, env=env)
-
-
-def floor(argv: list[str], backend: str, extra_import: str | None = None) -> float:
-    total = 0.0
-    with Namespace() as namespace:
-        total += timed([PYTHON, "-I", "-c", "import click"], namespace.name)
-        if extra_import:
-            total += timed([PYTHON, "-I", "-c", f"import {extra_import}"], namespace.name)
-        for program, text in restore_documents(argv):
-            name = program.replace("tables-restore", f"tables-{backend}-restore")
-            total += timed([name, "--noflush"], namespace.name, stdin=text)
-    return total
 
 
 def paired(ours: Callable[[], float], floor_: Callable[[], float], rounds: int) -> list[tuple[float, float]]:
@@ -129,20 +99,10 @@ def main() -> None:
     legacy = {**os.environ, "FORCE_IPTABLES_BINARY": "legacy"}
     libiptc = {**legacy, "ISTIO_IPTABLES_APPLIER": "libiptc"}
     for _ in range(2):  # warm the page cache for every binary and module
-        one_run([*INJECTOR, *quiet]), floor(INJECTOR, "nft"), one_run([*INJECTOR, *quiet], libiptc)
+        one_run([*INJECTOR, *quiet], legacy), one_run([*INJECTOR, *quiet], libiptc)
 
     report(
-        "1. injector argv vs floor",
-        paired(lambda: one_run([*INJECTOR, *quiet]), lambda: floor(INJECTOR, "nft"), rounds),
-        1.25,
-    )
-    report(
-        "2. TPROXY vs floor + pyroute2",
-        paired(lambda: one_run([*TPROXY, *quiet]), lambda: floor(TPROXY, "nft", "pyroute2"), rounds),
-        1.25,
-    )
-    report(
-        "3. libiptc vs restore (legacy)",
+        "libiptc vs restore (legacy)",
         paired(lambda: one_run([*INJECTOR, *quiet], libiptc), lambda: one_run([*INJECTOR, *quiet], legacy), rounds),
         2.0,
     )
