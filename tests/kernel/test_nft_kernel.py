@@ -79,12 +79,43 @@ def test_other_configuration_is_drift_until_reconciled_and_foreign_tables_stay(n
     # --reconcile replaces: a REDIRECT run after a TPROXY one, the mangle table goes, not lingers empty.
     assert cli(netns, "--reconcile", *DEFAULT_ARGV)[0] == 0
     assert our_tables(netns) == ["table inet istio-proxy-nat"]
+    code, stderr = cli(netns, *DEFAULT_ARGV)
+    assert code == 0 and "nothing to write" in stderr, stderr
     once = listing(netns)
     assert cli(netns, *DEFAULT_ARGV)[0] == 0
     assert listing(netns) == once
     assert cli(netns, "--cleanup-only", *DEFAULT_ARGV)[0] == 0
     assert our_tables(netns) == []
     assert listing(netns) == foreign
+
+
+def test_a_rerun_writes_nothing_counters_and_handles_stay(netns: NetNS) -> None:
+    assert cli(netns, *DEFAULT_ARGV)[0] == 0
+    netns.run("ip", "link", "set", "lo", "up")
+    connect = "import socket; s = socket.socket(); s.settimeout(2); s.connect_ex(('127.0.0.1', 9))"
+    netns.run(sys.executable, "-c", connect)
+    counted = netns.run("nft", "-a", "list", "ruleset").stdout
+    assert re.search(r"counter packets [1-9]", counted), counted
+    code, stderr = cli(netns, *DEFAULT_ARGV)
+    assert code == 0, stderr
+    assert "nothing to write" in stderr
+    assert netns.run("nft", "-a", "list", "ruleset").stdout == counted
+    # --force-apply writes anyway (counters start again), as on the iptables forms.
+    code, stderr = cli(netns, "--force-apply", *DEFAULT_ARGV)
+    assert code == 0, stderr
+    assert not re.search(r"counter packets [1-9]", netns.run("nft", "list", "ruleset").stdout)
+
+
+def test_an_edited_rule_of_ours_is_drift(netns: NetNS) -> None:
+    assert cli(netns, *DEFAULT_ARGV)[0] == 0
+    netns.run("nft", "add", "rule", "inet", "istio-proxy-nat", "istio-output", "tcp", "dport", "7", "counter", "return")
+    edited = netns.run("nft", "-a", "list", "ruleset").stdout
+    code, stderr = cli(netns, *DEFAULT_ARGV)
+    assert code == ExitCode.DRIFT, stderr
+    assert "-  tcp dport 7 return" in stderr
+    assert netns.run("nft", "-a", "list", "ruleset").stdout == edited
+    assert cli(netns, "--reconcile", *DEFAULT_ARGV)[0] == 0
+    assert "dport 7" not in netns.run("nft", "list", "ruleset").stdout
 
 
 def test_a_failing_transaction_changes_nothing(netns: NetNS) -> None:
