@@ -163,7 +163,12 @@ def desired_lines(ruleset: NftRuleset) -> TableLines:
     """The configuration's tables as comparable lines (the same spelling :func:`live_lines` gives)."""
     tables: TableLines = {}
     for table in ruleset.used_tables():
-        lines = [_set_line(named.name, named.type, _member_texts(named.members)) for named in table.sets.values()]
+        lines = [
+            # render.set_lines declares port sets with ``flags interval``, address sets without flags
+            _set_line(named.name, named.type, ["interval"] if named.type == "inet_service" else [],
+                      _member_texts(named.members))
+            for named in table.sets.values()
+        ]
         for chain in table.used_chains():
             hook = chain.hook
             lines.append(_chain_line(chain.name, hook and (hook.type, hook.hook, hook.priority, "accept")))
@@ -185,7 +190,7 @@ def live_lines(objects: list[dict]) -> TableLines:
                 named = entry["set"]
                 members = table.sets.get(named["name"])
                 texts = _member_texts(members) if members is not None else [f"<unreadable {named.get('elem')!r}>"]
-                lines.append(_set_line(named["name"], named.get("type"), texts))
+                lines.append(_set_line(named["name"], named.get("type"), named.get("flags", []), texts))
         for entry in table.objects:
             if "chain" not in entry:
                 continue
@@ -231,8 +236,10 @@ def _chain_line(name: str, hook: tuple[object, object, object, object] | None) -
     return f"chain {name} {{ type {kind} hook {where} priority {priority} ; policy {policy} ; }}"
 
 
-def _set_line(name: str, kind: object, members: list[str]) -> str:
-    return f"set {name} {{ type {kind} ; elements = {{ {', '.join(members)} }} }}"
+def _set_line(name: str, kind: object, flags: object, members: list[str]) -> str:
+    listed = [flags] if isinstance(flags, str) else list(flags) if isinstance(flags, list) else [repr(flags)]
+    flagged = f" flags {', '.join(map(str, listed))} ;" if listed else ""
+    return f"set {name} {{ type {kind} ;{flagged} elements = {{ {', '.join(members)} }} }}"
 
 
 def _member_texts(members: tuple[object, ...]) -> list[str]:

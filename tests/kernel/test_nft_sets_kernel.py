@@ -96,3 +96,7 @@ def test_a_rollback_puts_the_sets_back_with_the_tables(netns: NetNS) -> None:
     )
     netns.run(sys.executable, "-c", roundtrip)
     assert netns.run("nft", "list", "ruleset").stdout == before
+    # Every kind of set (addresses of each length and family, port intervals) reads back as ours.
+    rerun = netns.run(sys.executable, "-m", "istio_iptables", "--native-nftables", "--enable-ipv6", *argv)
+    assert "nothing to write" in rerun.stderr
+    assert netns.run("nft", "list", "ruleset").stdout == before
