@@ -251,7 +251,8 @@ def _member_texts(members: tuple[object, ...]) -> list[str]:
     networks = [member for member in members if isinstance(member, ipaddress.IPv4Network | ipaddress.IPv6Network)]
     if len(networks) != len(members):
         return port_ranges(members)  # type: ignore[arg-type]
-    return sorted({str(network.network_address) for network in networks}, key=lambda text: ipaddress.ip_address(text))
+    addresses = sorted({network.network_address for network in networks}, key=lambda address: address.packed)
+    return [str(address) for address in addresses]
 
 
 def _parts_text(parts: tuple[object, ...]) -> str:
