@@ -21,13 +21,17 @@ from istio_iptables.xtables.model import Plan
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # the seam is for annotations: its protocols are never needed at run time
     from istio_iptables.engine.seam import System
+    from istio_iptables.nft.model import NftRuleset
     from istio_iptables.system.nft import NamespaceState
 
 
 class NftForm:
-    """Read our tables (one ``nft -j list ruleset``), transition them in one ``nft -f`` transaction
-    (the script deletes and re-creates the tables it replaces), and roll back by putting the tables
-    listed before back (:meth:`rollback`) when the routes that come after fail."""
+    """Read our tables (one ``nft -j list ruleset``) and compare them with the configuration's, as
+    the iptables forms do: the same rules are not written again (only the routes are made sure
+    of), other rules of ours are drift (exit 3) unless ``--reconcile``/``--force-apply``. A write
+    transitions the tables in one ``nft -f`` transaction (the script deletes and re-creates the
+    tables it replaces) and rolls back by putting the tables listed before back (:meth:`rollback`)
+    when the routes that come after fail."""
 
     name = "nft"
 
@@ -54,6 +58,23 @@ class NftForm:
                 "this namespace already holds istio-iptables rules in iptables form: "
                 f"{state.describe_iptables_form()}; re-run with --reconcile to replace them with nftables"
             )
+        if state.our_tables and not state.has_iptables_form and not config.force_apply:
+            differences = self.differences(state, ruleset)
+            if not differences:
+                # A re-run (a restarted init container, or one killed after the transaction and
+                # before the routes): nothing to write; the routes are made sure of, as on iptables.
+                log.info("the namespace already holds exactly these nftables rules: nothing to write")
+                if plan.routes is not None or plan.ipv6_passthrough_address:
+                    if plan.routes is not None:
+                        system.check_loopback_up()
+                    system.ensure_routes(plan.routes, plan.ipv6_passthrough_address)
+                return "unchanged"
+            if not config.reconcile:
+                raise DriftError(
+                    "the namespace holds istio-iptables nftables rules of another configuration (or edited "
+                    "ones); rerun with --reconcile to replace them, or --cleanup-only to remove them:\n"
+                    + "\n".join(differences)
+                )
         if plan.routes is not None:
             system.check_loopback_up()  # before anything is written: exit 4, not half the routes
         # With --reconcile, iptables-nft's chains go in the same transaction in which ours arrive.
@@ -93,13 +114,18 @@ class NftForm:
         return bool(state.our_tables) or routed
 
     def drift(self, plan: Plan | None = None) -> list[str]:
-        """Native nftables: our tables must be there and iptables' form absent (contents not compared yet)."""
+        """Native nftables: our tables must hold exactly this configuration's rules, and iptables' form be absent."""
         state = self.system.read_nft_state(self.footprint, with_legacy=True)
         if state.has_iptables_form:
             return [f"the namespace holds iptables rules: {state.describe_iptables_form()}"]
         if not state.our_tables:
             return ["the namespace holds none of our nftables tables"]
-        return []
+        return self.differences(state, build_nft_ruleset(self.config))
+
+    def differences(self, state: NamespaceState, ruleset: NftRuleset) -> list[str]:
+        """How our live tables differ from ``ruleset``: tables, named sets and their members, chains
+        (hook, type, priority, policy) and rules, in order; counters are not compared."""
+        return table_differences(live_lines(state.our_objects), desired_lines(ruleset))
 
     def rollback(self, before: NamespaceState) -> None:
         self.system.restore_nft_tables(before)
@@ -126,3 +152,155 @@ class NftForm:
         except IstioIptablesError as error:
             self.rollback(before)
             raise type(error)(f"{error}; the nftables rules were rolled back") from None
+
+
+# --- comparing our live tables with the configuration's ---------------------------------------------
+
+TableLines = dict[str, list[str]]  # per table of ours: its sets, chains and rules as nft text, in order
+
+
+def desired_lines(ruleset: NftRuleset) -> TableLines:
+    """The configuration's tables as comparable lines (the same spelling :func:`live_lines` gives)."""
+    tables: TableLines = {}
+    for table in ruleset.used_tables():
+        lines = [
+            # render.set_lines declares port sets with ``flags interval``, address sets without flags
+            _set_line(named.name, named.type, ["interval"] if named.type == "inet_service" else [],
+                      _member_texts(named.members))
+            for named in table.sets.values()
+        ]
+        for chain in table.used_chains():
+            hook = chain.hook
+            lines.append(_chain_line(chain.name, hook and (hook.type, hook.hook, hook.priority, "accept")))
+            lines += ["  " + _parts_text((*rule.matches, *rule.statements)) for rule in chain.rules]
+        tables[table.name] = lines
+    return tables
+
+
+def live_lines(objects: list[dict]) -> TableLines:
+    """Our live tables (``nft -j`` objects, read by :mod:`istio_iptables.nft.listing`) as comparable
+    lines: counters left out; a part we cannot read is spelled as its JSON, so it never equals ours."""
+    from istio_iptables.nft.listing import read_listing_objects
+
+    tables: TableLines = {}
+    for table in read_listing_objects(objects):
+        lines = []
+        for entry in table.objects:
+            if "set" in entry:
+                named = entry["set"]
+                members = table.sets.get(named["name"])
+                texts = _member_texts(members) if members is not None else [f"<unreadable {named.get('elem')!r}>"]
+                lines.append(_set_line(named["name"], named.get("type"), named.get("flags", []), texts))
+        for entry in table.objects:
+            if "chain" not in entry:
+                continue
+            chain = entry["chain"]
+            hook = (chain.get("type"), chain.get("hook"), chain.get("prio"), chain.get("policy"))
+            lines.append(_chain_line(chain["name"], hook if "hook" in chain else None))
+            listed = table.chains.get(chain["name"])
+            lines += ["  " + _parts_text(rule.parts) for rule in (listed.rules if listed else [])]
+        tables[table.name] = lines
+    return tables
+
+
+def table_differences(live: TableLines, desired: TableLines) -> list[str]:
+    """What differs, table by table, as a short unified diff (``-`` live, ``+`` this configuration's)."""
+    import difflib
+
+    differences: list[str] = []
+    for name in [*desired, *(table for table in live if table not in desired)]:
+        have, want = live.get(name), desired.get(name)
+        if have == want:
+            continue
+        if have is None:
+            differences.append(f"table inet {name}: missing")
+        elif want is None:
+            differences.append(f"table inet {name}: not part of this configuration")
+        else:
+            diff = difflib.unified_diff(have, want, lineterm="", n=0)
+            changed = [line for line in diff if line[:1] in "-+" and line[:3] not in ("---", "+++")]
+            differences.append(f"table inet {name}:")
+            differences += [f"  {line}" for line in changed[:MAX_DIFF_LINES]]
+            if len(changed) > MAX_DIFF_LINES:
+                differences.append(f"  ... and {len(changed) - MAX_DIFF_LINES} more lines")
+    return differences
+
+
+MAX_DIFF_LINES = 40
+
+
+def _chain_line(name: str, hook: tuple[object, object, object, object] | None) -> str:
+    if hook is None:
+        return f"chain {name}"
+    kind, where, priority, policy = hook
+    return f"chain {name} {{ type {kind} hook {where} priority {priority} ; policy {policy} ; }}"
+
+
+def _set_line(name: str, kind: object, flags: object, members: list[str]) -> str:
+    listed = [flags] if isinstance(flags, str) else list(flags) if isinstance(flags, list) else [repr(flags)]
+    flagged = f" flags {', '.join(map(str, listed))} ;" if listed else ""
+    return f"set {name} {{ type {kind} ;{flagged} elements = {{ {', '.join(members)} }} }}"
+
+
+def _member_texts(members: tuple[object, ...]) -> list[str]:
+    """A set's members as the kernel holds them: addresses (a network's address), or disjoint port runs."""
+    import ipaddress
+
+    from istio_iptables.policy.lists import port_ranges
+
+    networks = [member for member in members if isinstance(member, ipaddress.IPv4Network | ipaddress.IPv6Network)]
+    if len(networks) != len(members):
+        return port_ranges(members)  # type: ignore[arg-type]
+    addresses = sorted({network.network_address for network in networks}, key=lambda address: address.packed)
+    return [str(address) for address in addresses]
+
+
+def _parts_text(parts: tuple[object, ...]) -> str:
+    from istio_iptables.nft import model as nft
+    from istio_iptables.nft.listing import FamilyOnly
+    from istio_iptables.nft.render import match_text, statement_text
+    from istio_iptables.xtables.model import Unsupported
+
+    texts = []
+    for part in _as_listed(parts):
+        if isinstance(part, Unsupported):
+            texts.append(f"<not ours: {part}>")
+            continue
+        if isinstance(part, FamilyOnly):
+            texts.append(f"meta nfproto ipv{part.version}")
+            continue
+        try:
+            texts.append(statement_text(part) if isinstance(part, nft.Statement) else match_text(part))
+        except (TypeError, ValueError) as error:  # RenderError is a ValueError
+            texts.append(f"<not ours: {part!r}: {error}>")
+    return " ".join(texts)
+
+
+def _as_listed(parts: tuple[object, ...]) -> list[object]:
+    """Parts as ``nft`` lists them, whichever side they come from: ``meta l4proto tcp`` before a
+    ``tcp dport`` is that port match's own protocol check (nft lists it once), conntrack states in
+    one order, user and group names as their numbers."""
+    from istio_iptables.nft import model as nft
+
+    port_protocols = {part.protocol for part in parts if isinstance(part, nft.Port | nft.PortInSet)}
+    listed: list[object] = []
+    for part in parts:
+        if isinstance(part, nft.L4Proto) and part.name in port_protocols:
+            continue
+        if isinstance(part, nft.CtState):
+            part = nft.CtState(tuple(sorted(part.states)))
+        elif isinstance(part, nft.SocketOwner) and not part.id.isdigit():
+            part = nft.SocketOwner(part.kind, _owner_number(part.kind, part.id), part.negate)
+        listed.append(part)
+    return listed
+
+
+def _owner_number(kind: str, name: str) -> str:
+    """A user or group name as nft stores it: the number it resolves to here (nft resolved it so)."""
+    import grp
+    import pwd
+
+    try:
+        return str(pwd.getpwnam(name).pw_uid if kind == "uid" else grp.getgrnam(name).gr_gid)
+    except KeyError:
+        return name  # no longer resolves: spelled as the name, so it differs from what the kernel holds

@@ -78,7 +78,16 @@ def test_rules_without_their_routes_get_them_back(backend: str, netns) -> None:
     netns.run("ip", "-6", "addr", "del", "::6/128", "dev", "lo")
     code, stderr = finish(start(netns, args))
     assert code == 0, stderr
+    assert "nothing to write" in stderr  # the rules stand: only the routes are written
     assert whole_state(netns, backend) == reference_state(backend, TPROXY)
+
+
+def test_native_another_configuration_after_a_complete_run_is_drift(netns) -> None:
+    assert finish(start(netns, [*TPROXY, *backend_args("native")]))[0] == 0
+    before = whole_state(netns, "native")
+    code, stderr = finish(start(netns, [*OTHER, *backend_args("native")]))
+    assert code == ExitCode.DRIFT, stderr
+    assert whole_state(netns, "native") == before
 
 
 def started_working(namespace: NetNS, args: list[str]) -> subprocess.Popen[str]:

@@ -73,9 +73,8 @@ def test_concurrent_runs_of_different_configurations_leave_one_of_them(
 ) -> None:
     """Half the instances want A, half B: the result is exactly A or exactly B, never a mix.
 
-    iptables backends: the first run wins, the others exit 0 (same configuration) or 3 (drift,
-    with the diff). Native nftables replaces its tables on every run (docs/nftables.md): every
-    instance exits 0 and the last one's configuration stands.
+    Every backend, native nftables included: the first run wins, the others exit 0 (same
+    configuration, nothing written) or 3 (drift, with the diff).
     """
     expected = {
         "A": reference_state(backend, CONFIG_A),
@@ -89,7 +88,7 @@ def test_concurrent_runs_of_different_configurations_leave_one_of_them(
     assert final in expected.values(), final
     winner = next(name for name, state in expected.items() if state == final)
     for config, (code, stderr) in zip(configs, results, strict=True):
-        if backend == "native" or (config is CONFIG_A) == (winner == "A"):
+        if (config is CONFIG_A) == (winner == "A"):
             assert code == 0, stderr
         else:
             assert code == ExitCode.DRIFT, stderr

@@ -55,22 +55,67 @@ def test_applied_ruleset_equals_golden(case: Case, netns_factory: Callable[[str]
     assert code == 0, stderr
     golden_ns.run("nft", "-f", "-", input=case.golden_nftables.read_text())
     assert listing(ours_ns) == listing(golden_ns)
+    # The same command again reads every shape it wrote (sets too) as its own: nothing is written.
+    written = ours_ns.run("nft", "-a", "list", "ruleset").stdout
+    code, stderr = cli(ours_ns, *case.cli_args(str(resolv_conf)), env=case.env)
+    assert code == 0, stderr
+    assert "nothing to write" in stderr
+    assert ours_ns.run("nft", "-a", "list", "ruleset").stdout == written
 
 
-def test_rerun_replaces_our_tables_and_leaves_foreign_ones(netns: NetNS) -> None:
+def test_other_configuration_is_drift_until_reconciled_and_foreign_tables_stay(netns: NetNS) -> None:
     netns.run("nft", "-f", "-", input=FOREIGN)
     foreign = listing(netns)
     assert cli(netns, *TPROXY_ARGV)[0] == 0
     assert any("istio-proxy-mangle" in line for line in our_tables(netns))
-    # A REDIRECT run after a TPROXY one: the mangle table must go, not linger empty.
-    assert cli(netns, *DEFAULT_ARGV)[0] == 0
+    # Another configuration: drift (exit 3) naming the differences, and not a byte written.
+    written = netns.run("nft", "-a", "list", "ruleset").stdout
+    code, stderr = cli(netns, *DEFAULT_ARGV)
+    assert code == ExitCode.DRIFT, stderr
+    assert "--reconcile" in stderr
+    assert "table inet istio-proxy-mangle: not part of this configuration" in stderr
+    assert "ip daddr 10.0.0.0/8 jump istio-redirect" in stderr  # the old rule, as nft spells it
+    assert netns.run("nft", "-a", "list", "ruleset").stdout == written
+    # --reconcile replaces: a REDIRECT run after a TPROXY one, the mangle table goes, not lingers empty.
+    assert cli(netns, "--reconcile", *DEFAULT_ARGV)[0] == 0
     assert our_tables(netns) == ["table inet istio-proxy-nat"]
+    code, stderr = cli(netns, *DEFAULT_ARGV)
+    assert code == 0 and "nothing to write" in stderr, stderr
     once = listing(netns)
     assert cli(netns, *DEFAULT_ARGV)[0] == 0
     assert listing(netns) == once
     assert cli(netns, "--cleanup-only", *DEFAULT_ARGV)[0] == 0
     assert our_tables(netns) == []
     assert listing(netns) == foreign
+
+
+def test_a_rerun_writes_nothing_counters_and_handles_stay(netns: NetNS) -> None:
+    assert cli(netns, *DEFAULT_ARGV)[0] == 0
+    netns.run("ip", "link", "set", "lo", "up")
+    connect = "import socket; s = socket.socket(); s.settimeout(2); s.connect_ex(('127.0.0.1', 9))"
+    netns.run(sys.executable, "-c", connect)
+    counted = netns.run("nft", "-a", "list", "ruleset").stdout
+    assert re.search(r"counter packets [1-9]", counted), counted
+    code, stderr = cli(netns, *DEFAULT_ARGV)
+    assert code == 0, stderr
+    assert "nothing to write" in stderr
+    assert netns.run("nft", "-a", "list", "ruleset").stdout == counted
+    # --force-apply writes anyway (counters start again), as on the iptables forms.
+    code, stderr = cli(netns, "--force-apply", *DEFAULT_ARGV)
+    assert code == 0, stderr
+    assert not re.search(r"counter packets [1-9]", netns.run("nft", "list", "ruleset").stdout)
+
+
+def test_an_edited_rule_of_ours_is_drift(netns: NetNS) -> None:
+    assert cli(netns, *DEFAULT_ARGV)[0] == 0
+    netns.run("nft", "add", "rule", "inet", "istio-proxy-nat", "istio-output", "tcp", "dport", "7", "counter", "return")
+    edited = netns.run("nft", "-a", "list", "ruleset").stdout
+    code, stderr = cli(netns, *DEFAULT_ARGV)
+    assert code == ExitCode.DRIFT, stderr
+    assert "-  tcp dport 7 return" in stderr
+    assert netns.run("nft", "-a", "list", "ruleset").stdout == edited
+    assert cli(netns, "--reconcile", *DEFAULT_ARGV)[0] == 0
+    assert "dport 7" not in netns.run("nft", "list", "ruleset").stdout
 
 
 def test_a_failing_transaction_changes_nothing(netns: NetNS) -> None:

@@ -61,7 +61,7 @@ def test_a_changed_list_refills_the_set_atomically_and_cleanup_removes_it(pair: 
     try:
         assert probe.stdout is not None and probe.stdout.readline().strip() == "ready"
         for args in (second, first, second, first, second):  # each replaces the rules and refills the set
-            pair.run_cli("native", *args)
+            pair.run_cli("native", "--reconcile", *args)
     finally:
         stop.touch()
         tally = json.loads(probe.communicate(timeout=15)[0])
@@ -69,11 +69,11 @@ def test_a_changed_list_refills_the_set_atomically_and_cleanup_removes_it(pair: 
     assert set(tally) == {"direct"} and tally["direct"] > 0, tally
     assert our_sets(pair) == [EXCLUDED_SET] and holds(pair, "10.0.200.0")
 
-    pair.run_cli("native", *excluding())  # a short list: a rule, and no set left over
+    pair.run_cli("native", "--reconcile", *excluding())  # a short list: a rule, and no set left over
     assert our_sets(pair) == [] and pair.ask(EXCLUDED, 80) == "direct"
-    pair.run_cli("native", *second, "--use-sets=always", "-q", "8080")
+    pair.run_cli("native", "--reconcile", *second, "--use-sets=always", "-q", "8080")
     assert our_sets(pair) == ["istio-port-out", EXCLUDED_SET]
-    pair.run_cli("native", *second)  # the port set goes, the CIDR set stays
+    pair.run_cli("native", "--reconcile", *second)  # the port set goes, the CIDR set stays
     assert our_sets(pair) == [EXCLUDED_SET] and pair.ask(EXCLUDED, 80) == "direct"
 
     pair.run_cli("native", "--cleanup-only")
@@ -95,4 +95,8 @@ def test_a_rollback_puts_the_sets_back_with_the_tables(netns: NetNS) -> None:
         "system.restore_our_tables(state)\n"
     )
     netns.run(sys.executable, "-c", roundtrip)
+    assert netns.run("nft", "list", "ruleset").stdout == before
+    # Every kind of set (addresses of each length and family, port intervals) reads back as ours.
+    rerun = netns.run(sys.executable, "-m", "istio_iptables", "--native-nftables", "--enable-ipv6", *argv)
+    assert "nothing to write" in rerun.stderr
     assert netns.run("nft", "list", "ruleset").stdout == before

@@ -188,10 +188,9 @@ def test_foreign_objects_stay_byte_identical(backend: str, netns: NetNS, monkeyp
         after_failure = ours_reordered(snapshot(netns, backend))
         assert_same(after_failure, ours_reordered(before_failure), "failed reconcile (IPv6 restore)")
 
-    # TPROXY -> REDIRECT: a reconcile (a plain re-run on native nft) replaces ours, keeps the rest,
-    # and our old policy routing goes with the old configuration.
-    reconcile = [] if backend == "native" else ["--reconcile"]
-    reconciled = run_cli(netns, *REDIRECT, *reconcile, *flags)
+    # TPROXY -> REDIRECT: a reconcile replaces ours (a plain run is drift, on native nft too), keeps
+    # the rest, and our old policy routing goes with the old configuration.
+    reconciled = run_cli(netns, *REDIRECT, "--reconcile", *flags)
     assert reconciled.returncode == 0, reconciled.stderr
     after_reconcile = snapshot(netns, backend)
     assert_foreign_kept(before, after_reconcile, "reconcile")
