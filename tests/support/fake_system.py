@@ -12,12 +12,14 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from istio_iptables.config.sidecar import Config, RawSettings, Setting, parse
 from istio_iptables.errors import ApplyError, EnvironmentProblem
 from istio_iptables.net import Family
 from istio_iptables.system.xtables_backend import Backend, Detection
 from istio_iptables.system.xtables_restore import LockTimeout, RestoreFailed
 from istio_iptables.xtables.model import BUILTIN_CHAINS, RuleSet
 from istio_iptables.xtables.reconcile import desired_state
+from tests.support.fakes import FakeHost
 
 EMPTY_SAVE = ""
 
@@ -187,3 +189,26 @@ class FakeSystem:
 
     def remove_legacy_form(self, state: Any) -> None:
         self.events.append("remove legacy form")
+
+
+# A configuration for the engine tests: the injector's argv, TPROXY or not, long lists (ipsets) or not.
+CIDRS = ",".join(f"10.{n // 250}.{n % 250}.0/24" for n in range(100))  # above the set threshold: ipsets
+
+
+def config(*, tproxy: bool = False, ipv6: bool = True, sets: bool = False, **flags: str) -> Config:
+    values = {
+        "envoy_port": "15001",
+        "inbound_capture_port": "15006",
+        "proxy_uid": "1337",
+        "istio_service_cidr": "*",
+        "istio_inbound_ports": "*",
+        "istio_inbound_interception_mode": "TPROXY" if tproxy else "REDIRECT",
+    }
+    if sets:
+        values["istio_service_exclude_cidr"] = CIDRS
+    raw = RawSettings(
+        values={name: Setting(value, f"--{name}") for name, value in values.items()},
+        flags={name: Setting(value, f"--{name}") for name, value in flags.items()},
+        enable_ipv6=ipv6,
+    )
+    return parse(raw, FakeHost(interface_addresses=["10.1.2.3", "fd00::3"]))

@@ -12,35 +12,13 @@ import io
 
 import pytest
 
-from istio_iptables.config.sidecar import Config, RawSettings, Setting, parse
+from istio_iptables.config.sidecar import Config
 from istio_iptables.engine.actions import Action, choose_action, execute
 from istio_iptables.errors import ApplyError, DriftError, EnvironmentProblem, ExitCode
 from istio_iptables.net import Family
 from istio_iptables.policy.footprint import SIDECAR
 from istio_iptables.policy.sidecar_xtables import build_plan
-from tests.support.fake_system import FakeSystem, save_text
-from tests.support.fakes import FakeHost
-
-CIDRS = ",".join(f"10.{n // 250}.{n % 250}.0/24" for n in range(100))  # above the set threshold: ipsets
-
-
-def config(*, tproxy: bool = False, ipv6: bool = True, sets: bool = False, **flags: str) -> Config:
-    values = {
-        "envoy_port": "15001",
-        "inbound_capture_port": "15006",
-        "proxy_uid": "1337",
-        "istio_service_cidr": "*",
-        "istio_inbound_ports": "*",
-        "istio_inbound_interception_mode": "TPROXY" if tproxy else "REDIRECT",
-    }
-    if sets:
-        values["istio_service_exclude_cidr"] = CIDRS
-    raw = RawSettings(
-        values={name: Setting(value, f"--{name}") for name, value in values.items()},
-        flags={name: Setting(value, f"--{name}") for name, value in flags.items()},
-        enable_ipv6=ipv6,
-    )
-    return parse(raw, FakeHost(interface_addresses=["10.1.2.3", "fd00::3"]))
+from tests.support.fake_system import FakeSystem, config, save_text
 
 
 def complete(cfg: Config) -> dict[Family, str]:

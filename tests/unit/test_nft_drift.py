@@ -19,8 +19,7 @@ from istio_iptables.policy.footprint import SIDECAR
 from istio_iptables.policy.sidecar_nft import build_nft_ruleset
 from istio_iptables.policy.sidecar_xtables import build_plan
 from istio_iptables.system.nft import NamespaceState, parse_nft_listing
-from tests.support.fake_system import FakeSystem
-from tests.unit.test_engine_seam import config
+from tests.support.fake_system import FakeSystem, config
 
 # nft -j list ruleset after: --native-nftables -p 15001 -z 15006 -u 1337 -i '*' -b '*' -m TPROXY
 # -x <100 /24 networks> --enable-ipv6 (nft 1.0.x); what `config(tproxy=True, sets=True)` asks for.
