@@ -262,6 +262,7 @@ def ambient_flow(values: dict[str, Any], pod_ips: tuple[Any, ...]) -> Any:
 
     from istio_iptables.config.ambient import INPOD_MARK
     from istio_iptables.explain.walk import Flow
+    from istio_iptables.frontends.cli.explain import default_source
 
     dst, origin = values["dst"], values["origin"]
     default_uid = {"app": APP_UID, "ztunnel": ZTUNNEL_UID, "node": 0}.get(origin)
@@ -269,15 +270,10 @@ def ambient_flow(values: dict[str, Any], pod_ips: tuple[Any, ...]) -> Any:
     mark = values["mark"] if values["mark"] is not None else (INPOD_MARK if origin == "ztunnel" else 0)
     same_family = [address for address in pod_ips if address.version == dst.version]
     src = values["src"]
-    if src is None:
-        if origin == "remote":
-            src = ipaddress.ip_address("203.0.113.10" if dst.version == 4 else "2001:db8:ffff::10")
-        elif origin == "node":
-            src = ipaddress.ip_address("10.0.0.1" if dst.version == 4 else "fd00::1")
-        elif dst.is_loopback or dst in same_family:
-            src = dst if dst in same_family else ipaddress.ip_address("127.0.0.1" if dst.version == 4 else "::1")
-        else:
-            src = same_family[0] if same_family else ipaddress.ip_address("10.0.0.2" if dst.version == 4 else "fd00::2")
+    if src is None and origin == "node":
+        src = ipaddress.ip_address("10.0.0.1" if dst.version == 4 else "fd00::1")
+    elif src is None:
+        src = default_source(origin == "remote", dst, same_family)
     if src.version != dst.version:
         raise click.BadParameter("source and destination must be of one family", param_hint="--src")
     return Flow(

@@ -188,6 +188,16 @@ def config_tables(config: Any, family: Family) -> Tables | None:
     return Tables.from_ruleset(ruleset, source=f"configuration (IPv{family.value} rules)")
 
 
+def default_source(remote: bool, dst: IPAddress, same_family: list[IPAddress]) -> IPAddress:
+    """The source a flow gets when --src is not given: a remote host's, or the pod's own (the
+    destination itself for a pod address, loopback for loopback, else the first pod address)."""
+    if remote:
+        return ipaddress.ip_address(DEFAULT_REMOTE[dst.version])
+    if dst.is_loopback or dst in same_family:
+        return dst if dst in same_family else Family(dst.version).loopback.network_address
+    return same_family[0] if same_family else ipaddress.ip_address(DEFAULT_POD[dst.version])
+
+
 def build_flow(values: dict[str, Any], config: Any, pod_ips: tuple[IPAddress, ...]) -> Flow:
     dst: IPAddress = values["dst"]
     origin = values["origin"]
@@ -201,12 +211,7 @@ def build_flow(values: dict[str, Any], config: Any, pod_ips: tuple[IPAddress, ..
         uid = APP_ID if uid is None else uid
         gid = APP_ID if gid is None else gid
     if src is None:
-        if origin == "remote":
-            src = ipaddress.ip_address(DEFAULT_REMOTE[dst.version])
-        elif dst.is_loopback or dst in same_family:
-            src = dst if dst in same_family else Family(dst.version).loopback.network_address
-        else:
-            src = same_family[0] if same_family else ipaddress.ip_address(DEFAULT_POD[dst.version])
+        src = default_source(origin == "remote", dst, same_family)
     if src.version != dst.version:
         raise click.BadParameter("source and destination must be of one family", param_hint="--src")
     return Flow(
