@@ -391,7 +391,8 @@ def measure(
             break
         time.sleep(0.05 * (attempt + 1))
     unpredicted = hit - set(from_live.matched)
-    noise_only = exact and only_unpredicted_counts(problems) and matches_any_packet(live_tables, unpredicted)
+    background = counted_other_packets(live_tables, unpredicted, probe.proto)
+    noise_only = exact and only_unpredicted_counts(problems) and background
     if exact:
         problems += compare_zone(flow, from_live, bed.conntrack_zones(family.value))
     return problems, noise_only, after
@@ -401,13 +402,23 @@ def only_unpredicted_counts(problems: list[str]) -> bool:
     return bool(problems) and all(problem.endswith(UNPREDICTED) for problem in problems)
 
 
-def matches_any_packet(tables: Tables, keys: set[RuleKey]) -> bool:
-    """Rules without a protocol, port or address match also count packets the namespace sends by itself."""
+def counted_other_packets(tables: Tables, keys: set[RuleKey], proto: str) -> bool:
+    """Whether every unpredicted count may belong to a packet other than the probe.
+
+    A rule without a protocol, port or address match also counts packets the namespace sends by itself
+    (an IPv6 MLD report, say); a rule that only takes another protocol cannot have counted the probe at
+    all: a late segment of an earlier TCP probe, say.
+    """
     specific = (L4Protocol, Ports, Address)
-    return all(
-        not any(isinstance(match, specific) for match in tables.chains[key[:2]][key[2] - 1].rule.matches)
-        for key in keys
-    )
+
+    def other_packet(key: RuleKey) -> bool:
+        matches = tables.chains[key[:2]][key[2] - 1].rule.matches
+        protocols = [match for match in matches if isinstance(match, L4Protocol)]
+        if any((match.name == proto) == match.negate for match in protocols):
+            return True
+        return not any(isinstance(match, specific) for match in matches)
+
+    return all(other_packet(key) for key in keys)
 
 
 def prove(case: Case, config: Config, bed: FlowBed, backend: Backend) -> None:
@@ -418,9 +429,9 @@ def prove(case: Case, config: Config, bed: FlowBed, backend: Backend) -> None:
         live_tables, before = backend.snapshot(family)
         assert not live_tables.problems, live_tables.problems
         for probe in probes(config, family.value):
-            # A lone datagram is compared exactly everywhere; a disagreement that only rules matching any
-            # packet saw may be the namespace's own background packet (an IPv6 MLD report, say): such a
-            # probe is measured once more with a fresh flow, and the second measurement decides.
+            # A lone datagram is compared exactly everywhere; a disagreement that only rules able to count
+            # another packet saw may be background (see counted_other_packets): such a probe is measured
+            # once more with a fresh flow, and the second measurement decides.
             for trial in range(2):
                 problems, noise_only, before = measure(probe, bed, backend, family, model_tables, live_tables, before)
                 sent += 1
