@@ -13,9 +13,8 @@ from istio_iptables._lib.log import log
 from istio_iptables.config.sidecar import Config
 from istio_iptables.errors import DriftError, IstioIptablesError
 from istio_iptables.net import Family
-from istio_iptables.nft.render import render_cleanup, render_script
+from istio_iptables.nft.names import render_cleanup
 from istio_iptables.policy.footprint import SIDECAR, Footprint
-from istio_iptables.policy.sidecar_nft import build_nft_ruleset
 from istio_iptables.xtables.model import Plan
 
 TYPE_CHECKING = False
@@ -42,7 +41,13 @@ class NftForm:
         # What cleanup found of the iptables form besides our tables: the backends holding it.
         self.found_iptables_backends: list[str] = []
 
+    # The nft model (nft.render, policy.sidecar_nft: ~25 dataclasses) is imported by the methods that build
+    # rules, never by cleanup: it would be a third of a CNI DEL.
+
     def render(self) -> str:
+        from istio_iptables.nft.render import render_script
+        from istio_iptables.policy.sidecar_nft import build_nft_ruleset
+
         return render_script(build_nft_ruleset(self.config))
 
     def preview_cleanup(self, plan: Plan | None = None) -> str:
@@ -50,6 +55,9 @@ class NftForm:
 
     def apply(self, plan: Plan) -> str:
         """Write our tables; ``plan`` supplies the routes shared with the iptables forms. Returns what was done."""
+        from istio_iptables.nft.render import render_script
+        from istio_iptables.policy.sidecar_nft import build_nft_ruleset
+
         config, system = self.config, self.system
         ruleset = build_nft_ruleset(config)
         state = system.read_nft_state(self.footprint, with_legacy=True)
@@ -120,6 +128,8 @@ class NftForm:
             return [f"the namespace holds iptables rules: {state.describe_iptables_form()}"]
         if not state.our_tables:
             return ["the namespace holds none of our nftables tables"]
+        from istio_iptables.policy.sidecar_nft import build_nft_ruleset
+
         return self.differences(state, build_nft_ruleset(self.config))
 
     def differences(self, state: NamespaceState, ruleset: NftRuleset) -> list[str]:

@@ -1,4 +1,7 @@
-"""Names of our nftables objects (constants only: cheap to import from the iptables path)."""
+"""Names of our nftables objects, and the script that deletes our tables (cheap to import: no model; the
+iptables paths and every cleanup use it)."""
+
+from collections.abc import Collection
 
 NAT = "istio-proxy-nat"
 MANGLE = "istio-proxy-mangle"
@@ -21,3 +24,18 @@ AMBIENT_NAT = "istio-ambient-nat"
 AMBIENT_MANGLE = "istio-ambient-mangle"
 AMBIENT_RAW = "istio-ambient-raw"
 AMBIENT_TABLES = (AMBIENT_NAT, AMBIENT_MANGLE, AMBIENT_RAW)
+
+HEADER = "# istio-iptables --native-nftables: load with 'nft -f FILE'; applied as one transaction\n"
+
+
+def remove_tables_lines(tables: Collection[str] = OUR_TABLES) -> list[str]:
+    """Delete these of our tables whether or not they exist (``add`` first makes ``delete`` always valid)."""
+    lines = []
+    for table in OUR_TABLES:
+        if table in tables:
+            lines += [f"add table inet {table}", f"delete table inet {table}"]
+    return lines
+
+
+def render_cleanup(tables: Collection[str] = OUR_TABLES) -> str:
+    return HEADER + "\n".join(remove_tables_lines(tables)) + "\n"

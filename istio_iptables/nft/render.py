@@ -41,11 +41,11 @@ from istio_iptables.nft.model import (
     Statement,
     TproxyTo,
 )
+from istio_iptables.nft.names import HEADER, remove_tables_lines, render_cleanup  # noqa: F401  (render's API too)
 from istio_iptables.policy.lists import member_text, port_ranges
 from istio_iptables.xtables.model import PortEntry, PortRange
 from istio_iptables.xtables.render import RenderError, check_token
 
-HEADER = "# istio-iptables --native-nftables: load with 'nft -f FILE'; applied as one transaction\n"
 MAX_U32 = 2**32 - 1
 CT_STATES = frozenset({"invalid", "related", "established", "new"})
 
@@ -245,15 +245,6 @@ def set_lines(table: str, named: NftSet) -> list[str]:
     ]
 
 
-def remove_tables_lines(tables: Collection[str] = OUR_TABLES) -> list[str]:
-    """Delete these of our tables whether or not they exist (``add`` first makes ``delete`` always valid)."""
-    lines = []
-    for table in OUR_TABLES:
-        if table in tables:
-            lines += [f"add table inet {table}", f"delete table inet {table}"]
-    return lines
-
-
 def ruleset_lines(ruleset: NftRuleset) -> list[str]:
     lines: list[str] = []
     for table in ruleset.used_tables():
@@ -311,7 +302,3 @@ def empty_table_lines(table: NftTable, held: TableObjects) -> list[str]:
     lines += [f"delete chain inet {name} {check_token(chain)}" for chain in chains if chain not in keep_chains]
     lines += [f"delete set inet {name} {check_token(named)}" for named in sets if named not in table.sets]
     return lines
-
-
-def render_cleanup(tables: Collection[str] = OUR_TABLES) -> str:
-    return HEADER + "\n".join(remove_tables_lines(tables)) + "\n"

@@ -160,7 +160,13 @@ class RealSystem:
     # --- the native nft form ---------------------------------------------------------------------
 
     def nft_tables_may_exist(self, footprint: Footprint) -> bool:
-        """A quick ``nft list tables``: the full JSON reading (and its ~12 ms of imports) only if needed."""
+        """The kernel's list of tables (one nfnetlink dump, in-process), else a quick ``nft list tables``:
+        the full JSON reading (and its ~12 ms of imports) only if one of ours is there."""
+        from istio_iptables.system.nf_tables import table_names
+
+        tables = table_names()
+        if tables is not None:
+            return any(footprint.owns_nft_table(family, name) for family, name in tables)
         from istio_iptables.system.spawn import run_program, which
 
         nft = which("nft")

@@ -62,6 +62,17 @@ def legacy_tables_exist(family: Family) -> bool:
         return False  # x_tables not loaded at all: no legacy table anywhere
 
 
+NFT_FAMILY = {Family.V4: "ip", Family.V6: "ip6"}  # the nf_tables family iptables-nft keeps each family's tables in
+
+
+def nft_table_families() -> set[str] | None:
+    """The nf_tables families holding a table here (one in-process netlink dump); None if unknown."""
+    from istio_iptables.system.nf_tables import table_names
+
+    tables = table_names()
+    return None if tables is None else {family for family, _ in tables}
+
+
 def run_saves(
     programs: Mapping[tuple[BackendName, Family], str],
     env: Mapping[str, str] | None,
@@ -70,9 +81,13 @@ def run_saves(
     """Run every save at once (they are independent) and collect their output."""
     outputs: dict[tuple[BackendName, Family], str] = {}
     paths: dict[tuple[BackendName, Family], str] = {}
+    nft_families = nft_table_families() if any(backend == "nft" for backend, _ in programs) else None
     for (backend, family), program in programs.items():
         if backend == "legacy" and not legacy_tables_exist(family):
             outputs[(backend, family)] = ""  # what the save would print, without starting it
+            continue
+        if backend == "nft" and nft_families is not None and NFT_FAMILY[family] not in nft_families:
+            outputs[(backend, family)] = ""  # iptables-nft-save prints nothing without a table of its family
             continue
         paths[(backend, family)] = find_program(program)
     # run_all reaps every save if one cannot start or times out.

@@ -218,19 +218,41 @@ def _nft_family(family: Family) -> str:
 
 def nft_listing(family: Family, env: Mapping[str, str] | None = None) -> NftChains | None:
     """The chains nft holds for iptables-nft's tables of ``family``; None without a usable nft."""
+    listed = _nft_ruleset(family, env)
+    return None if listed is None else listed[0]
+
+
+def _nft_ruleset(family: Family, env: Mapping[str, str] | None) -> tuple[NftChains, set[str]] | None:
+    """``family``'s chains, and the tables that hold anything besides chains and rules (a set, a map, a
+    stateful object: never iptables-nft's, so such a table is not ours to delete); None without a usable nft."""
     nft = which("nft")
     if nft is None:
         return None
     listed = run_program([nft, "-j", "list", "ruleset", _nft_family(family)], env=env, timeout=60)
     if listed.returncode != 0:
         return None
-    from istio_iptables.nft.listing import read_listing
+    import json
 
-    return {
+    from istio_iptables.nft.listing import NftJsonError, read_listing_objects
+
+    try:
+        objects = json.loads(listed.stdout or '{"nftables": []}')["nftables"]
+        tables = read_listing_objects(objects)
+    except (ValueError, KeyError, TypeError, NftJsonError):
+        return None
+    chains = {
         (table.name, chain.name): (chain.hook is not None, chain.policy.lower(), len(chain.rules))
-        for table in read_listing(listed.stdout or '{"nftables": []}')
+        for table in tables
         for chain in table.chains.values()
     }
+    holding_more = {
+        str(body.get("table"))
+        for item in objects
+        if isinstance(item, dict)
+        for kind, body in item.items()
+        if kind not in ("metainfo", "table", "chain", "rule") and isinstance(body, dict)
+    }
+    return chains, holding_more
 
 
 def nft_chains(family: Family, env: Mapping[str, str] | None = None) -> set[tuple[str, str]]:
@@ -245,11 +267,13 @@ def nft_chains(family: Family, env: Mapping[str, str] | None = None) -> set[tupl
 def _delete_if_empty(
     family: Family, chains: list[tuple[str, str]], tables: list[str], env: Mapping[str, str] | None
 ) -> bool:
-    """Delete these built-in chains if they hold no rule (ACCEPT policy), then these tables if they hold no chain."""
-    listing = nft_listing(family, env)
+    """Delete these built-in chains if they hold no rule (ACCEPT policy), then these tables if they hold
+    nothing else (no chain, set, map or stateful object)."""
+    listed = _nft_ruleset(family, env)
     nft = which("nft")
-    if listing is None or nft is None:
+    if listed is None or nft is None:
         return False
+    listing, holding_more = listed
     name = _nft_family(family)
     commands = []
     for table, chain in chains:
@@ -257,10 +281,17 @@ def _delete_if_empty(
         if found is not None and found[0] and found[1] == "accept" and found[2] == 0:
             commands.append(f"delete chain {name} {table} {chain}")
             del listing[(table, chain)]
-    remaining = {table for table, _ in listing}
+    remaining = {table for table, _ in listing} | holding_more
     commands += [f"delete table {name} {table}" for table in tables if table not in remaining]
+    if not commands:
+        return False
+    # One transaction (the kernel's commit, ~10 ms, is most of what each command costs); if the kernel
+    # refuses it (someone added a rule in between), nothing changed: one by one, so one refusal
+    # does not keep the others.
+    if run_program([nft, "-f", "-"], input="\n".join(commands) + "\n", env=env).returncode == 0:
+        return True
     deleted = False
-    for command in commands:  # one by one: one refusal must not keep the others
+    for command in commands:
         deleted |= run_program([nft, command], env=env).returncode == 0
     return deleted
 
