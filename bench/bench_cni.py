@@ -11,9 +11,17 @@
 2. Pods the plugin skips and DEL vs ``python -I -c pass``:                             goal <= 1.2x
    - an excluded namespace; a pod whose annotations the runtime passed (no sidecar status);
    - DEL when the namespace is already gone (kubelet repeats DEL after teardown);
-   - a pod skipped after reading it from the API (vs ``pass`` + the API round trip);
-   - DEL of a pod with rules (the cleanup: reads both families, one restore; reported, and
-     compared with ``pass`` + one ``iptables-restore``).
+   - a pod skipped after reading it from the API (vs ``pass`` + the API round trip).
+3. DEL of a pod with rules, on each form (iptables' nft backend, its legacy backend, native nftables).
+   It cannot come near ``pass``: a cleanup must at least read the namespace and write the removal,
+   and the kernel's commit of a removal costs ~10 ms per nf_tables transaction. So each is compared
+   with the programs its cleanup must run, timed one after the other in a namespace holding the
+   same rules, plus ``pass``:                                                          goal <= 1.2x
+   - nft backend: ``iptables-save`` + ``iptables-restore --noflush`` of the removal + one ``nft -f``
+     deleting the built-in chains and the table iptables-nft created for our rules;
+   - legacy backend: ``iptables-legacy-save`` + ``iptables-legacy-restore --noflush`` of the removal;
+   - native nftables: ``nft -j list ruleset`` + one ``nft -f`` deleting our tables.
+   The ratio against ``pass`` alone is printed too (issue 15's figure; no goal can hold there).
 
 Each round runs every command once, in turn; a ratio is the median of the per-round ratios.
 """
@@ -97,6 +105,26 @@ class Namespace:
         subprocess.run(["ip", "netns", "del", self.name], check=False)
 
 
+def run_in(namespace: Namespace, command: Sequence[str], stdin: str = "") -> None:
+    """Set-up, untimed: ``command`` in ``namespace``."""
+    with entered(namespace.path):
+        done = subprocess.run(command, input=stdin, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{command[0]} failed: {done.stdout}{done.stderr}")
+
+
+def removal_commands(rules: str) -> str:
+    """``nft -f`` input deleting the built-in chains our restore appended to, then their tables: what a cleanup
+    on the nft backend deletes once our rules are gone (iptables-nft created them for us)."""
+    from istio_iptables.engine.xtables import added_builtin_chains
+    from istio_iptables.system.xtables_restore import tables_of
+
+    chains = sorted(added_builtin_chains(rules))
+    lines = [f"delete chain ip {table} {chain}" for table, chain in chains]
+    lines += [f"delete table ip {table}" for table in tables_of(rules)]
+    return "\n".join(lines) + "\n"
+
+
 def timed(command: Sequence[str], *, env: dict[str, str] | None = None, stdin: str = "") -> float:
     start = time.perf_counter()
     done = subprocess.run(command, input=stdin, capture_output=True, text=True, env=env)
@@ -137,7 +165,25 @@ def main() -> None:
     pod_file.write_text(json.dumps(pod("sidecar")))
     rules = subprocess.run([CLI, "--dry-run", "--from-pod", str(pod_file), "--disable-ipv6"], capture_output=True,
                            text=True, check=True).stdout
+    native_rules = subprocess.run([CLI, "--dry-run", "--from-pod", str(pod_file), "--disable-ipv6",
+                                   "--native-nftables"], capture_output=True, text=True, check=True).stdout
     restore = ["iptables-restore", "--noflush"]
+    # What a cleanup writes: the removal (our own --cleanup-only --dry-run, read from a namespace holding the rules).
+    scratch = Namespace()
+    try:
+        run_in(scratch, restore, rules)
+        preview = subprocess.run([CLI, "--cleanup-only", "--dry-run", "--network-namespace", scratch.path],
+                                 capture_output=True, text=True, check=True).stdout
+        run_in(scratch, [CLI, "--from-pod", str(pod_file), "--disable-ipv6", "--native-nftables", "--reconcile"])
+        with entered(scratch.path):
+            native_tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True,
+                                           check=True).stdout.split()
+    finally:
+        scratch.delete()
+    removal = "".join(line + "\n" for line in preview.splitlines() if not line.startswith("#"))
+    nft_removal = removal_commands(rules)
+    native_removal = "".join(f"delete table inet {name}\n" for name in native_tables if name.startswith("istio-"))
+    native_config = json.dumps({**config, "native_nftables": True})
 
     samples: dict[str, list[float]] = {}
 
@@ -146,14 +192,33 @@ def main() -> None:
 
     for _ in range(args.rounds):
         pod_ns, floor_ns = Namespace(), Namespace()
+        legacy_ns, floor_legacy_ns, native_ns, floor_native_ns = Namespace(), Namespace(), Namespace(), Namespace()
         try:
             record("pass", timed([PYTHON, "-I", "-c", "pass"]))
             record("click", timed([PYTHON, "-I", "-c", "import click"]))
             with entered(floor_ns.path):
                 record("restore", timed(restore, stdin=rules))
+                # the floor of DEL on the nft backend, in a namespace holding the rules
+                record("floor_save", timed(["iptables-save"]))
+                record("floor_removal", timed(restore, stdin=removal))
+                record("floor_nft_delete", timed(["nft", "-f", "-"], stdin=nft_removal))
+            run_in(floor_legacy_ns, ["iptables-legacy-restore", "--noflush"], rules)
+            with entered(floor_legacy_ns.path):
+                record("floor_legacy_save", timed(["iptables-legacy-save"]))
+                record("floor_legacy_removal", timed(["iptables-legacy-restore", "--noflush"], stdin=removal))
+            run_in(floor_native_ns, ["nft", "-f", "-"], native_rules)
+            with entered(floor_native_ns.path):
+                record("floor_native_list", timed(["nft", "-j", "list", "ruleset"]))
+                record("floor_native_delete", timed(["nft", "-f", "-"], stdin=native_removal))
             record("api", timed([PYTHON, "-I", "-c", client_code]))
             record("add", timed([PLUGIN], env=plugin_env("ADD", pod_ns.path, "default", "sidecar"), stdin=stdin))
             record("del", timed([PLUGIN], env=plugin_env("DEL", pod_ns.path, "default", "sidecar"), stdin=stdin))
+            run_in(legacy_ns, [CLI, "--from-pod", str(pod_file), "--force-iptables-binary=legacy"])
+            record("del_legacy", timed([PLUGIN], env=plugin_env("DEL", legacy_ns.path, "default", "sidecar"),
+                                       stdin=stdin))
+            run_in(native_ns, [CLI, "--from-pod", str(pod_file), "--native-nftables"])
+            record("del_native", timed([PLUGIN], env=plugin_env("DEL", native_ns.path, "default", "sidecar"),
+                                       stdin=native_config))
             record("del_gone", timed([PLUGIN], env=plugin_env("DEL", "/run/netns/bench-cni-gone", "default",
                                                                  "sidecar"), stdin=stdin))
             record("skip_excluded", timed([PLUGIN], env=plugin_env("ADD", pod_ns.path, "kube-system", "dns"),
@@ -162,8 +227,8 @@ def main() -> None:
                                          stdin=annotated))
             record("skip_api", timed([PLUGIN], env=plugin_env("ADD", pod_ns.path, "default", "plain"), stdin=stdin))
         finally:
-            pod_ns.delete()
-            floor_ns.delete()
+            for namespace in (pod_ns, floor_ns, legacy_ns, floor_legacy_ns, native_ns, floor_native_ns):
+                namespace.delete()
 
     def ratio(value: str, floor: Callable[[int], float]) -> tuple[float, float, float]:
         ratios = [samples[value][i] / floor(i) for i in range(args.rounds)]
@@ -182,8 +247,15 @@ def main() -> None:
         ("DEL, namespace already gone", "del_gone", lambda i: samples["pass"][i], "python -I -c pass", 1.2),
         ("skip: read from the API, no sidecar", "skip_api", lambda i: samples["pass"][i] + api_trip(i),
          "pass + API trip", 1.2),
-        ("DEL of a pod with rules (cleanup)", "del", lambda i: samples["pass"][i] + samples["restore"][i],
-         "pass + one restore", None),
+        ("DEL with rules, nft backend", "del", lambda i: samples["pass"][i] + samples["floor_save"][i]
+         + samples["floor_removal"][i] + samples["floor_nft_delete"][i], "pass + save + removal + nft delete", 1.2),
+        ("DEL with rules, legacy backend", "del_legacy", lambda i: samples["pass"][i]
+         + samples["floor_legacy_save"][i] + samples["floor_legacy_removal"][i], "pass + save + removal", 1.2),
+        ("DEL with rules, native nftables", "del_native", lambda i: samples["pass"][i]
+         + samples["floor_native_list"][i] + samples["floor_native_delete"][i], "pass + nft list + nft delete", 1.2),
+        ("DEL with rules, nft backend", "del", lambda i: samples["pass"][i], "python -I -c pass", None),
+        ("DEL with rules, legacy backend", "del_legacy", lambda i: samples["pass"][i], "python -I -c pass", None),
+        ("DEL with rules, native nftables", "del_native", lambda i: samples["pass"][i], "python -I -c pass", None),
     ]
     print(f"rounds: {args.rounds}; medians in ms; API trip = {statistics.median(samples['api']):.1f} - "
           f"{statistics.median(samples['pass']):.1f} (python -I -c pass)")

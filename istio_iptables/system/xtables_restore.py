@@ -275,24 +275,32 @@ def _delete_if_empty(
         return False
     listing, holding_more = listed
     name = _nft_family(family)
-    commands = []
+    doomed = []
     for table, chain in chains:
         found = listing.get((table, chain))
         if found is not None and found[0] and found[1] == "accept" and found[2] == 0:
-            commands.append(f"delete chain {name} {table} {chain}")
+            doomed.append((table, chain))
             del listing[(table, chain)]
     remaining = {table for table, _ in listing} | holding_more
-    commands += [f"delete table {name} {table}" for table in tables if table not in remaining]
+    emptied = [table for table in tables if table not in remaining]
+    commands = [f"delete chain {name} {table} {chain}" for table, chain in doomed]
+    commands += [f"delete table {name} {table}" for table in emptied]
     if not commands:
         return False
-    # One transaction (the kernel's commit, ~10 ms, is most of what each command costs); if the kernel
-    # refuses it (someone added a rule in between), nothing changed: one by one, so one refusal
-    # does not keep the others.
+    # One transaction: the kernel's commit (~10 ms) is most of what each command costs. If the kernel
+    # refuses it, nothing changed: then one by one, so one refusal does not keep the others, and a
+    # table whose chain stayed is kept too (deleting a table deletes whatever it still holds).
     if run_program([nft, "-f", "-"], input="\n".join(commands) + "\n", env=env).returncode == 0:
         return True
-    deleted = False
-    for command in commands:
-        deleted |= run_program([nft, command], env=env).returncode == 0
+    deleted, kept = False, set()
+    for table, chain in doomed:
+        if run_program([nft, f"delete chain {name} {table} {chain}"], env=env).returncode == 0:
+            deleted = True
+        else:
+            kept.add(table)
+    for table in emptied:
+        if table not in kept:
+            deleted |= run_program([nft, f"delete table {name} {table}"], env=env).returncode == 0
     return deleted
 
 
