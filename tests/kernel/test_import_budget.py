@@ -59,9 +59,13 @@ BASE = HEAVY | HEAVY_DIGESTS | EXPLAIN_AND_EXTRAS | EXPLAIN_LIBRARIES
 INJECTOR = "-p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x '' -b '*' -d 15090,15021,15020"
 TPROXY = "-p 15001 -z 15006 -u 1337 -m TPROXY -i '*' -x '' -b '*' -d 15090,15021,15020"
 
-# Cleanup also looks for orphan policy routes (a raw netlink read: socket and our routes module, no
-# pyroute2) and for our native nft tables (`nft -j`: json); it is not the init path.
-CLEANUP_EXTRAS = frozenset({"istio_iptables.system.routes", "socket", "json"})
+# Cleanup also looks for orphan policy routes (a raw netlink read: our routes module on _socket, no
+# pyroute2, no socket.py) and reads nft listings (`nft -j`: json); it is not the init path.
+CLEANUP_EXTRAS = frozenset({"istio_iptables.system.routes", "json"})
+# A native cleanup deletes our tables: it never builds rules, so neither the nft model nor dataclasses.
+NFT_MODEL = frozenset(
+    {"dataclasses", "istio_iptables.nft.model", "istio_iptables.nft.render", "istio_iptables.policy.sidecar_nft"}
+)
 
 # The ambient dry runs need neither the sidecar's policy and configuration nor any system module.
 AMBIENT_NOT_ON_DRY_RUN = frozenset(
@@ -100,7 +104,7 @@ KERNEL_PATHS = {
         (BASE | IPTABLES_ONLY) - CLEANUP_EXTRAS,
     ),
     "native apply": (f"--native-nftables {INJECTOR}", BASE | IPTABLES_ENGINE),
-    "native cleanup": ("--cleanup-only --native-nftables", (BASE | IPTABLES_ENGINE) - CLEANUP_EXTRAS),
+    "native cleanup": ("--cleanup-only --native-nftables", (BASE | IPTABLES_ENGINE | NFT_MODEL) - CLEANUP_EXTRAS),
     # pyroute2 is the price of policy routes; it brings socket, logging, json... with it.
     "iptables TPROXY apply": (TPROXY, {"iptc"} | EXPLAIN_AND_EXTRAS - {"istio_iptables.system.routes"}),
 }
@@ -155,3 +159,44 @@ def test_paths_that_write_stay_within_their_import_budget(path: str, netns: NetN
     assert over_budget(loaded, forbidden) == []
     if "TPROXY" in path:
         assert "pyroute2" in loaded  # the probe really took the routes path
+
+
+# The CNI plugin's DEL of a pod with rules (bench/bench_cni.py): the engine's cleanup, entered through
+# setns (ctypes), without click or the form the namespace does not hold.
+PLUGIN_PROBE = """
+import io, os, sys
+from istio_iptables.frontends.cni.plugin import main
+code = main(os.environ, io.StringIO(sys.argv[1]), io.StringIO())
+print(sorted(sys.modules), file=sys.stderr)
+raise SystemExit(code)
+"""
+PLUGIN_DEL_PATHS = {
+    "iptables": (INJECTOR, ((BASE | IPTABLES_ONLY | NFT_MODEL | {"click"}) - CLEANUP_EXTRAS) - {"ctypes"}),
+    "native": (
+        f"--native-nftables {INJECTOR}",
+        ((BASE | IPTABLES_ENGINE | NFT_MODEL | {"click"}) - CLEANUP_EXTRAS) - {"ctypes"},
+    ),
+}
+
+
+@pytest.mark.parametrize("form", sorted(PLUGIN_DEL_PATHS))
+def test_the_plugins_del_stays_within_its_import_budget(form: str, netns: NetNS, tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+
+    set_up, forbidden = PLUGIN_DEL_PATHS[form]
+    lock = {"XTABLES_LOCKFILE": str(tmp_path / "xtables.lock")}
+    netns.run(*cli_probe(set_up), env=lock)
+    config = {"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "istio-cni", "plugin_log_level": "none",
+              "cni_agent_run_dir": str(tmp_path), "native_nftables": form == "native"}
+    env = {**os.environ, "CNI_COMMAND": "DEL", "CNI_CONTAINERID": "c", "CNI_IFNAME": "eth0", "CNI_NETNS": netns.path,
+           "CNI_PATH": "/opt/cni/bin", "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=p"}
+    done = subprocess.run([sys.executable, "-I", "-c", PLUGIN_PROBE, json.dumps(config)], capture_output=True,
+                          text=True, env=env, cwd=Path(__file__).parents[2], timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = loaded_modules(done.stderr)
+    assert over_budget(loaded, forbidden) == []
+    assert "istio_iptables.engine.forms" in loaded  # the probe really took the cleanup path
+    left = netns.run("iptables-save").stdout + netns.run("nft", "list", "ruleset").stdout
+    assert "ISTIO" not in left and "istio-proxy" not in left
