@@ -34,11 +34,12 @@ def _wait_option() -> str:
     return str(max(1, int(-(-lock_wait() // 1))))
 CONTEXT_LINES = 5
 
-_FAILED_LINE = re.compile(r"line (\d+)(?: failed|:)")  # legacy: "line 3 failed", nft: "line 3: ..."
-_MISSING_EXTENSION = re.compile(r"Couldn't load (match|target) `([^']+)'")
-_MISSING_TABLE = re.compile(r"(?:can't initialize \S+ table `([^']+)'|Table does not exist)")
+# Patterns, compiled on first use (re caches them): only a failed restore reads them, not every run.
+_FAILED_LINE = r"line (\d+)(?: failed|:)"  # legacy: "line 3 failed", nft: "line 3: ..."
+_MISSING_EXTENSION = r"Couldn't load (match|target) `([^']+)'"
+_MISSING_TABLE = r"(?:can't initialize \S+ table `([^']+)'|Table does not exist)"
 # nft: "Extension owner revision 0 not supported, missing kernel module?"
-_UNSUPPORTED_EXTENSION = re.compile(r"(?:(match|target) )?[Ee]xtension (\S+) revision \d+ not supported")
+_UNSUPPORTED_EXTENSION = r"(?:(match|target) )?[Ee]xtension (\S+) revision \d+ not supported"
 _NO_SUCH_EXTENSION = "No chain/target/match by that name"
 _LOCK_HELD = "holding the xtables lock"
 
@@ -137,7 +138,7 @@ def explain_failure(failure: RestoreFailed, rolled_back: bool) -> IstioIptablesE
     stderr = failure.stderr.strip()
     state = "the namespace was rolled back to its previous rules" if rolled_back else "nothing was changed"
     label = failure.family.label
-    where = _FAILED_LINE.search(stderr)
+    where = re.search(_FAILED_LINE, stderr)
     context = f"\n{with_context(failure.text, int(where.group(1)))}" if where else ""
     if isinstance(failure, LockTimeout):
         written = (
@@ -153,7 +154,7 @@ def explain_failure(failure: RestoreFailed, rolled_back: bool) -> IstioIptablesE
             f"another program held the xtables lock for more than {_wait_option()}s ({label}); {state}; "
             "retry once it is released"
         )
-    missing = _MISSING_EXTENSION.search(stderr) or _UNSUPPORTED_EXTENSION.search(stderr)
+    missing = re.search(_MISSING_EXTENSION, stderr) or re.search(_UNSUPPORTED_EXTENSION, stderr)
     if missing:
         kind, name = missing.groups()
         kind, module = kind or "extension", f"xt_{name}"
@@ -161,7 +162,7 @@ def explain_failure(failure: RestoreFailed, rolled_back: bool) -> IstioIptablesE
             f"the iptables {kind} '{name}' is unavailable ({label}): load the {module} kernel module "
             f"(modprobe {module}) on the node, and check iptables' extensions are installed; {state}{context}"
         )
-    table = _MISSING_TABLE.search(stderr)
+    table = re.search(_MISSING_TABLE, stderr)
     if table:
         name = table.group(1) or "a table"
         prefix = "iptable" if failure.family is Family.V4 else "ip6table"
