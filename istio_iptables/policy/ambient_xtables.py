@@ -20,10 +20,12 @@ from istio_iptables.config.ambient import (
     INPOD_MARK,
     INPOD_MASK,
     INPOD_RESTORE_MASK,
+    INPOD_RULE_PRIORITY,
     INPOD_TPROXY_MARK,
     INPOD_TPROXY_MASK,
     PROBE_SET_V4,
     PROBE_SET_V6,
+    ROUTE_TABLE_INBOUND,
     ZTUNNEL_INBOUND_PLAINTEXT_PORT,
     ZTUNNEL_INBOUND_PORT,
     ZTUNNEL_OUTBOUND_PORT,
@@ -40,6 +42,7 @@ from istio_iptables.xtables.model import (
     Jump,
     L4Protocol,
     Mark,
+    Plan,
     Ports,
     ProtocolModule,
     Redirect,
@@ -47,8 +50,11 @@ from istio_iptables.xtables.model import (
     SetMatch,
     Snat,
     SocketExists,
+    TproxyRoutes,
     Verdict,
 )
+from istio_iptables.xtables.reconcile import TableState, chains_and_jumps
+from istio_iptables.xtables.save import SaveDump
 
 # Chain names Istio's node agent uses (cni/pkg/iptables: ChainInpod*, ChainHostPostrouting).
 ISTIO_PRERT = "ISTIO_PRERT"
@@ -151,3 +157,47 @@ def host_ruleset(config: AmbientConfig, family: Family) -> RuleSet:
 def rulesets(config: AmbientConfig) -> tuple[RuleSet, ...]:
     build = host_ruleset if config.scope == "host" else pod_ruleset
     return tuple(build(config, family) for family in families(config))
+
+
+def build_plan(config: AmbientConfig) -> Plan:
+    """The run's plan: the rules of each family, the in-pod policy routing (Istio's ``ip rule`` and
+    table 100: replies of connections ztunnel accepted go back through lo), and for the node the
+    probe sets' ``ipset restore`` input (created if missing; members changed only as asked)."""
+    if config.scope == "host":
+        from istio_iptables.policy.ambient_footprint import probe_ipset_document
+
+        document = probe_ipset_document(config).partition("\n")[2]  # without its "# ipset restore" title
+        return Plan(rulesets(config), ipset_document=document)
+    routes = TproxyRoutes(
+        mark=INPOD_TPROXY_MARK,
+        table=ROUTE_TABLE_INBOUND,
+        families=families(config),
+        mask=INPOD_TPROXY_MASK,
+        priority=INPOD_RULE_PRIORITY,
+    )
+    return Plan(rulesets(config), routes=routes)
+
+
+# --- what is ours in a live namespace (the footprints' claims, policy/footprint.py) ----------------
+
+POD_OWN_CHAINS = frozenset(POD_CHAINS)
+HOST_OWN_CHAINS = frozenset(HOST_CHAINS)
+
+
+def claim_pod(dump: SaveDump, wanted: TableState | None, family: Family) -> TableState:
+    """The in-pod part of one family: ISTIO_PRERT and ISTIO_OUTPUT whole, and the jumps into them.
+
+    Only called where no sidecar rules are (the engine refuses a namespace holding both modes'), so
+    ISTIO_OUTPUT, a name both modes use, is ambient's here.
+    """
+    return chains_and_jumps(dump, wanted, family, POD_OWN_CHAINS)
+
+
+def claim_host(dump: SaveDump, wanted: TableState | None, family: Family) -> TableState:
+    """The node's part of one family: nat ISTIO_POSTRT and the POSTROUTING jump into it."""
+    return chains_and_jumps(dump, wanted, family, HOST_OWN_CHAINS)
+
+
+def no_tproxy_mark(_mangle: object) -> None:
+    """Ambient's routing mark is fixed (0x111/0xfff, :func:`build_plan`): nothing to read from live rules."""
+    return None
