@@ -6,7 +6,7 @@ by the same iptables-restore renderer as the sidecar's rules. Pure: no I/O.
 
 The pod's chains are ``ISTIO_PRERT`` and ``ISTIO_OUTPUT`` in mangle, nat and (with DNS capture)
 raw; the node's is ``ISTIO_POSTRT`` in nat, inserted first in POSTROUTING. ``ISTIO_OUTPUT`` is also
-a sidecar chain name: :mod:`istio_iptables.policy.ambient_footprint` says how the two are told apart.
+a sidecar chain name: the two modes never share a namespace (:mod:`istio_iptables.policy.footprint`).
 """
 
 from __future__ import annotations
@@ -164,10 +164,7 @@ def build_plan(config: AmbientConfig) -> Plan:
     table 100: replies of connections ztunnel accepted go back through lo), and for the node the
     probe sets' ``ipset restore`` input (created if missing; members changed only as asked)."""
     if config.scope == "host":
-        from istio_iptables.policy.ambient_footprint import probe_ipset_document
-
-        document = probe_ipset_document(config).partition("\n")[2]  # without its "# ipset restore" title
-        return Plan(rulesets(config), ipset_document=document)
+        return Plan(rulesets(config), ipset_document=probe_ipset_document(config))
     routes = TproxyRoutes(
         mark=INPOD_TPROXY_MARK,
         table=ROUTE_TABLE_INBOUND,
@@ -201,3 +198,36 @@ def claim_host(dump: SaveDump, wanted: TableState | None, family: Family) -> Tab
 def no_tproxy_mark(_mangle: object) -> None:
     """Ambient's routing mark is fixed (0x111/0xfff, :func:`build_plan`): nothing to read from live rules."""
     return None
+
+
+# --- what a dry run shows besides the rules ---------------------------------------------------------
+
+
+def probe_ipset_document(config: AmbientConfig) -> str:
+    """``ipset restore`` input creating the probe sets if missing (``-exist``: members are kept), and
+    the node agent's per-pod update: entries commented with the pod's UID (as Istio's), idempotent."""
+    lines = []
+    for family in families(config):
+        name, inet = (PROBE_SET_V4, "inet") if family is Family.V4 else (PROBE_SET_V6, "inet6")
+        lines.append(f"create {name} hash:ip family {inet} comment -exist")
+    lines += [f'add {_probe_set(address)} {address} comment "{config.pod_uid}" -exist' for address in config.enrol]
+    lines += [f"del {_probe_set(address)} {address} -exist" for address in config.unenrol]
+    return "\n".join(lines) + "\n"
+
+
+def _probe_set(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    return PROBE_SET_V6 if address.version == 6 else PROBE_SET_V4
+
+
+def routing_commands(routes: TproxyRoutes) -> list[str]:
+    """The in-pod policy routing as ``ip`` commands (a dry run shows them as comments)."""
+    commands = []
+    for family in routes.families:
+        flag = "-6 " if family is Family.V6 else ""
+        commands.append(
+            f"ip {flag}rule add fwmark {routes.mark:#x}/{routes.mask:#x} pref {routes.priority} lookup {routes.table}"
+        )
+    for family in routes.families:
+        flag, default = ("-6 ", "::/0") if family is Family.V6 else ("", "0.0.0.0/0")
+        commands.append(f"ip {flag}route replace local {default} dev lo table {routes.table}")
+    return commands

@@ -114,9 +114,13 @@ def parse_values(ctx: click.Context, values: dict[str, Any]) -> Any:
 
 def dry_run_text(config: Any) -> str:
     """What a dry run prints: policy routing and probe sets first (as apply would order them), then the rules."""
-    from istio_iptables.policy.ambient_footprint import probe_ipset_document, routing_comment_lines
+    from istio_iptables.policy.ambient_xtables import build_plan, probe_ipset_document, routing_commands
 
-    routing = "".join(f"{line}\n" for line in routing_comment_lines(config))
+    routes = build_plan(config).routes
+    routing = ""
+    if routes is not None:
+        routing = "# policy routing (in-pod mode): replies of connections ztunnel accepted (connmark 0x111) go via lo\n"
+        routing += "".join(f"#   {command}\n" for command in routing_commands(routes))
     if config.native_nftables:
         from istio_iptables.policy.ambient_nft import render_ambient_script
 
@@ -124,7 +128,7 @@ def dry_run_text(config: Any) -> str:
     from istio_iptables.policy.ambient_xtables import rulesets
     from istio_iptables.xtables.render import render_documents
 
-    sets = probe_ipset_document(config) if config.scope == "host" else ""
+    sets = "# ipset restore\n" + probe_ipset_document(config) if config.scope == "host" else ""
     return routing + sets + render_documents(rulesets(config))
 
 
