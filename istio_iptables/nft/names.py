@@ -31,7 +31,7 @@ HEADER = "# istio-iptables --native-nftables: load with 'nft -f FILE'; applied a
 def remove_tables_lines(tables: Collection[str] = OUR_TABLES) -> list[str]:
     """Delete these of our tables whether or not they exist (``add`` first makes ``delete`` always valid)."""
     lines = []
-    for table in OUR_TABLES:
+    for table in (*OUR_TABLES, *AMBIENT_TABLES):  # only names of ours ever reach nft input
         if table in tables:
             lines += [f"add table inet {table}", f"delete table inet {table}"]
     return lines
