@@ -100,7 +100,7 @@ _PRELOAD = (
     "istio_iptables.system.nslock",
     "istio_iptables.policy.sidecar_xtables", "istio_iptables.engine.xtables", "istio_iptables.system.xtables_backend",
     "istio_iptables.xtables.reconcile", "istio_iptables.system.xtables_restore", "istio_iptables.system.routes",
-    "istio_iptables.system.ipset", "istio_iptables.engine.nft",
+    "istio_iptables.system.ipset", "istio_iptables.engine.nft", "istio_iptables.system.nf_tables",
     "istio_iptables.system.nft",
     "istio_iptables.policy.sidecar_nft", "istio_iptables.nft.render", "istio_iptables.engine.validation",
 )
