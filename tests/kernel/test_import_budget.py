@@ -28,7 +28,7 @@ EXPLAIN_AND_EXTRAS = frozenset(
         "istio_iptables.explain.from_nft",
         "istio_iptables.frontends.cli.explain",
         "istio_iptables.system.xtables_libiptc",  # --applier libiptc only
-        "istio_iptables.system.routes",  # TPROXY and IPv6 only (pyroute2)
+        "istio_iptables.system.routes",  # policy routes and ::6 only (raw netlink)
         "istio_iptables.engine.validation",  # --run-validation only
     }
 )
@@ -59,9 +59,10 @@ BASE = HEAVY | HEAVY_DIGESTS | EXPLAIN_AND_EXTRAS | EXPLAIN_LIBRARIES
 INJECTOR = "-p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x '' -b '*' -d 15090,15021,15020"
 TPROXY = "-p 15001 -z 15006 -u 1337 -m TPROXY -i '*' -x '' -b '*' -d 15090,15021,15020"
 
-# Cleanup also looks for orphan policy routes (a raw netlink read: our routes module on _socket, no
-# pyroute2, no socket.py) and reads nft listings (`nft -j`: json); it is not the init path.
-CLEANUP_EXTRAS = frozenset({"istio_iptables.system.routes", "json"})
+# Cleanup also looks for orphan policy routes (a raw netlink read over _socket: our routes and netlink
+# modules, no socket.py) and reads nft listings (`nft -j`: json); it is not the init path.
+ROUTES = frozenset({"istio_iptables.system.routes", "istio_iptables.system.netlink"})
+CLEANUP_EXTRAS = ROUTES | {"json"}
 # A native cleanup deletes our tables: it never builds rules, so neither the nft model nor dataclasses.
 NFT_MODEL = frozenset(
     {"dataclasses", "istio_iptables.nft.model", "istio_iptables.nft.render", "istio_iptables.policy.sidecar_nft"}
@@ -105,8 +106,9 @@ KERNEL_PATHS = {
     ),
     "native apply": (f"--native-nftables {INJECTOR}", BASE | IPTABLES_ENGINE),
     "native cleanup": ("--cleanup-only --native-nftables", (BASE | IPTABLES_ENGINE | NFT_MODEL) - CLEANUP_EXTRAS),
-    # pyroute2 is the price of policy routes; it brings socket, logging, json... with it.
-    "iptables TPROXY apply": (TPROXY, {"iptc"} | EXPLAIN_AND_EXTRAS - {"istio_iptables.system.routes"}),
+    # Policy routes are a few raw netlink messages: no pyroute2, no socket.py, nothing heavy.
+    "iptables TPROXY apply": (TPROXY, (BASE | IPTABLES_ONLY) - ROUTES),
+    "ambient apply": ("ambient --redirect-dns --enable-ipv6", (BASE | IPTABLES_ONLY) - ROUTES),
 }
 # The cleanups clean up after an apply of the same form.
 SET_UP = {"iptables cleanup": INJECTOR, "native cleanup": f"--native-nftables {INJECTOR}"}
@@ -157,8 +159,8 @@ def test_paths_that_write_stay_within_their_import_budget(path: str, netns: NetN
     assert done.returncode == 0, done.stderr[-2000:]
     loaded = loaded_modules(done.stderr)
     assert over_budget(loaded, forbidden) == []
-    if "TPROXY" in path:
-        assert "pyroute2" in loaded  # the probe really took the routes path
+    if "TPROXY" in path or "ambient" in path:
+        assert "istio_iptables.system.routes" in loaded  # the probe really took the routes path
 
 
 # The CNI plugin's DEL of a pod with rules (bench/bench_cni.py): the engine's cleanup, entered through

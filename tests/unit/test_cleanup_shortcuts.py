@@ -21,7 +21,7 @@ import pytest
 
 from istio_iptables.net import Family
 from istio_iptables.policy.footprint import SIDECAR
-from istio_iptables.system import nf_tables, xtables_backend, xtables_restore
+from istio_iptables.system import netlink, nf_tables, xtables_backend, xtables_restore
 from istio_iptables.system.real import RealSystem
 from istio_iptables.system.spawn import Finished
 
@@ -209,7 +209,7 @@ class FakeSocket:
         return len(data)
 
     def recv(self, size: int) -> bytes:
-        return self.answers.pop(0)
+        return self.answers.pop(0) if self.answers else b""  # b"": the socket closed
 
     def close(self) -> None:
         self.closed = True
@@ -217,13 +217,14 @@ class FakeSocket:
 
 def with_answers(monkeypatch: pytest.MonkeyPatch, *answers: bytes) -> FakeSocket:
     sock = FakeSocket(list(answers))
-    monkeypatch.setattr(nf_tables.socket, "socket", lambda *args: sock)
+    monkeypatch.setattr(netlink.socket, "socket", lambda *args: sock)
     return sock
 
 
 def test_tables_of_every_family_over_several_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     sock = with_answers(monkeypatch, table_message(2, "nat") + table_message(1, "istio-proxy-nat"),
-                        table_message(10, "filter") + netlink_message(3, b"\0" * 4))
+                        table_message(99, "other", sequence=7)  # an answer to another request: not ours to read
+                        + table_message(10, "filter") + netlink_message(3, b"\0" * 4))
     assert nf_tables.table_names() == {("ip", "nat"), ("inet", "istio-proxy-nat"), ("ip6", "filter")}
     assert sock.closed
 
@@ -233,7 +234,7 @@ def test_tables_of_every_family_over_several_reads(monkeypatch: pytest.MonkeyPat
     [
         netlink_message(2, struct.pack("=i", -1) + b"\0" * 16),  # NLMSG_ERROR: EPERM
         table_message(99, "odd") + netlink_message(3, b"\0" * 4),  # a family we do not know
-        table_message(2, "nat", sequence=7),  # an answer to another request
+        table_message(2, "nat"),  # no end of the dump before the socket closes
         table_message(2, "nat")[:-8],  # truncated
         b"",  # closed
     ],
