@@ -117,6 +117,23 @@ class AmbientConfig:
     unenrol: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
     pod_uid: str = ""
 
+    # What the engine reads of a run besides the rules (the sidecar's Config has the same names):
+    # ambient runs always write through iptables-restore, never under --cni-mode's sandbox, and
+    # their policy rule is Istio's fixed ``fwmark 0x111/0xfff lookup 100``.
+    applier: Literal["restore"] = "restore"
+    cni_mode: bool = False
+    force_apply: bool = False
+    skip_rule_apply: bool = False
+    run_validation: bool = False
+    use_sets: Literal["never"] = "never"
+    tproxy_mark: int = INPOD_TPROXY_MARK
+    route_table: int = ROUTE_TABLE_INBOUND
+    route_mask: int = INPOD_TPROXY_MASK
+
+    def describe(self) -> str:
+        """One ``name=value`` line per setting, as the sidecar's configuration logs it."""
+        return "\n".join(f"{name}={_describe(value)}" for name, value in vars(self).items())
+
     @property
     def dns_capture(self) -> bool:
         """The pod's annotation wins over the agent's global setting (Istio's AppendInpodRules)."""
@@ -125,6 +142,12 @@ class AmbientConfig:
         if self.pod_dns == "disabled":
             return False
         return self.redirect_dns
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, tuple):
+        return ",".join(str(item) for item in value)
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 @record(frozen=False)

@@ -120,6 +120,11 @@ class Config:
         return self.mode == "TPROXY"
 
     @property
+    def route_mask(self) -> int:
+        """The TPROXY mark's policy rule matches the whole mark (``fwmark 1337``, no mask)."""
+        return 0xFFFFFFFF
+
+    @property
     def dns_capture_active(self) -> bool:
         """Istio silently turns DNS capture off when there is no server to capture."""
         return self.redirect_dns and (

@@ -97,7 +97,7 @@ def perform(
         check_drift(config, system, footprint, namespace_path)
         return
     log.info("effective configuration:\n%s", config.describe())
-    plan = build_plan(config)
+    plan = build_plan(config) if footprint is None else footprint.build_plan(config)
     if config.skip_rule_apply or action is Action.VALIDATE:
         # As Istio: the rules are neither written nor, in a dry run, printed (ProgramIptables and
         # ProgramNftables skip the whole step); --run-validation still runs.
@@ -150,10 +150,10 @@ def check_drift(config: Config, system: System, footprint: Footprint, namespace_
     if config.native_nftables:
         from istio_iptables.engine.nft import NftForm
 
-        drift = NftForm(config, system, footprint).drift(build_plan(config))
+        drift = NftForm(config, system, footprint).drift(footprint.build_plan(config))
     else:
         from istio_iptables.engine.xtables import XtablesForm
 
-        drift = XtablesForm(config, system, footprint, namespace_path).drift(build_plan(config))
+        drift = XtablesForm(config, system, footprint, namespace_path).drift(footprint.build_plan(config))
     if drift:
         raise DriftError("the namespace does not hold the configuration's rules:\n" + "\n".join(drift))

@@ -38,11 +38,14 @@ class Form(Protocol):
 def guard_xtables_run(config: Config, system: System, footprint: Footprint) -> bool:
     """Before an iptables form writes: True if our nft tables must go once it is done.
 
-    Raises DriftError while our nft tables are present, unless --reconcile.
+    Raises DriftError while our nft tables are present, unless --reconcile, and while another
+    mode's are (the sidecar's and ambient's never share a namespace).
     """
     if not system.nft_tables_may_exist(footprint):
         return False
     state = system.read_nft_state(footprint, with_legacy=False)
+    if state.rivals:
+        raise DriftError(footprint.rival_refusal(", ".join(state.rivals)))
     if not state.our_tables:
         return False
     if not config.reconcile:

@@ -9,11 +9,13 @@ The orchestrator (:mod:`istio_iptables.engine.actions`) has entered the namespac
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from istio_iptables._lib.log import log
 from istio_iptables.config.sidecar import Config
 from istio_iptables.errors import DriftError, IstioIptablesError
 from istio_iptables.net import Family
-from istio_iptables.nft.render import render_cleanup, render_script
+from istio_iptables.nft.render import HEADER, render_cleanup, render_script
 from istio_iptables.policy.footprint import SIDECAR, Footprint
 from istio_iptables.policy.sidecar_nft import build_nft_ruleset
 from istio_iptables.xtables.model import Plan
@@ -46,13 +48,19 @@ class NftForm:
         return render_script(build_nft_ruleset(self.config))
 
     def preview_cleanup(self, plan: Plan | None = None) -> str:
-        return render_cleanup()
+        return render_cleanup(self.footprint.nft_tables)
+
+    def ruleset(self) -> NftRuleset:
+        return self.footprint.build_nft_ruleset(self.config)
 
     def apply(self, plan: Plan) -> str:
         """Write our tables; ``plan`` supplies the routes shared with the iptables forms. Returns what was done."""
-        config, system = self.config, self.system
-        ruleset = build_nft_ruleset(config)
-        state = system.read_nft_state(self.footprint, with_legacy=True)
+        config, system, footprint = self.config, self.system, self.footprint
+        ruleset = self.ruleset()
+        state = system.read_nft_state(footprint, with_legacy=True)
+        if state.rivals:
+            raise DriftError(footprint.rival_refusal(", ".join(state.rivals)))
+        kept_sets = footprint.kept_set_nft_lines(config)
         if state.has_iptables_form and not config.reconcile:
             raise DriftError(
                 "this namespace already holds istio-iptables rules in iptables form: "
@@ -64,6 +72,8 @@ class NftForm:
                 # A re-run (a restarted init container, or one killed after the transaction and
                 # before the routes): nothing to write; the routes are made sure of, as on iptables.
                 log.info("the namespace already holds exactly these nftables rules: nothing to write")
+                if kept_sets:  # created if missing, members changed only as asked
+                    system.apply_nft_script(HEADER + "\n".join(kept_sets) + "\n")
                 if plan.routes is not None or plan.ipv6_passthrough_address:
                     if plan.routes is not None:
                         system.check_loopback_up()
@@ -83,7 +93,11 @@ class NftForm:
         removal = iptables_nft_removal_lines(state)
         if plan.routes is not None or plan.ipv6_passthrough_address:
             system.load_netlink()  # its import, not after the rules (see XtablesForm.apply)
-        system.apply_nft_script(render_script(ruleset, present=state.our_tables, also=removal, held=state.held()))
+        script = render_script(
+            ruleset, present=state.our_tables, also=removal, held=state.held(), kept_sets=footprint.kept_sets,
+            first=kept_sets,
+        )
+        system.apply_nft_script(script)
         if state.has_iptables_form:
             system.remove_legacy_form(state)
             log.info("--reconcile: replaced %s", state.describe_iptables_form())
@@ -99,6 +113,8 @@ class NftForm:
         """
         system, config = self.system, self.config
         state = system.read_nft_state(self.footprint, with_legacy=True)
+        if state.rivals and state.our_tables:
+            raise DriftError(self.footprint.rival_refusal(", ".join(state.rivals)))
         system.remove_nft_tables(state.our_tables)
         self.found_iptables_backends = [
             backend
@@ -106,35 +122,41 @@ class NftForm:
             if found
         ]
         marks = {config.tproxy_mark} | ({state.tproxy_mark} if state.tproxy_mark is not None else set())
-        pairs = {(mark, config.route_table) for mark in marks}
-        orphans = system.fwmark_rules_present(pairs)
+        keys = {(mark, config.route_table, config.route_mask) for mark in marks}
+        orphans = system.fwmark_rules_present(keys)
         routed = False
         if state.tproxy_mark is not None or state.our_ipv6 or orphans:
-            routed = system.remove_routes(pairs, state.our_ipv6 or Family.V6 in orphans)
+            routed = system.remove_routes(keys, state.our_ipv6 or Family.V6 in orphans)
         return bool(state.our_tables) or routed
 
     def drift(self, plan: Plan | None = None) -> list[str]:
         """Native nftables: our tables must hold exactly this configuration's rules, and iptables' form be absent."""
         state = self.system.read_nft_state(self.footprint, with_legacy=True)
+        if state.rivals:
+            return [f"the namespace holds {', '.join(state.rivals)}"]
         if state.has_iptables_form:
             return [f"the namespace holds iptables rules: {state.describe_iptables_form()}"]
         if not state.our_tables:
             return ["the namespace holds none of our nftables tables"]
-        return self.differences(state, build_nft_ruleset(self.config))
+        return self.differences(state, self.ruleset())
 
     def differences(self, state: NamespaceState, ruleset: NftRuleset) -> list[str]:
         """How our live tables differ from ``ruleset``: tables, named sets and their members, chains
         (hook, type, priority, policy) and rules, in order; counters are not compared."""
-        return table_differences(live_lines(state.our_objects), desired_lines(ruleset))
+        kept = set(self.footprint.kept_sets)  # their members are the node agent's, not the configuration's
+        return table_differences(live_lines(state.our_objects, kept), desired_lines(ruleset))
 
     def rollback(self, before: NamespaceState) -> None:
         self.system.restore_nft_tables(before)
 
     def _remove_replaced_routes(self, plan: Plan, before: NamespaceState) -> None:
         """Our tables were replaced: the old configuration's TPROXY routing and ::6 go if this one has none."""
-        stale = {(before.tproxy_mark, self.config.route_table)} if before.tproxy_mark is not None else set()
+        config = self.config
+        stale = set()
+        if before.tproxy_mark is not None:
+            stale.add((before.tproxy_mark, config.route_table, config.route_mask))
         wanted = plan.routes
-        unchanged = wanted is not None and stale <= {(wanted.mark, wanted.table)} and len(wanted.families) == 2
+        unchanged = wanted is not None and stale <= {wanted.key} and len(wanted.families) == 2
         drop_v6 = before.our_ipv6 and not plan.ipv6_passthrough_address
         if (not stale or unchanged) and not drop_v6:
             return
@@ -177,7 +199,7 @@ def desired_lines(ruleset: NftRuleset) -> TableLines:
     return tables
 
 
-def live_lines(objects: list[dict]) -> TableLines:
+def live_lines(objects: list[dict], kept_sets: Collection[str] = ()) -> TableLines:
     """Our live tables (``nft -j`` objects, read by :mod:`istio_iptables.nft.listing`) as comparable
     lines: counters left out; a part we cannot read is spelled as its JSON, so it never equals ours."""
     from istio_iptables.nft.listing import read_listing_objects
@@ -186,7 +208,7 @@ def live_lines(objects: list[dict]) -> TableLines:
     for table in read_listing_objects(objects):
         lines = []
         for entry in table.objects:
-            if "set" in entry:
+            if "set" in entry and entry["set"]["name"] not in kept_sets:
                 named = entry["set"]
                 members = table.sets.get(named["name"])
                 texts = _member_texts(members) if members is not None else [f"<unreadable {named.get('elem')!r}>"]

@@ -86,9 +86,25 @@ class XtablesForm:
         return detection
 
     def read(self, detection: Detection, wanted: dict[Family, TableState]) -> dict[Family, TableState]:
-        """Our part of each family, as the footprint claims it from the live save output."""
-        claim = self.footprint.claim_xtables
-        return {family: claim(detection.dump(family), wanted[family], family) for family in FAMILIES}
+        """Our part of each family, as the footprint claims it from the live save output.
+
+        A family holding another mode's rules (the sidecar's and ambient's share chain names) is
+        refused with exit 3 before anything is written; cleanup leaves it alone when none of our
+        own companions are there (it is wholly the other mode's), and refuses a mix of both.
+        """
+        footprint = self.footprint
+        live: dict[Family, TableState] = {}
+        for family in FAMILIES:
+            dump = detection.dump(family)
+            rival = footprint.rival_in(dump)
+            if rival is None:
+                live[family] = footprint.claim_xtables(dump, wanted[family], family)
+            elif self.config.cleanup_only and not footprint.holds_own_companions(dump):
+                log.info("%s: %s, not ours to remove", family.label, rival)
+                live[family] = {}
+            else:
+                raise DriftError(footprint.rival_refusal(f"{family.label} {rival}"))
+        return live
 
     def live_marks(self, live: dict[Family, TableState]) -> set[int]:
         """The TPROXY marks our live rules use, so cleanup and reconcile find the policy routes that go with them."""
@@ -121,6 +137,7 @@ class XtablesForm:
             log.info("the namespace already holds exactly these rules: nothing to write")
             if ipset:  # same names, so the same members were loaded; refill in case someone edited them
                 ipset.load(wanted_sets)
+            self._load_kept_sets(plan)
             self._ensure_routes(plan, detection, applier, {}, wanted)
             return Outcome("unchanged", detection.backend.name, {})
         if missing and not config.force_apply:
@@ -140,6 +157,7 @@ class XtablesForm:
         }
         if ipset:  # before the rules that match them
             ipset.load(wanted_sets)
+        self._load_kept_sets(plan)
         created = self._absent_base_chains(scripts, detection)
         if plan.routes is not None or plan.ipv6_passthrough_address:
             # pyroute2 (~0.3-0.7 s) loads before the rules go in, not between them and their routes:
@@ -179,11 +197,20 @@ class XtablesForm:
         detection = self.system.detect(self.config.force_iptables_binary, plan_families(plan), self.env)
         lines: list[str] = []
         for ruleset in plan.rulesets:
+            rival = self.footprint.rival_in(detection.dump(ruleset.family))
+            if rival is not None:
+                lines.append(f"{ruleset.family.label}: the namespace holds {rival}")
+                continue
             live = self.footprint.claim_xtables(detection.dump(ruleset.family), None, ruleset.family)
             lines += diff_states(live, desired_state(ruleset), ruleset.family)
         return lines
 
     # --- write and roll back --------------------------------------------------------------------
+
+    def _load_kept_sets(self, plan: Plan) -> None:
+        """Sets kept across runs (ambient's probe sets): created if missing, members changed only as asked."""
+        if plan.ipset_document:
+            self.system.ipset_restore(plan.ipset_document, self.env)
 
     def _sets(self, plan: Plan, live: dict[Family, TableState]) -> Sets | None:
         # ipsets of long lists (istio_iptables/policy/lists.py): only runs that have or had some touch ipset.
@@ -235,7 +262,7 @@ class XtablesForm:
         for family, tables in touched.items():
             before = detection.dump(family)
             now = read_save(applier.read(family))
-            script = rollback_script(before, now, tables, wanted.get(family, {}), family)
+            script = rollback_script(before, now, tables, wanted.get(family, {}), family, self.footprint.claim_xtables)
             if script:
                 log.debug("%s rollback input for %s:\n%s", applier.name, family.label, script)
                 applier.write(family, script)
@@ -286,9 +313,9 @@ class XtablesForm:
 
     def _remove_replaced_routes(self, plan: Plan, live: dict[Family, TableState]) -> None:
         """After a reconcile: the policy routing (and ::6) of the replaced configuration, if this one has none of it."""
-        stale = {(mark, self.config.route_table) for mark in self.live_marks(live)}
+        stale = {(mark, self.config.route_table, self.config.route_mask) for mark in self.live_marks(live)}
         wanted = plan.routes
-        unchanged = wanted is not None and stale <= {(wanted.mark, wanted.table)} and len(wanted.families) == 2
+        unchanged = wanted is not None and stale <= {wanted.key} and len(wanted.families) == 2
         drop_v6 = bool(live[Family.V6]) and not plan.ipv6_passthrough_address
         if (not stale or unchanged) and not drop_v6:
             return
@@ -316,12 +343,15 @@ class XtablesForm:
             emptied = system.drop_emptied_nft_chains(detection, live, applier_env(applier))
         if ipset:  # no rule of ours matches them any more
             ipset.remove_stale([])
+        if self.footprint.kept_sets:  # ambient's probe sets go with the node's rules
+            emptied |= system.destroy_sets(self.footprint.kept_sets, self.env)
         marks = self.live_marks(live)
-        pairs = {(mark, self.config.route_table) for mark in {*marks, self.config.tproxy_mark}}
-        orphans = system.fwmark_rules_present(pairs)
+        config = self.config
+        keys = {(mark, config.route_table, config.route_mask) for mark in {*marks, config.tproxy_mark}}
+        orphans = system.fwmark_rules_present(keys)
         routed = False
         if orphans or live[Family.V6] or marks:
-            routed = system.remove_routes(pairs, bool(live[Family.V6]) or Family.V6 in orphans)
+            routed = system.remove_routes(keys, bool(live[Family.V6]) or Family.V6 in orphans)
         done = bool(scripts) or routed or emptied
         return Outcome("cleaned" if done else "nothing-to-clean", detection.backend.name, scripts)
 

@@ -41,6 +41,7 @@ from istio_iptables.nft.model import (
     Statement,
     TproxyTo,
 )
+from istio_iptables.nft.names import AMBIENT_TABLES
 from istio_iptables.policy.lists import member_text, port_ranges
 from istio_iptables.xtables.model import PortEntry, PortRange
 from istio_iptables.xtables.render import RenderError, check_token
@@ -248,7 +249,7 @@ def set_lines(table: str, named: NftSet) -> list[str]:
 def remove_tables_lines(tables: Collection[str] = OUR_TABLES) -> list[str]:
     """Delete these of our tables whether or not they exist (``add`` first makes ``delete`` always valid)."""
     lines = []
-    for table in OUR_TABLES:
+    for table in (*OUR_TABLES, *AMBIENT_TABLES):  # only names of ours ever reach nft input
         if table in tables:
             lines += [f"add table inet {table}", f"delete table inet {table}"]
     return lines
@@ -271,6 +272,8 @@ def render_script(
     present: Collection[str] = OUR_TABLES,
     also: Sequence[str] = (),
     held: Mapping[str, TableObjects] | None = None,
+    kept_sets: Collection[str] = (),
+    first: Sequence[str] = (),
 ) -> str:
     """The whole transaction: drop what our tables held, then build them anew (no window without rules).
 
@@ -284,11 +287,23 @@ def render_script(
     refilled in place: a set created in a transaction can miss packets for a moment after the
     rules that match it go live (seen on Linux 6.18 with interval sets: a few connections in
     10 000), while a refilled set answers with the old members or the new, never neither.
+
+    ``kept_sets``: sets that outlive the rules (ambient's probe sets, filled by the node agent): a
+    table holding one is emptied, never deleted, and they stay with their members. ``first``: nft
+    commands before the rules (creating those sets if missing).
     """
     held = held or {}
-    kept = [table for table in ruleset.used_tables() if table.sets and table.name in held and table.name in present]
+
+    def holds_kept_set(name: str) -> bool:
+        return any(named in kept_sets for named in held.get(name, ((), ()))[1])
+
+    kept = [
+        table
+        for table in ruleset.used_tables()
+        if (table.sets or holds_kept_set(table.name)) and table.name in held and table.name in present
+    ]
     kept_names = {table.name for table in kept}
-    emptied = [line for table in kept for line in empty_table_lines(table, held[table.name])]
+    emptied = [line for table in kept for line in empty_table_lines(table, held[table.name], kept_sets)]
     fresh = [
         line
         for table in ruleset.used_tables()
@@ -296,20 +311,25 @@ def render_script(
         for line in (f"add table inet {table.name}", f"flush table inet {table.name}")
     ]
     removed = remove_tables_lines([table for table in present if table not in kept_names])
-    return HEADER + "\n".join([*removed, *emptied, *fresh, *ruleset_lines(ruleset), *also]) + "\n"
+    return HEADER + "\n".join([*removed, *emptied, *fresh, *first, *ruleset_lines(ruleset), *also]) + "\n"
 
 
 TableObjects = tuple[Sequence[str], Sequence[str]]  # the chains and sets a live table holds, by name
 
 
-def empty_table_lines(table: NftTable, held: TableObjects) -> list[str]:
-    """Empty a live table for its new contents: no rules, and no chain or set the new ones do not declare."""
+def empty_table_lines(table: NftTable, held: TableObjects, kept_sets: Collection[str] = ()) -> list[str]:
+    """Empty a live table for its new contents: no rules, and no chain or set the new ones do not declare
+    (but ``kept_sets``)."""
     name = check_token(table.name)
     chains, sets = held
     keep_chains = {chain.name for chain in table.used_chains()}
     lines = [f"flush table inet {name}"]
     lines += [f"delete chain inet {name} {check_token(chain)}" for chain in chains if chain not in keep_chains]
-    lines += [f"delete set inet {name} {check_token(named)}" for named in sets if named not in table.sets]
+    lines += [
+        f"delete set inet {name} {check_token(named)}"
+        for named in sets
+        if named not in table.sets and named not in kept_sets
+    ]
     return lines
 
 

@@ -12,6 +12,7 @@ Rendered by the same nft renderer as the sidecar's tables. Pure: no I/O.
 from __future__ import annotations
 
 import ipaddress
+import re
 
 from istio_iptables.config.ambient import (
     DNS_CAPTURE_PORT,
@@ -211,3 +212,8 @@ def render_ambient_script(config: AmbientConfig) -> str:
         lines += [f"add table inet {table.name}", f"flush table inet {table.name}"]
     lines += [line for line in ruleset_lines(nft) if not line.startswith("add table ")]
     return HEADER + "\n".join(lines) + "\n"
+
+
+# Set names of ours inside our tables (the footprints' nft_set_name_pattern): the node's probe sets, none in a pod.
+PROBE_SET_NAME = re.compile(f"{re.escape(PROBE_SET_V4)}|{re.escape(PROBE_SET_V6)}")
+NO_SET_NAME = re.compile(r"(?!)")

@@ -6,7 +6,7 @@ by the same iptables-restore renderer as the sidecar's rules. Pure: no I/O.
 
 The pod's chains are ``ISTIO_PRERT`` and ``ISTIO_OUTPUT`` in mangle, nat and (with DNS capture)
 raw; the node's is ``ISTIO_POSTRT`` in nat, inserted first in POSTROUTING. ``ISTIO_OUTPUT`` is also
-a sidecar chain name: :mod:`istio_iptables.policy.ambient_footprint` says how the two are told apart.
+a sidecar chain name: the two modes never share a namespace (:mod:`istio_iptables.policy.footprint`).
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ from istio_iptables.config.ambient import (
     INPOD_MARK,
     INPOD_MASK,
     INPOD_RESTORE_MASK,
+    INPOD_RULE_PRIORITY,
     INPOD_TPROXY_MARK,
     INPOD_TPROXY_MASK,
     PROBE_SET_V4,
     PROBE_SET_V6,
+    ROUTE_TABLE_INBOUND,
     ZTUNNEL_INBOUND_PLAINTEXT_PORT,
     ZTUNNEL_INBOUND_PORT,
     ZTUNNEL_OUTBOUND_PORT,
@@ -40,6 +42,7 @@ from istio_iptables.xtables.model import (
     Jump,
     L4Protocol,
     Mark,
+    Plan,
     Ports,
     ProtocolModule,
     Redirect,
@@ -47,8 +50,11 @@ from istio_iptables.xtables.model import (
     SetMatch,
     Snat,
     SocketExists,
+    TproxyRoutes,
     Verdict,
 )
+from istio_iptables.xtables.reconcile import TableState, chains_and_jumps
+from istio_iptables.xtables.save import SaveDump
 
 # Chain names Istio's node agent uses (cni/pkg/iptables: ChainInpod*, ChainHostPostrouting).
 ISTIO_PRERT = "ISTIO_PRERT"
@@ -151,3 +157,77 @@ def host_ruleset(config: AmbientConfig, family: Family) -> RuleSet:
 def rulesets(config: AmbientConfig) -> tuple[RuleSet, ...]:
     build = host_ruleset if config.scope == "host" else pod_ruleset
     return tuple(build(config, family) for family in families(config))
+
+
+def build_plan(config: AmbientConfig) -> Plan:
+    """The run's plan: the rules of each family, the in-pod policy routing (Istio's ``ip rule`` and
+    table 100: replies of connections ztunnel accepted go back through lo), and for the node the
+    probe sets' ``ipset restore`` input (created if missing; members changed only as asked)."""
+    if config.scope == "host":
+        return Plan(rulesets(config), ipset_document=probe_ipset_document(config))
+    routes = TproxyRoutes(
+        mark=INPOD_TPROXY_MARK,
+        table=ROUTE_TABLE_INBOUND,
+        families=families(config),
+        mask=INPOD_TPROXY_MASK,
+        priority=INPOD_RULE_PRIORITY,
+    )
+    return Plan(rulesets(config), routes=routes)
+
+
+# --- what is ours in a live namespace (the footprints' claims, policy/footprint.py) ----------------
+
+POD_OWN_CHAINS = frozenset(POD_CHAINS)
+HOST_OWN_CHAINS = frozenset(HOST_CHAINS)
+
+
+def claim_pod(dump: SaveDump, wanted: TableState | None, family: Family) -> TableState:
+    """The in-pod part of one family: ISTIO_PRERT and ISTIO_OUTPUT whole, and the jumps into them.
+
+    Only called where no sidecar rules are (the engine refuses a namespace holding both modes'), so
+    ISTIO_OUTPUT, a name both modes use, is ambient's here.
+    """
+    return chains_and_jumps(dump, wanted, family, POD_OWN_CHAINS)
+
+
+def claim_host(dump: SaveDump, wanted: TableState | None, family: Family) -> TableState:
+    """The node's part of one family: nat ISTIO_POSTRT and the POSTROUTING jump into it."""
+    return chains_and_jumps(dump, wanted, family, HOST_OWN_CHAINS)
+
+
+def no_tproxy_mark(_mangle: object) -> None:
+    """Ambient's routing mark is fixed (0x111/0xfff, :func:`build_plan`): nothing to read from live rules."""
+    return None
+
+
+# --- what a dry run shows besides the rules ---------------------------------------------------------
+
+
+def probe_ipset_document(config: AmbientConfig) -> str:
+    """``ipset restore`` input creating the probe sets if missing (``-exist``: members are kept), and
+    the node agent's per-pod update: entries commented with the pod's UID (as Istio's), idempotent."""
+    lines = []
+    for family in families(config):
+        name, inet = (PROBE_SET_V4, "inet") if family is Family.V4 else (PROBE_SET_V6, "inet6")
+        lines.append(f"create {name} hash:ip family {inet} comment -exist")
+    lines += [f'add {_probe_set(address)} {address} comment "{config.pod_uid}" -exist' for address in config.enrol]
+    lines += [f"del {_probe_set(address)} {address} -exist" for address in config.unenrol]
+    return "\n".join(lines) + "\n"
+
+
+def _probe_set(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    return PROBE_SET_V6 if address.version == 6 else PROBE_SET_V4
+
+
+def routing_commands(routes: TproxyRoutes) -> list[str]:
+    """The in-pod policy routing as ``ip`` commands (a dry run shows them as comments)."""
+    commands = []
+    for family in routes.families:
+        flag = "-6 " if family is Family.V6 else ""
+        commands.append(
+            f"ip {flag}rule add fwmark {routes.mark:#x}/{routes.mask:#x} pref {routes.priority} lookup {routes.table}"
+        )
+    for family in routes.families:
+        flag, default = ("-6 ", "::/0") if family is Family.V6 else ("", "0.0.0.0/0")
+        commands.append(f"ip {flag}route replace local {default} dev lo table {routes.table}")
+    return commands

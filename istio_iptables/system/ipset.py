@@ -136,3 +136,24 @@ def matched_sets(states: Iterable[Mapping[str, Mapping[str, list[str]]]]) -> set
         for spec in specs
         if "--match-set" in (words := spec.split())
     }
+
+
+def restore_kept_sets(document: str, env: Mapping[str, str] | None) -> None:
+    """Load ``ipset restore`` input for sets kept across runs (``create -exist``, member changes)."""
+    loaded = run_program([ipset_program(), "restore"], input=document, env=dict(env) if env is not None else None)
+    if loaded.returncode != 0:
+        raise ApplyError(f"ipset restore failed: {loaded.stderr.strip()}; no rules were changed")
+
+
+def destroy_kept_sets(names: Iterable[str], env: Mapping[str, str] | None) -> bool:
+    """Destroy these kept sets where they exist (after the rules matching them went); True if any went."""
+    if which("ipset") is None:
+        return False  # without the command no set of ours can have been created
+    destroyed = False
+    for name in names:
+        done = run_program([ipset_program(), "destroy", name], env=dict(env) if env is not None else None)
+        if done.returncode == 0:
+            destroyed = True
+        elif "does not exist" not in done.stderr:
+            log.warning("could not remove ipset %s: %s", name, done.stderr.strip())
+    return destroyed

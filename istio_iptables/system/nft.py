@@ -76,6 +76,8 @@ class NamespaceState:
     our_objects: list[dict] = field(default_factory=list)
     # Whose tables and chains these are (docs/architecture.md: footprints).
     footprint: Footprint = SIDECAR
+    # What only another mode writes (its nft tables, its iptables chains), described: a run refuses.
+    rivals: list[str] = field(default_factory=list)
 
     def held(self) -> dict[str, tuple[list[str], list[str]]]:
         """Per table of ours: the chains and sets it holds, by name (checked before they reach nft input)."""
@@ -96,7 +98,7 @@ class NamespaceState:
             for family, table, chain in self.iptables_nft_chains
         ]
         for program, text in self.legacy_saves.items():
-            found += [f"{chain} ({program})" for chain in legacy_own_chains(text)]
+            found += [f"{chain} ({program})" for chain in legacy_own_chains(text, self.footprint.chains)]
         return ", ".join(found)
 
 
@@ -116,6 +118,8 @@ def parse_nft_listing(objects: list[dict], state: NamespaceState) -> None:
     what is ours is what ``state.footprint`` claims."""
     ours = state.footprint
     for table in read_listing_objects(objects):
+        if table.family == "inet" and table.name in ours.rival_nft_tables:
+            state.rivals.append(f"table inet {table.name}")
         if ours.owns_nft_table(table.family, table.name):
             if any("table" in entry for entry in table.objects):
                 state.our_tables.append(table.name)
@@ -125,6 +129,9 @@ def parse_nft_listing(objects: list[dict], state: NamespaceState) -> None:
                     _note_our_rule(rule.expressions, state)
         elif table.family in IPTABLES_NFT_FAMILIES:
             for chain in table.chains.values():
+                if chain.name in ours.rival_chains:
+                    where = f"{IPTABLES_NFT_FAMILIES[table.family]} {table.name} {chain.name}"
+                    state.rivals.append(f"{where} (iptables-nft)")
                 if ours.owns_chain(chain.name):
                     state.iptables_nft_chains.append((table.family, table.name, chain.name))
                     continue
@@ -154,7 +161,12 @@ def read_legacy_state(state: NamespaceState, proc_net: Path = Path("/proc/thread
         if not tables or which(f"{program}-save") is None:
             continue
         save = _run_tool([f"{program}-save"])
-        if save.returncode == 0 and legacy_own_chains(save.stdout):
+        if save.returncode != 0:
+            continue
+        rival_chains = legacy_own_chains(save.stdout, state.footprint.rival_chains)
+        if rival_chains:
+            state.rivals.append(f"{', '.join(rival_chains)} ({program})")
+        if legacy_own_chains(save.stdout, state.footprint.chains):
             state.legacy_saves[program] = save.stdout
 
 
@@ -165,11 +177,13 @@ def read_state(footprint: Footprint = SIDECAR) -> NamespaceState:
     return state
 
 
-def legacy_own_chains(save_text: str) -> list[str]:
-    return [chain for chains in _parse_legacy_save(save_text)[0].values() for chain in chains]
+def legacy_own_chains(save_text: str, own_chains: frozenset[str] = OWN_CHAINS) -> list[str]:
+    return [chain for chains in _parse_legacy_save(save_text, own_chains)[0].values() for chain in chains]
 
 
-def _parse_legacy_save(save_text: str) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+def _parse_legacy_save(
+    save_text: str, own_chains: frozenset[str] = OWN_CHAINS
+) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """Per table: our chains (``:ISTIO_X`` headers), and the rules of other chains that jump into them."""
     from istio_iptables.xtables.save import read_save  # only when iptables-legacy holds tables
 
@@ -177,12 +191,12 @@ def _parse_legacy_save(save_text: str) -> tuple[dict[str, list[str]], dict[str, 
     jumps: dict[str, list[str]] = {}
     for table, chains in read_save(save_text).tables.items():
         for chain, specs in chains.items():
-            if chain in OWN_CHAINS:
+            if chain in own_chains:
                 own.setdefault(table, []).append(chain)
                 continue
             for spec in specs:
                 words = spec.split()
-                if any(word in ("-j", "-g") and target in OWN_CHAINS for word, target in itertools.pairwise(words)):
+                if any(word in ("-j", "-g") and target in own_chains for word, target in itertools.pairwise(words)):
                     jumps.setdefault(table, []).append(f"-A {chain} {spec}")
     return own, jumps
 
@@ -204,9 +218,9 @@ def iptables_nft_removal_lines(state: NamespaceState) -> list[str]:
     return lines
 
 
-def legacy_removal_document(save_text: str) -> str:
-    """iptables-restore --noflush input deleting every ISTIO_* chain and the jumps into them."""
-    own, jumps = _parse_legacy_save(save_text)
+def legacy_removal_document(save_text: str, own_chains: frozenset[str] = OWN_CHAINS) -> str:
+    """iptables-restore --noflush input deleting every chain of ours and the jumps into them."""
+    own, jumps = _parse_legacy_save(save_text, own_chains)
     document: list[str] = []
     for table in dict.fromkeys([*own, *jumps]):
         chains = own.get(table, [])
@@ -220,7 +234,8 @@ def legacy_removal_document(save_text: str) -> str:
 
 def remove_legacy_form(state: NamespaceState) -> None:
     for program, save_text in state.legacy_saves.items():
-        result = _run_tool([f"{program}-restore", "--noflush", "--wait=30"], stdin=legacy_removal_document(save_text))
+        document = legacy_removal_document(save_text, state.footprint.chains)
+        result = _run_tool([f"{program}-restore", "--noflush", "--wait=30"], stdin=document)
         if result.returncode != 0:
             raise ApplyError(f"{program}-restore could not remove the old iptables rules: {result.stderr.strip()}")
         log.info("removed the iptables rules left by %s", program)

@@ -110,6 +110,16 @@ class RealSystem:
 
         return Ipset(env, referenced, footprint)
 
+    def ipset_restore(self, document: str, env: Mapping[str, str] | None) -> None:
+        from istio_iptables.system.ipset import restore_kept_sets
+
+        restore_kept_sets(document, env)
+
+    def destroy_sets(self, names: Iterable[str], env: Mapping[str, str] | None) -> bool:
+        from istio_iptables.system.ipset import destroy_kept_sets
+
+        return destroy_kept_sets(names, env)
+
     def nft_chains(self, family: Family) -> set[tuple[str, str]]:
         from istio_iptables.system.xtables_restore import nft_chains
 
@@ -146,21 +156,23 @@ class RealSystem:
         return routes.ensure(wanted, passthrough_v6)
 
     def remove_routes(
-        self, pairs: Iterable[tuple[int, int]], passthrough_v6: bool, keep: TproxyRoutes | None = None
+        self, keys: Iterable[tuple[int, int, int]], passthrough_v6: bool, keep: TproxyRoutes | None = None
     ) -> bool:
         from istio_iptables.system import routes
 
-        return routes.remove_routes(pairs, passthrough_v6=passthrough_v6, keep=keep)
+        return routes.remove_routes(keys, passthrough_v6=passthrough_v6, keep=keep)
 
-    def fwmark_rules_present(self, pairs: Iterable[tuple[int, int]]) -> set[Family]:
+    def fwmark_rules_present(self, keys: Iterable[tuple[int, int, int]]) -> set[Family]:
         from istio_iptables.system import routes
 
-        return routes.fwmark_rules_present(pairs)
+        return routes.fwmark_rules_present(keys)
 
     # --- the native nft form ---------------------------------------------------------------------
 
     def nft_tables_may_exist(self, footprint: Footprint) -> bool:
-        """A quick ``nft list tables``: the full JSON reading (and its ~12 ms of imports) only if needed."""
+        """A quick ``nft list tables``: the full JSON reading (and its ~12 ms of imports) only if needed.
+
+        True when a table of ours or of the rival mode's (whose presence refuses a run) is listed."""
         from istio_iptables.system.spawn import run_program, which
 
         nft = which("nft")
@@ -170,7 +182,8 @@ class RealSystem:
         if listing.returncode != 0:
             return True  # let the full reading report why nft cannot list
         return any(
-            len(words := line.split()) == 3 and footprint.owns_nft_table(words[1], words[2])
+            len(words := line.split()) == 3
+            and (footprint.owns_nft_table(words[1], words[2]) or words[2] in footprint.rival_nft_tables)
             for line in listing.stdout.splitlines()
         )
 

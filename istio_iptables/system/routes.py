@@ -5,9 +5,11 @@ per family make marked packets local so TPROXY sockets receive them; ``::6/128``
 source Envoy's inbound passthrough binds in IPv6 (lo only holds ::1/128). Adding what exists
 already is success, so a rerun is a no-op (Istio fails on the duplicate rule).
 
-What is ours: a policy rule is ours only when both its fwmark *and* its table are ours (a foreign
-``fwmark 1337 lookup 200`` is not), and a route only when it is exactly ``local default dev lo``
-in that table. The rule gets its priority from the kernel, as ``ip rule add`` (and Istio) do.
+What is ours: a policy rule is ours only when its fwmark, its mask *and* its table are ours (a
+foreign ``fwmark 1337 lookup 200`` is not), and a route only when it is exactly ``local default dev
+lo`` in that table. The sidecar's rule gets its priority from the kernel, as ``ip rule add`` (and
+Istio) do; ambient's in-pod rule has Istio's fixed one (``fwmark 0x111/0xfff pref 32764 lookup 100``).
+A rule is named by :data:`RuleKey` (mark, table, mask).
 Every write is recorded in :class:`Added`, so a failed run takes back exactly what it added.
 """
 
@@ -22,7 +24,9 @@ from typing import Any
 
 from istio_iptables.errors import ApplyError, EnvironmentProblem
 from istio_iptables.net import Family
-from istio_iptables.xtables.model import TproxyRoutes
+from istio_iptables.xtables.model import FULL_MASK, TproxyRoutes
+
+RuleKey = tuple[int, int, int]  # (fwmark, table, mask) of an ``ip rule fwmark MARK/MASK lookup TABLE``
 
 PASSTHROUGH_V6 = "::6"
 _ADDRESS_FAMILY = {Family.V4: socket.AF_INET, Family.V6: socket.AF_INET6}
@@ -39,7 +43,7 @@ class Added:
 
     def __init__(self) -> None:
         self.passthrough_v6 = False
-        self.rules: list[tuple[Family, int, int]] = []  # (family, mark, table)
+        self.rules: list[tuple[Family, RuleKey]] = []
         self.routes: list[tuple[Family, int]] = []  # (family, table)
 
     def __bool__(self) -> bool:
@@ -104,10 +108,11 @@ def ensure(routes: TproxyRoutes | None, passthrough_v6: bool) -> Added:
                 added.passthrough_v6 = _passthrough_address(ipr, "add", lo)
             if routes is None:
                 return added
+            key = (routes.mark, routes.table, routes.mask)
             for family in routes.families:
-                present = _our_rules(ipr, family, routes.mark, routes.table)
-                if not present and _add_rule(ipr, family, routes.mark, routes.table):
-                    added.rules.append((family, routes.mark, routes.table))
+                present = _our_rules(ipr, family, key)
+                if not present and _add_rule(ipr, family, key, routes.priority):
+                    added.rules.append((family, key))
                 if _local_default_route(ipr, "add", family, lo, routes.table):
                     added.routes.append((family, routes.table))
         except ApplyError:
@@ -125,27 +130,35 @@ def undo(added: Added) -> None:
 
 
 def _undo(ipr: Any, lo: int, added: Added) -> None:
-    for family, mark, table in reversed(added.rules):
-        _delete_rules(ipr, family, mark, table)
+    for family, key in reversed(added.rules):
+        _delete_rules(ipr, family, key)
     for family, table in reversed(added.routes):
         _local_default_route(ipr, "del", family, lo, table)
     if added.passthrough_v6:
         _passthrough_address(ipr, "del", lo)
 
 
-def _add_rule(ipr: Any, family: Family, mark: int, table: int) -> bool:
+def _add_rule(ipr: Any, family: Family, key: RuleKey, priority: int | None) -> bool:
     # priority=None: no FRA_PRIORITY, so the kernel picks it as for `ip rule add` (32765 in a fresh
     # namespace), as Istio's netlink call does; pyroute2 would otherwise send 32000.
+    mark, table, mask = key
+    masked = {} if mask == FULL_MASK else {"fwmask": mask}
     return _tolerate(
         errno.EEXIST,
-        f"ip {_flag(family)}rule add fwmark {mark} lookup {table}",
+        f"ip {_flag(family)}rule add fwmark {_mark_text(key)} lookup {table}",
         ipr.rule,
         "add",
         family=_ADDRESS_FAMILY[family],
         fwmark=mark,
         table=table,
-        priority=None,
+        priority=priority,
+        **masked,
     )
+
+
+def _mark_text(key: RuleKey) -> str:
+    mark, _, mask = key
+    return str(mark) if mask == FULL_MASK else f"{mark:#x}/{mask:#x}"
 
 
 def _flag(family: Family) -> str:
@@ -185,13 +198,14 @@ def _table_of(message: Any) -> int:
     return message.get_attr("FRA_TABLE") or message.get_attr("RTA_TABLE") or message["table"]
 
 
-def _is_plain_fwmark_rule(rule: Any, mark: int, table: int) -> bool:
-    """``fwmark MARK lookup TABLE`` and nothing else (no mask, selector, interface or other action)."""
+def _is_plain_fwmark_rule(rule: Any, key: RuleKey) -> bool:
+    """``fwmark MARK/MASK lookup TABLE`` and nothing else (no selector, interface or other action)."""
+    mark, table, mask = key
     extra = {"FRA_SRC", "FRA_DST", "FRA_IIFNAME", "FRA_OIFNAME", "FRA_GOTO"}
     return (
         rule.get_attr("FRA_FWMARK") == mark
         and _table_of(rule) == table
-        and rule.get_attr("FRA_FWMASK") in (None, 0xFFFFFFFF)
+        and (rule.get_attr("FRA_FWMASK") or FULL_MASK) == mask
         and rule.get_attr("FRA_SUPPRESS_PREFIXLEN") in (None, 0xFFFFFFFF)
         and rule["action"] == _FR_ACT_TO_TBL
         and not rule["src_len"]
@@ -200,15 +214,17 @@ def _is_plain_fwmark_rule(rule: Any, mark: int, table: int) -> bool:
     )
 
 
-def _our_rules(ipr: Any, family: Family, mark: int, table: int) -> list[Any]:
-    return [rule for rule in ipr.get_rules(family=_ADDRESS_FAMILY[family]) if _is_plain_fwmark_rule(rule, mark, table)]
+def _our_rules(ipr: Any, family: Family, key: RuleKey) -> list[Any]:
+    return [rule for rule in ipr.get_rules(family=_ADDRESS_FAMILY[family]) if _is_plain_fwmark_rule(rule, key)]
 
 
-def _delete_rules(ipr: Any, family: Family, mark: int, table: int) -> bool:
+def _delete_rules(ipr: Any, family: Family, key: RuleKey) -> bool:
     from pyroute2.netlink.exceptions import NetlinkError
 
+    mark, table, mask = key
+    masked = {} if mask == FULL_MASK else {"fwmask": mask}
     deleted = False
-    for rule in _our_rules(ipr, family, mark, table):
+    for rule in _our_rules(ipr, family, key):
         try:
             ipr.rule(
                 "del",
@@ -216,11 +232,14 @@ def _delete_rules(ipr: Any, family: Family, mark: int, table: int) -> bool:
                 fwmark=mark,
                 table=table,
                 priority=rule.get_attr("FRA_PRIORITY") or 0,
+                **masked,
             )
             deleted = True
         except NetlinkError as error:
             if error.code != errno.ENOENT:
-                raise ApplyError(f"ip {_flag(family)}rule del fwmark {mark} lookup {table} failed: {error}") from None
+                raise ApplyError(
+                    f"ip {_flag(family)}rule del fwmark {_mark_text(key)} lookup {table} failed: {error}"
+                ) from None
     return deleted
 
 
@@ -236,23 +255,24 @@ def _has_local_default(ipr: Any, family: Family, lo: int, table: int) -> bool:
     )
 
 
-def remove_routes(pairs: Iterable[tuple[int, int]], passthrough_v6: bool, keep: TproxyRoutes | None = None) -> bool:
-    """Remove our policy routing for each (mark, table) pair, both families; True if anything went.
+def remove_routes(keys: Iterable[RuleKey], passthrough_v6: bool, keep: TproxyRoutes | None = None) -> bool:
+    """Remove our policy routing for each rule key, both families; True if anything went.
 
     ``keep``: the routing the current configuration wants (a reconcile keeps it). The local default
     route of a table goes with our rule, unless another rule (anyone's) still looks the table up.
     """
-    wanted_rules = {(family, keep.mark, keep.table) for family in keep.families} if keep else set()
-    wanted_tables = {(family, table) for family, _, table in wanted_rules}
+    wanted_rules = {(family, (keep.mark, keep.table, keep.mask)) for family in keep.families} if keep else set()
+    wanted_tables = {(family, key[1]) for family, key in wanted_rules}
     removed = False
     with _netlink() as ipr:
         lo = _loopback(ipr)
         if passthrough_v6:
             removed |= _passthrough_address(ipr, "del", lo)
-        for mark, table in dict.fromkeys(pairs):
+        for key in dict.fromkeys(keys):
+            table = key[1]
             for family in (Family.V4, Family.V6):
-                if (family, mark, table) not in wanted_rules:
-                    removed |= _delete_rules(ipr, family, mark, table)
+                if (family, key) not in wanted_rules:
+                    removed |= _delete_rules(ipr, family, key)
                 # Our route, once no rule (ours or anyone's) looks its table up any more.
                 if (
                     (family, table) not in wanted_tables
@@ -270,18 +290,19 @@ _RTM_NEWRULE = 32
 _FIB_RULE_HDR = "=BBBBBBBBL"  # family, dst_len, src_len, tos, table, res1, res2, action, flags
 _FRA_FWMARK = 10
 _FRA_TABLE = 15
+_FRA_FWMASK = 16
 
 
-def fwmark_rules_present(pairs: Iterable[tuple[int, int]]) -> set[Family]:
-    """The families holding an ``fwmark M lookup T`` rule for one of ``pairs``, by one raw netlink dump
-    (both families if the dump cannot be read: pyroute2 then looks)."""
+def fwmark_rules_present(keys: Iterable[RuleKey]) -> set[Family]:
+    """The families holding an ``fwmark M/MASK lookup T`` rule for one of ``keys``, by one raw netlink
+    dump (both families if the dump cannot be read: pyroute2 then looks)."""
     try:
-        return _fwmark_rules_present(set(pairs))
+        return _fwmark_rules_present(set(keys))
     except (OSError, ValueError, struct.error):
         return {Family.V4, Family.V6}
 
 
-def _fwmark_rules_present(wanted: set[tuple[int, int]]) -> set[Family]:
+def _fwmark_rules_present(wanted: set[RuleKey]) -> set[Family]:
     families = {socket.AF_INET: Family.V4, socket.AF_INET6: Family.V6}
     header, rule_header, attribute = struct.Struct("=LHHLL"), struct.Struct(_FIB_RULE_HDR), struct.Struct("=HH")
     found: set[Family] = set()
@@ -310,6 +331,9 @@ def _fwmark_rules_present(wanted: set[tuple[int, int]]) -> set[Family]:
                         table = struct.unpack("=I", attributes[_FRA_TABLE][:4])[0]
                     if _FRA_FWMARK in attributes and family in families:
                         mark = struct.unpack("=I", attributes[_FRA_FWMARK][:4])[0]
-                        if (mark, table) in wanted:
+                        mask = FULL_MASK
+                        if _FRA_FWMASK in attributes:
+                            mask = struct.unpack("=I", attributes[_FRA_FWMASK][:4])[0] or FULL_MASK
+                        if (mark, table, mask) in wanted:
                             found.add(families[family])
                 offset += (length + 3) & ~3

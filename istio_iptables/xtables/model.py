@@ -344,11 +344,18 @@ class RuleSet:
 
 @record
 class TproxyRoutes:
-    """Policy routing TPROXY needs: ``ip rule fwmark MARK lookup TABLE`` + ``local default dev lo``."""
+    """Policy routing that makes marked packets local: ``ip rule fwmark MARK[/MASK] [pref PRIORITY] lookup
+    TABLE`` + ``local default dev lo`` in TABLE (the sidecar's TPROXY mode; ambient's in-pod replies)."""
 
     mark: int
     table: int
     families: tuple[Family, ...]
+    mask: int = FULL_MASK
+    priority: int | None = None  # None: the kernel's choice, as ``ip rule add`` without ``pref``
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        return (self.mark, self.table, self.mask)
 
 
 @record
@@ -359,6 +366,9 @@ class Plan:
     routes: TproxyRoutes | None = None
     # IPv6 needs ::6/128 on lo for Envoy's inbound passthrough bind (Istio adds it whenever v6 is on).
     ipv6_passthrough_address: bool = False
+    # ``ipset restore`` input for sets kept across runs (ambient's probe sets: created if missing,
+    # members changed only as asked), loaded before the rules that match them.
+    ipset_document: str = ""
 
     def ruleset(self, family: Family) -> RuleSet | None:
         return next((rs for rs in self.rulesets if rs.family is family), None)

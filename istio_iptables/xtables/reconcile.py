@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from istio_iptables.config.sidecar import OUTBOUND_MARK
 from istio_iptables.net import Family
@@ -36,6 +36,8 @@ from istio_iptables.xtables.model import (
     Interface,
     L4Protocol,
     Mark,
+    Ports,
+    ProtocolModule,
     Rule,
     RuleSet,
     Verdict,
@@ -63,7 +65,10 @@ def canonical_spec(rule: Rule, family: Family, resolve_gid: GidResolver = numeri
     context = SavedContext(family, protocol, resolve_gid)
     head: dict[str, list[str]] = {}
     modules: list[str] = []
-    for match in rule.matches:
+    for index, match in enumerate(rule.matches):
+        following = rule.matches[index + 1] if index + 1 < len(rule.matches) else None
+        if isinstance(match, ProtocolModule) and isinstance(following, Ports) and len(following.ports) == 1:
+            continue  # ``-m udp --sport 53`` is one match: the port's saved form names the module
         spelling = spelling_of(match)
         tokens = spelling.saved(match, context)
         if spelling.head:
@@ -105,9 +110,9 @@ _VIRT_JUMP = rf"-i (\S+) (?:.* )?-j {ISTIO_REDIRECT}"
 OwnedKey = tuple[str, str, str]  # (table, built-in chain, rule spec)
 
 
-def jumps_to_own_chain(spec: str) -> bool:
+def jumps_to_own_chain(spec: str, own_chains: frozenset[str] = OWN_CHAINS) -> bool:
     head, _, target = spec.rpartition("-j ")
-    return target in OWN_CHAINS and (head == "" or head.endswith(" "))
+    return target in own_chains and (head == "" or head.endswith(" "))
 
 
 def live_tproxy_mark(chains: Chains) -> int | None:
@@ -160,20 +165,29 @@ def _tied_to_our_chains(dump: SaveDump, family: Family) -> set[OwnedKey]:
 
 
 def owned_state(dump: SaveDump, wanted: TableState | None = None, family: Family = Family.V4) -> TableState:
-    """Our part of a live family: own chains whole, and our rules of built-in chains in order.
+    """The sidecar's part of a live family: :func:`chains_and_jumps` with the sidecar's chains, and the
+    built-in-chain rules its live TPROXY and ``-k`` chains imply."""
+    return chains_and_jumps(dump, wanted, family, OWN_CHAINS, implied=True)
+
+
+def chains_and_jumps(
+    dump: SaveDump, wanted: TableState | None, family: Family, own_chains: frozenset[str], *, implied: bool = False
+) -> TableState:
+    """Our part of a live family: ``own_chains`` whole, and our rules of built-in chains in order.
 
     Of a built-in chain: every rule jumping into one of our chains; any other rule only as often
-    as ``wanted`` (the state this run's configuration produces) holds it, or once if our live
-    chains imply it. Nothing at all when the family holds none of our chains and no jump to one.
+    as ``wanted`` (the state this run's configuration produces) holds it, or (``implied``, the
+    sidecar's) once if our live chains imply it. Nothing at all when the family holds none of our
+    chains and no jump to one.
     """
     ours: TableState = {}
     for table in TABLES:
         chains = dump.tables.get(table, {})
         for name, specs in chains.items():
-            if name in OWN_CHAINS:
+            if name in own_chains:
                 ours.setdefault(table, {})[name] = list(specs)
     has_jumps = any(
-        jumps_to_own_chain(spec)
+        jumps_to_own_chain(spec, own_chains)
         for table in TABLES
         for name, specs in dump.tables.get(table, {}).items()
         if name in BUILTIN_CHAINS
@@ -187,8 +201,27 @@ def owned_state(dump: SaveDump, wanted: TableState | None = None, family: Family
         for name, specs in chains.items()
         if name in BUILTIN_CHAINS
         for spec in specs
-        if not jumps_to_own_chain(spec)
+        if not jumps_to_own_chain(spec, own_chains)
     )
+    if implied:
+        _claim_implied(claims, dump, family)
+    for table in TABLES:
+        for name, specs in dump.tables.get(table, {}).items():
+            if name not in BUILTIN_CHAINS:
+                continue
+            mine = []
+            for spec in specs:
+                if jumps_to_own_chain(spec, own_chains):
+                    mine.append(spec)
+                elif claims[(table, name, spec)] > 0:
+                    claims[(table, name, spec)] -= 1
+                    mine.append(spec)
+            if mine:
+                ours.setdefault(table, {})[name] = mine
+    return ours
+
+
+def _claim_implied(claims: Counter[OwnedKey], dump: SaveDump, family: Family) -> None:
     tproxy_live = live_tproxy_mark(dump.tables.get("mangle", {})) is not None
     for (table, name, spec), count in list(claims.items()):
         # -c X of a TPROXY configuration also wrote X's RETURNs into mangle: a reconcile to REDIRECT
@@ -197,20 +230,6 @@ def owned_state(dump: SaveDump, wanted: TableState | None = None, family: Family
             claims[("mangle", name, spec)] = max(claims[("mangle", name, spec)], count)
     for key in _tied_to_our_chains(dump, family):
         claims[key] = max(claims[key], 1)
-    for table in TABLES:
-        for name, specs in dump.tables.get(table, {}).items():
-            if name not in BUILTIN_CHAINS:
-                continue
-            mine = []
-            for spec in specs:
-                if jumps_to_own_chain(spec):
-                    mine.append(spec)
-                elif claims[(table, name, spec)] > 0:
-                    claims[(table, name, spec)] -= 1
-                    mine.append(spec)
-            if mine:
-                ours.setdefault(table, {})[name] = mine
-    return ours
 
 
 # --- comparing -------------------------------------------------------------------
@@ -307,7 +326,14 @@ def _max_claims(*states: TableState) -> TableState:
     return merged
 
 
-def rollback_script(before: SaveDump, now: SaveDump, tables: Iterable[str], wanted: TableState, family: Family) -> str:
+def rollback_script(
+    before: SaveDump,
+    now: SaveDump,
+    tables: Iterable[str],
+    wanted: TableState,
+    family: Family,
+    claim: Callable[[SaveDump, TableState | None, Family], TableState] | None = None,
+) -> str:
     """Restore input (for ``--noflush``) that puts our part of ``tables`` back as ``before`` held it.
 
     The inverse of a failed run's transition, computed from what the namespace holds ``now`` (a
@@ -316,8 +342,9 @@ def rollback_script(before: SaveDump, now: SaveDump, tables: Iterable[str], want
     old ones inserted at their old positions. Foreign rules are never written, so they keep their
     counters, and no chain or table is declared that was not there.
     """
-    ours_before = owned_state(before, wanted, family)
-    ours_now = owned_state(now, _max_claims(wanted, ours_before), family)
+    claim = claim or owned_state  # whose part: the footprint's claim (the sidecar's by default)
+    ours_before = claim(before, wanted, family)
+    ours_now = claim(now, _max_claims(wanted, ours_before), family)
     lines: list[str] = []
     for table in tables:
         was, held = before.tables.get(table, {}), now.tables.get(table, {})

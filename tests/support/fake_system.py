@@ -141,6 +141,13 @@ class FakeSystem:
     def ipset(self, env: Mapping[str, str] | None, referenced: Iterable[str], footprint: Any) -> FakeSets:
         return FakeSets(self)
 
+    def ipset_restore(self, document: str, env: Mapping[str, str] | None) -> None:
+        self._step("kept sets")
+
+    def destroy_sets(self, names: Iterable[str], env: Mapping[str, str] | None) -> bool:
+        self.events.append("destroy kept sets")
+        return False
+
     def nft_chains(self, family: Family) -> set[tuple[str, str]]:
         return set()
 
@@ -160,11 +167,11 @@ class FakeSystem:
     def ensure_routes(self, wanted: Any, passthrough_v6: bool) -> None:
         self._step("routes")
 
-    def remove_routes(self, pairs: Iterable[tuple[int, int]], passthrough_v6: bool, keep: Any = None) -> bool:
+    def remove_routes(self, keys: Iterable[tuple[int, int, int]], passthrough_v6: bool, keep: Any = None) -> bool:
         self.events.append("remove routes")
         return False
 
-    def fwmark_rules_present(self, pairs: Iterable[tuple[int, int]]) -> set[Family]:
+    def fwmark_rules_present(self, keys: Iterable[tuple[int, int, int]]) -> set[Family]:
         return set()
 
     # the native nft form

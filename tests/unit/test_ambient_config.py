@@ -94,11 +94,10 @@ def test_pflag_booleans() -> None:
     assert "15053" in on.stdout and "15053" not in off.stdout
 
 
-@pytest.mark.parametrize("args", [(), ("--cleanup-only",), ("--reconcile", "--dry-run"), ("--dry-run=false",)])
-def test_runs_that_are_not_built_yet_exit_2_and_say_so(args: tuple[str, ...]) -> None:
-    result = run(*args)
-    assert result.returncode == 2
-    assert "not yet" in result.stderr and result.stdout == ""
+def test_a_bad_value_of_a_real_run_exits_2_before_any_namespace_is_touched() -> None:
+    # (Real runs are tested in network namespaces: tests/kernel/test_ambient_engine.py.)
+    result = run("--network-namespace", "/nonexistent/ns", "--host-probe-snat-ipv4", "300.1.1.1")
+    assert result.returncode == 2 and "--host-probe-snat-ipv4" in result.stderr
 
 
 def test_probe_address_in_the_rules() -> None:

@@ -1,24 +1,19 @@
-"""The ambient footprint (what ambient owns) agrees with the rules its policy writes, and tells ambient's
-``ISTIO_OUTPUT`` from the sidecar's (no root)."""
+"""Ambient's footprints (what ambient owns) agree with the rules its policy writes, claim exactly
+those, and tell ambient's rules from the sidecar's, which share the ``ISTIO_OUTPUT`` name (no root)."""
 
 from __future__ import annotations
 
 import pytest
 
 from istio_iptables.config.ambient import AmbientConfig
-from istio_iptables.config.sidecar import Config
 from istio_iptables.net import Family
-from istio_iptables.policy.ambient_footprint import (
-    ISTIO_INPOD_DELETE_COMMANDS,
-    SIDECAR,
-    claims_output_chain,
-    footprint,
-    routing_comment_lines,
-)
-from istio_iptables.policy.ambient_xtables import rulesets
-from istio_iptables.policy.sidecar_xtables import build_plan
-from istio_iptables.xtables.model import BUILTIN_CHAINS, Jump
-from istio_iptables.xtables.render import rule_line
+from istio_iptables.policy.ambient_xtables import build_plan, routing_commands, rulesets
+from istio_iptables.policy.footprint import AMBIENT_HOST, AMBIENT_POD, FOOTPRINTS, SIDECAR
+from istio_iptables.xtables.model import BUILTIN_CHAINS
+from istio_iptables.xtables.reconcile import desired_state, normalised
+from istio_iptables.xtables.save import read_save
+from tests.support.fake_system import config as sidecar_config
+from tests.support.fake_system import save_text
 
 CONFIGS = [
     AmbientConfig(),
@@ -29,49 +24,71 @@ CONFIGS = [
 ]
 
 
+def footprint_of(config: AmbientConfig):
+    return AMBIENT_HOST if config.scope == "host" else AMBIENT_POD
+
+
+def sidecar_save(family: Family) -> str:
+    from istio_iptables.policy.sidecar_xtables import build_plan as sidecar_plan
+
+    return save_text(sidecar_plan(sidecar_config()).ruleset(family))
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda config: f"{config.scope}-{config.dns_capture}")
-def test_the_footprint_names_exactly_the_chains_and_jumps_the_policy_writes(config: AmbientConfig) -> None:
-    owned = footprint(config)
+def test_the_footprint_claims_exactly_what_the_policy_writes(config: AmbientConfig) -> None:
+    footprint = footprint_of(config)
     for ruleset in rulesets(config):
-        jumps = {(rule.table, rule.chain, rule.target.chain) for rule in ruleset.rules
-                 if rule.chain in BUILTIN_CHAINS and isinstance(rule.target, Jump)}
-        assert jumps == {(jump.table, jump.chain, jump.target) for jump in owned.jumps}
-        chains = {table: set(ruleset.declared_chains(table)) for table in ruleset.tables()}
-        assert chains == {table: set(names) for table, names in owned.chains.items()}
+        declared = {name for table in ruleset.tables() for name in ruleset.declared_chains(table)}
+        assert declared <= footprint.chains
+        wanted = desired_state(ruleset)
+        dump = read_save(save_text(ruleset))
+        assert normalised(footprint.claim_xtables(dump, None, ruleset.family)) == normalised(wanted)
+        assert footprint.rival_in(dump) is None
+
+
+def test_a_foreign_rule_beside_ours_is_not_claimed() -> None:
+    ruleset = rulesets(AmbientConfig())[0]
+    jump = "-A OUTPUT -j ISTIO_OUTPUT"
+    text = save_text(ruleset).replace(jump, f"-A OUTPUT -o eth9 -j RETURN\n{jump}")
+    claimed = AMBIENT_POD.claim_xtables(read_save(text), None, Family.V4)
+    assert all("eth9" not in spec for chains in claimed.values() for specs in chains.values() for spec in specs)
+
+
+def test_sidecar_and_ambient_rules_are_each_others_rivals() -> None:
+    ambient = read_save(save_text(rulesets(AmbientConfig())[0]))
+    sidecar = read_save(sidecar_save(Family.V4))
+    assert SIDECAR.rival_in(ambient) and "ISTIO_PRERT" in SIDECAR.rival_in(ambient)
+    assert AMBIENT_POD.rival_in(sidecar) and "ISTIO_INBOUND" in AMBIENT_POD.rival_in(sidecar)
+    assert SIDECAR.rival_in(sidecar) is None and AMBIENT_POD.rival_in(ambient) is None
+    # Each one's own companions: ISTIO_OUTPUT, the name both use, is neither's.
+    assert not SIDECAR.holds_own_companions(ambient) and not AMBIENT_POD.holds_own_companions(sidecar)
+    assert "ISTIO_OUTPUT" not in SIDECAR.companion_chains | AMBIENT_POD.companion_chains
+    assert AMBIENT_HOST.rival_in(sidecar) is None  # the node's chains share no name
+
+
+def test_every_mode_is_listed_and_names_its_policy() -> None:
+    assert set(FOOTPRINTS.values()) == {SIDECAR, AMBIENT_POD, AMBIENT_HOST}
+    plan = AMBIENT_POD.build_plan(AmbientConfig(enable_ipv6=True))
+    assert plan.routes is not None and plan.routes.key == (0x111, 100, 0xFFF)
+    assert AMBIENT_HOST.build_plan(AmbientConfig(scope="host")).routes is None
 
 
 def test_routes_and_rules_per_family() -> None:
-    owned = footprint(AmbientConfig(enable_ipv6=True))
-    assert [rule.command() for rule in owned.policy_rules] == [
+    routes = build_plan(AmbientConfig(enable_ipv6=True)).routes
+    assert routes is not None
+    assert routing_commands(routes) == [
         "ip rule add fwmark 0x111/0xfff pref 32764 lookup 100",
         "ip -6 rule add fwmark 0x111/0xfff pref 32764 lookup 100",
+        "ip route replace local 0.0.0.0/0 dev lo table 100",
+        "ip -6 route replace local ::/0 dev lo table 100",
     ]
-    assert [route.family for route in owned.routes] == [Family.V4, Family.V6]
-    assert routing_comment_lines(AmbientConfig(scope="host")) == []
-    assert footprint(AmbientConfig(scope="host", enable_ipv6=True)).ipsets == (
-        "istio-inpod-probes-v4", "istio-inpod-probes-v6")
 
 
-def test_istios_leftovers_cleanup_covers_every_chain_and_jump() -> None:
-    owned = footprint(AmbientConfig(redirect_dns=True))
-    deleted_jumps = {(cmd[1], cmd[3], cmd[5]) for cmd in ISTIO_INPOD_DELETE_COMMANDS if cmd[2] == "-D"}
-    assert {(jump.table, jump.chain, jump.target) for jump in owned.jumps} == deleted_jumps
-    removed = {(cmd[1], cmd[3]) for cmd in ISTIO_INPOD_DELETE_COMMANDS if cmd[2] == "-X"}
-    assert {(table, chain) for table, chains in owned.chains.items() for chain in chains} <= removed
-
-
-def _output_chain(lines: list[str]) -> list[str]:
-    return [line for line in lines if line.startswith("-A ISTIO_OUTPUT ")]
-
-
-def test_istio_output_is_told_apart() -> None:
-    ambient = rulesets(AmbientConfig(redirect_dns=True))[0]
-    ambient_lines = [rule_line(rule) for rule in ambient.rules_of("nat")]
-    assert claims_output_chain(ambient.declared_chains("nat"), _output_chain(ambient_lines)) == "ambient-pod"
-    sidecar = build_plan(Config(proxy_uids=("1337",), proxy_gids=("1337",))).rulesets[0]
-    sidecar_lines = [rule_line(rule) for rule in sidecar.rules_of("nat")]
-    assert claims_output_chain(sidecar.declared_chains("nat"), _output_chain(sidecar_lines)) == "sidecar"
-    # Both in one table: nobody may claim it (the engine refuses with exit 3).
-    both = [*ambient.declared_chains("nat"), *sidecar.declared_chains("nat")]
-    assert claims_output_chain(both, _output_chain(ambient_lines + sidecar_lines)) is None
-    assert set(SIDECAR.distinguishing_chains).isdisjoint(footprint(AmbientConfig()).distinguishing_chains)
+def test_the_node_plan_creates_the_probe_sets_and_keeps_members() -> None:
+    document = build_plan(AmbientConfig(scope="host", enable_ipv6=True)).ipset_document
+    assert document.splitlines() == [
+        "create istio-inpod-probes-v4 hash:ip family inet comment -exist",
+        "create istio-inpod-probes-v6 hash:ip family inet6 comment -exist",
+    ]
+    assert AMBIENT_HOST.kept_sets == ("istio-inpod-probes-v4", "istio-inpod-probes-v6")
+    assert all(name not in BUILTIN_CHAINS for name in AMBIENT_HOST.chains)

@@ -197,3 +197,58 @@ def test_a_native_cleanup_walks_the_iptables_form_too() -> None:
     run(Action.CLEANUP, config(cleanup_only="true", native_nftables="true"), system)
     assert system.events.index("remove nft tables") < system.events.index("write IPv4")
     assert system.saves == {Family.V4: "", Family.V6: ""}
+
+
+# --- ambient mode: the same engine with ambient's footprint ----------------------------------------
+
+
+def ambient_run(action: Action, cfg: object, system: FakeSystem, footprint: object) -> None:
+    execute(action, lambda: cfg, io.StringIO(), system=system, namespace="pod", footprint=footprint)  # type: ignore[arg-type]
+
+
+def ambient_complete(cfg: object) -> dict[Family, str]:
+    from istio_iptables.policy.ambient_xtables import build_plan as ambient_plan
+
+    plan = ambient_plan(cfg)  # type: ignore[arg-type]
+    return {family: save_text(plan.ruleset(family)) for family in (Family.V4, Family.V6)}
+
+
+def test_ambient_apply_takes_the_same_steps_with_its_routes() -> None:
+    from istio_iptables.config.ambient import AmbientConfig
+    from istio_iptables.policy.footprint import AMBIENT_POD
+
+    cfg = AmbientConfig(redirect_dns=True, enable_ipv6=True)
+    system = FakeSystem(after=ambient_complete(cfg))
+    ambient_run(Action.APPLY, cfg, system, AMBIENT_POD)
+    writes = ["write IPv4", "write IPv6"]
+    assert system.events[:4] == ["enter pod", "check privileges", "lock", "nft tables?"]
+    assert [event for event in system.events if event in writes] == writes
+    assert system.events.index("routes") > system.events.index("write IPv6")  # the ip rule after the rules
+    assert system.events[-1] == "unlock"
+
+
+def test_ambient_rerun_writes_nothing_and_other_flags_are_drift() -> None:
+    from istio_iptables.config.ambient import AmbientConfig
+    from istio_iptables.policy.footprint import AMBIENT_POD
+
+    cfg = AmbientConfig(redirect_dns=True)
+    system = FakeSystem(before=ambient_complete(cfg))
+    ambient_run(Action.APPLY, cfg, system, AMBIENT_POD)
+    assert not [event for event in system.events if event.startswith(("write", "rollback"))]
+    with pytest.raises(DriftError):
+        ambient_run(Action.APPLY, AmbientConfig(), FakeSystem(before=ambient_complete(cfg)), AMBIENT_POD)
+
+
+def test_sidecar_and_ambient_rules_never_share_a_namespace() -> None:
+    from istio_iptables.config.ambient import AmbientConfig
+    from istio_iptables.policy.footprint import AMBIENT_POD
+
+    ambient = ambient_complete(AmbientConfig())
+    with pytest.raises(DriftError, match="ambient in-pod"):  # a sidecar run, even with --reconcile
+        run(Action.APPLY, config(reconcile="true"), FakeSystem(before=ambient))
+    with pytest.raises(DriftError, match="Istio sidecar"):
+        ambient_run(Action.APPLY, AmbientConfig(reconcile=True), FakeSystem(before=complete(config())), AMBIENT_POD)
+    # Cleanup of one mode leaves the other's rules alone.
+    system = FakeSystem(before=ambient)
+    run(Action.CLEANUP, config(cleanup_only="true"), system)
+    assert not [event for event in system.events if event.startswith("write")]

@@ -5,8 +5,10 @@ Dispatched by :func:`istio_iptables.frontends.cli.main.main` before the Istio fl
 Boolean flags parse as pflag's (``--flag``, ``--flag=false``); every flag is also read from Istio's
 environment variable for the setting (see :mod:`istio_iptables.config.ambient`).
 
-Only ``--dry-run`` is built: applying, cleanup and reconcile come with the engine refactor
-(issue 13), so a real run exits 2 and says so, having touched nothing.
+A run goes through the engine as the sidecar's does (:func:`istio_iptables.engine.actions.execute`)
+with ambient's footprint (``AMBIENT_POD``, or ``AMBIENT_HOST`` with ``--host``), which names its
+policy: the same detection, lock, no-op re-run, drift (exit 3), ``--reconcile``, rollback and
+``--cleanup-only``. ``--dry-run`` prints the rules and reads nothing.
 """
 
 from __future__ import annotations
@@ -19,18 +21,10 @@ import click
 
 from istio_iptables._lib.log import configure_logging, log
 from istio_iptables.config.ambient import AMBIENT_SETTINGS, IPV6_VARIABLE
-from istio_iptables.errors import ExitCode, IstioIptablesError
+from istio_iptables.errors import IstioIptablesError
 from istio_iptables.frontends.cli.flags import show_help
 
 BOOLEAN_FLAGS = {setting.flag for setting in AMBIENT_SETTINGS if setting.kind == "bool"}
-# Run-mode flags of the sidecar command that ambient accepts with the same meaning.
-NOT_YET = "not yet: applying ambient rules comes with the engine refactor (issue 13); use --dry-run"
-
-
-class NotYet(IstioIptablesError):
-    """A run this front end cannot do yet; nothing was read or written."""
-
-    exit_code = ExitCode.INVALID_INPUT
 
 
 def pflag_booleans(args: list[str]) -> list[str]:
@@ -78,15 +72,23 @@ def ambient_command(ctx: click.Context, **values: Any) -> None:
     try:
         configure_logging(values["log_output_level"] or "default:info", False)
         config = parse_values(ctx, values)
-        if config.cleanup_only or config.reconcile:
-            flag = "--cleanup-only" if config.cleanup_only else "--reconcile"
-            raise NotYet(f"ambient {flag}: {NOT_YET.partition('; ')[0]}")
-        if not config.dry_run:
-            raise NotYet(f"ambient without --dry-run: {NOT_YET}")
-        sys.stdout.write(dry_run_text(config))
+        if config.dry_run and not config.cleanup_only:
+            sys.stdout.write(dry_run_text(config))
+        else:
+            run(config)
     except IstioIptablesError as error:
         log.error("%s", error)
         ctx.exit(error.exit_code)
+
+
+def run(config: Any) -> None:
+    """Apply, clean up (``--cleanup-only``) or preview the cleanup, through the engine."""
+    from istio_iptables.engine.actions import choose_action, execute
+    from istio_iptables.policy.footprint import AMBIENT_HOST, AMBIENT_POD
+
+    action = choose_action(dry_run=config.dry_run, cleanup_only=config.cleanup_only)
+    footprint = AMBIENT_HOST if config.scope == "host" else AMBIENT_POD
+    execute(action, lambda: config, sys.stdout, namespace=config.network_namespace, footprint=footprint)
 
 
 def parse_values(ctx: click.Context, values: dict[str, Any]) -> Any:
@@ -112,9 +114,13 @@ def parse_values(ctx: click.Context, values: dict[str, Any]) -> Any:
 
 def dry_run_text(config: Any) -> str:
     """What a dry run prints: policy routing and probe sets first (as apply would order them), then the rules."""
-    from istio_iptables.policy.ambient_footprint import probe_ipset_document, routing_comment_lines
+    from istio_iptables.policy.ambient_xtables import build_plan, probe_ipset_document, routing_commands
 
-    routing = "".join(f"{line}\n" for line in routing_comment_lines(config))
+    routes = build_plan(config).routes
+    routing = ""
+    if routes is not None:
+        routing = "# policy routing (in-pod mode): replies of connections ztunnel accepted (connmark 0x111) go via lo\n"
+        routing += "".join(f"#   {command}\n" for command in routing_commands(routes))
     if config.native_nftables:
         from istio_iptables.policy.ambient_nft import render_ambient_script
 
@@ -122,7 +128,7 @@ def dry_run_text(config: Any) -> str:
     from istio_iptables.policy.ambient_xtables import rulesets
     from istio_iptables.xtables.render import render_documents
 
-    sets = probe_ipset_document(config) if config.scope == "host" else ""
+    sets = "# ipset restore\n" + probe_ipset_document(config) if config.scope == "host" else ""
     return routing + sets + render_documents(rulesets(config))
 
 
