@@ -53,8 +53,11 @@ from istio_iptables.xtables.model import (
     TproxyRoutes,
     Verdict,
 )
-from istio_iptables.xtables.reconcile import TableState, chains_and_jumps
-from istio_iptables.xtables.save import SaveDump
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # the claims read live rules: a dry run imports neither reader (docs/speed.md)
+    from istio_iptables.xtables.reconcile import TableState
+    from istio_iptables.xtables.save import SaveDump
 
 # Chain names Istio's node agent uses (cni/pkg/iptables: ChainInpod*, ChainHostPostrouting).
 ISTIO_PRERT = "ISTIO_PRERT"
@@ -187,11 +190,15 @@ def claim_pod(dump: SaveDump, wanted: TableState | None, family: Family) -> Tabl
     Only called where no sidecar rules are (the engine refuses a namespace holding both modes'), so
     ISTIO_OUTPUT, a name both modes use, is ambient's here.
     """
+    from istio_iptables.xtables.reconcile import chains_and_jumps
+
     return chains_and_jumps(dump, wanted, family, POD_OWN_CHAINS)
 
 
 def claim_host(dump: SaveDump, wanted: TableState | None, family: Family) -> TableState:
     """The node's part of one family: nat ISTIO_POSTRT and the POSTROUTING jump into it."""
+    from istio_iptables.xtables.reconcile import chains_and_jumps
+
     return chains_and_jumps(dump, wanted, family, HOST_OWN_CHAINS)
 
 
