@@ -55,7 +55,7 @@ from istio_iptables.xtables.model import (
 )
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # the claims read live rules: a dry run imports neither reader (docs/speed.md)
+if TYPE_CHECKING:  # the claims read live dumps; a dry run never imports the readers
     from istio_iptables.xtables.reconcile import TableState
     from istio_iptables.xtables.save import SaveDump
 
@@ -174,6 +174,7 @@ def build_plan(config: AmbientConfig) -> Plan:
         families=families(config),
         mask=INPOD_TPROXY_MASK,
         priority=INPOD_RULE_PRIORITY,
+        v6_route_only_with_lo_ipv6=True,
     )
     return Plan(rulesets(config), routes=routes)
 

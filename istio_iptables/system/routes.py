@@ -113,12 +113,22 @@ def ensure(routes: TproxyRoutes | None, passthrough_v6: bool) -> Added:
                 present = _our_rules(ipr, family, key)
                 if not present and _add_rule(ipr, family, key, routes.priority):
                     added.rules.append((family, key))
+                if family is Family.V6 and routes.v6_route_only_with_lo_ipv6 and _lo_ipv6_disabled():
+                    continue
                 if _local_default_route(ipr, "add", family, lo, routes.table):
                     added.routes.append((family, routes.table))
         except ApplyError:
             _undo(ipr, lo, added)
             raise
     return added
+
+
+def _lo_ipv6_disabled() -> bool:
+    try:
+        with open("/proc/sys/net/ipv6/conf/lo/disable_ipv6") as sysctl:  # this namespace's lo
+            return sysctl.read(8).strip() == "1"
+    except OSError:
+        return False  # no such setting (IPv6 not built in): try, and report what the kernel says
 
 
 def undo(added: Added) -> None:

@@ -352,6 +352,8 @@ class TproxyRoutes:
     families: tuple[Family, ...]
     mask: int = FULL_MASK
     priority: int | None = None  # None: the kernel's choice, as ``ip rule add`` without ``pref``
+    # Ambient (as Istio's node agent): no IPv6 local route when lo has IPv6 disabled, rather than failing.
+    v6_route_only_with_lo_ipv6: bool = False
 
     @property
     def key(self) -> tuple[int, int, int]:
