@@ -263,6 +263,27 @@ def test_other_flags_are_drift_until_reconcile_replaces_the_rules(
     assert_same(pod.snapshot(), settled, "re-run after reconcile")
 
 
+def test_with_ipv6_off_on_lo_the_ipv6_local_route_is_skipped_and_a_rerun_stays_a_noop(
+    make_namespace: Callable[[str], Namespace]
+) -> None:
+    """As Istio's node agent: lo without IPv6 cannot hold ``local ::/0``; the rules and both ip rules go in."""
+    pod = make_namespace("nft")
+    pod.run("sysctl", "-qw", "net.ipv6.conf.lo.disable_ipv6=1")
+    applied = pod.ambient(*POD)
+    assert applied.returncode == 0, applied.stderr
+    routing = policy_routing(pod)
+    assert OUR_RULE in routing["rules"] and OUR_RULE in routing["rules6"], routing
+    assert "local default dev lo" in routing["table"] and not routing["table6"].strip(), routing
+    before = pod.snapshot()
+    assert pod.ambient(*POD).returncode == 0
+    assert_same(pod.snapshot(), before, "re-run")
+    cleaned = pod.ambient(*POD, "--cleanup-only")
+    assert cleaned.returncode == 0, cleaned.stderr
+    routing = policy_routing(pod)
+    assert "0x111" not in routing["rules"] + routing["rules6"] and not routing["table"].strip(), routing
+    assert pod.ours() == make_namespace("nft").ours()
+
+
 # --- cleanup: exactly ours goes ------------------------------------------------------------------
 
 
