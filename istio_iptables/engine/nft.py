@@ -91,8 +91,6 @@ class NftForm:
         from istio_iptables.system.nft import iptables_nft_removal_lines
 
         removal = iptables_nft_removal_lines(state)
-        if plan.routes is not None or plan.ipv6_passthrough_address:
-            system.load_netlink()  # its import, not after the rules (see XtablesForm.apply)
         script = render_script(
             ruleset, present=state.our_tables, also=removal, held=state.held(), kept_sets=footprint.kept_sets,
             first=kept_sets,

@@ -159,10 +159,6 @@ class XtablesForm:
             ipset.load(wanted_sets)
         self._load_kept_sets(plan)
         created = self._absent_base_chains(scripts, detection)
-        if plan.routes is not None or plan.ipv6_passthrough_address:
-            # pyroute2 (~0.3-0.7 s) loads before the rules go in, not between them and their routes:
-            # TPROXY rules without their ip rule/route send marked packets nowhere.
-            system.load_netlink()
         try:
             touched = self.write(scripts, detection, applier, wanted, created)
             self._ensure_routes(plan, detection, applier, touched, wanted, created)

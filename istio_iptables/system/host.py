@@ -1,7 +1,7 @@
 """The real :class:`~istio_iptables.config.sidecar.Host`: users, groups, addresses and files of this machine.
 
 Only cheap modules are imported here: every pod start runs this, so addresses come from one
-netlink dump (``socket`` + ``struct``) instead of forking ``ip -j addr show``.
+netlink dump (:mod:`istio_iptables.system.netlink`) instead of forking ``ip -j addr show``.
 """
 
 from __future__ import annotations
@@ -19,19 +19,11 @@ from istio_iptables.errors import EnvironmentProblem
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-# rtnetlink constants (linux/netlink.h, linux/rtnetlink.h, linux/if_addr.h)
-_NETLINK_ROUTE = 0
 _RTM_NEWADDR = 20
 _RTM_GETADDR = 22
-_NLM_F_REQUEST = 0x1
-_NLM_F_DUMP = 0x300
-_NLMSG_ERROR = 2
-_NLMSG_DONE = 3
 _IFA_ADDRESS = 1
 _IFA_LOCAL = 2
-_NLMSG_HEADER = struct.Struct("=LHHLL")  # length, type, flags, sequence, port id
 _IFADDRMSG = struct.Struct("=BBBBL")  # family, prefix length, flags, scope, interface index
-_RTATTR = struct.Struct("=HH")  # length, type
 _ADDRESS_SIZE = {socket.AF_INET: 4, socket.AF_INET6: 16}
 # The largest file read_text reads (--resolv-conf): far above any resolv.conf, far below memory.
 MAX_READ = 128 << 20
@@ -55,7 +47,7 @@ class RealHost:
         """Addresses by interface index, IPv4 before IPv6 within an interface, as Go lists them."""
         try:
             dump = _netlink_address_dump()
-        except OSError as error:
+        except (OSError, ValueError) as error:
             raise EnvironmentProblem(
                 f"cannot list the namespace's addresses over netlink ({error.strerror or error}); "
                 "pass --enable-ipv6 or --disable-ipv6"
@@ -95,53 +87,15 @@ class RealHost:
 
 def _netlink_address_dump() -> list[tuple[int, int, bytes]]:
     """(interface index, family, address bytes) of every IPv4/IPv6 address, in the kernel's order."""
+    from istio_iptables.system import netlink
+
     found: list[tuple[int, int, bytes]] = []
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_ROUTE)
-    try:
-        sock.bind((0, 0))
-        body = _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
-        sequence = 1
-        header = _NLMSG_HEADER.pack(
-            _NLMSG_HEADER.size + len(body), _RTM_GETADDR, _NLM_F_REQUEST | _NLM_F_DUMP, sequence, 0
-        )
-        sock.send(header + body)
-        while True:
-            data = sock.recv(1 << 16)
-            offset = 0
-            while offset + _NLMSG_HEADER.size <= len(data):
-                length, kind, _flags, seq, _port = _NLMSG_HEADER.unpack_from(data, offset)
-                if length < _NLMSG_HEADER.size:
-                    raise OSError("malformed netlink message")
-                if seq == sequence:
-                    if kind == _NLMSG_DONE:
-                        return found
-                    if kind == _NLMSG_ERROR:
-                        (code,) = struct.unpack_from("=i", data, offset + _NLMSG_HEADER.size)
-                        raise OSError(-code, f"netlink error {-code}")
-                    if kind == _RTM_NEWADDR:
-                        entry = _parse_address(data, offset + _NLMSG_HEADER.size, offset + length)
-                        if entry is not None:
-                            found.append(entry)
-                offset += (length + 3) & ~3
-    finally:
-        sock.close()
-
-
-def _parse_address(data: bytes, start: int, end: int) -> tuple[int, int, bytes] | None:
-    family, _prefix, _flags, _scope, index = _IFADDRMSG.unpack_from(data, start)
-    size = _ADDRESS_SIZE.get(family)
-    if size is None:
-        return None
-    attributes: dict[int, bytes] = {}
-    offset = start + _IFADDRMSG.size
-    while offset + _RTATTR.size <= end:
-        length, kind = _RTATTR.unpack_from(data, offset)
-        if length < _RTATTR.size:
-            break
-        attributes[kind] = data[offset + _RTATTR.size : offset + length]
-        offset += (length + 3) & ~3
-    # As iproute2 prints "local": IFA_LOCAL (the address itself on point-to-point links), else IFA_ADDRESS.
-    raw = attributes.get(_IFA_LOCAL) or attributes.get(_IFA_ADDRESS)
-    if raw is None or len(raw) != size:
-        return None
-    return index, family, raw
+    body = _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+    for kind, fixed, attributes in netlink.dump(netlink.NETLINK_ROUTE, _RTM_GETADDR, body, _IFADDRMSG.size):
+        family, _prefix, _flags, _scope, index = _IFADDRMSG.unpack(fixed)
+        size = _ADDRESS_SIZE.get(family)
+        # As iproute2 prints "local": IFA_LOCAL (the address itself on point-to-point links), else IFA_ADDRESS.
+        raw = attributes.get(_IFA_LOCAL) or attributes.get(_IFA_ADDRESS)
+        if kind == _RTM_NEWADDR and size is not None and raw is not None and len(raw) == size:
+            found.append((index, family, raw))
+    return found

@@ -139,16 +139,12 @@ class RealSystem:
 
         return drop_emptied_nft_chains(detection, live, env, wanted)
 
-    # --- policy routing (pyroute2, lazily) -------------------------------------------------------
+    # --- policy routing (raw netlink) ----------------------------------------------------------
 
     def check_loopback_up(self) -> None:
         from istio_iptables.system import routes
 
         routes.check_loopback_up()
-
-    def load_netlink(self) -> None:
-        """Load pyroute2 (~0.3-0.7 s) before the rules go in, not between them and their routes."""
-        from pyroute2 import IPRoute  # noqa: F401  (cached for ensure_routes)
 
     def ensure_routes(self, wanted: TproxyRoutes | None, passthrough_v6: bool) -> Added:
         from istio_iptables.system import routes

@@ -28,7 +28,7 @@ EXPLAIN_AND_EXTRAS = frozenset(
         "istio_iptables.explain.from_nft",
         "istio_iptables.frontends.cli.explain",
         "istio_iptables.system.xtables_libiptc",  # --applier libiptc only
-        "istio_iptables.system.routes",  # TPROXY and IPv6 only (pyroute2)
+        "istio_iptables.system.routes",  # policy routes and ::6 only (raw netlink)
         "istio_iptables.engine.validation",  # --run-validation only
     }
 )
@@ -59,9 +59,10 @@ BASE = HEAVY | HEAVY_DIGESTS | EXPLAIN_AND_EXTRAS | EXPLAIN_LIBRARIES
 INJECTOR = "-p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x '' -b '*' -d 15090,15021,15020"
 TPROXY = "-p 15001 -z 15006 -u 1337 -m TPROXY -i '*' -x '' -b '*' -d 15090,15021,15020"
 
-# Cleanup also looks for orphan policy routes (a raw netlink read: socket and our routes module, no
-# pyroute2) and for our native nft tables (`nft -j`: json); it is not the init path.
-CLEANUP_EXTRAS = frozenset({"istio_iptables.system.routes", "socket", "json"})
+# Cleanup also looks for orphan policy routes (a raw netlink read: our routes and netlink modules)
+# and for our native nft tables (`nft -j`: json); it is not the init path.
+ROUTES = frozenset({"istio_iptables.system.routes", "istio_iptables.system.netlink"})
+CLEANUP_EXTRAS = ROUTES | {"socket", "json"}
 
 # The ambient dry runs need neither the sidecar's policy and configuration nor any system module.
 AMBIENT_NOT_ON_DRY_RUN = frozenset(
@@ -101,8 +102,9 @@ KERNEL_PATHS = {
     ),
     "native apply": (f"--native-nftables {INJECTOR}", BASE | IPTABLES_ENGINE),
     "native cleanup": ("--cleanup-only --native-nftables", (BASE | IPTABLES_ENGINE) - CLEANUP_EXTRAS),
-    # pyroute2 is the price of policy routes; it brings socket, logging, json... with it.
-    "iptables TPROXY apply": (TPROXY, {"iptc"} | EXPLAIN_AND_EXTRAS - {"istio_iptables.system.routes"}),
+    # Policy routes are a few raw netlink messages: no pyroute2, no socket.py, nothing heavy.
+    "iptables TPROXY apply": (TPROXY, (BASE | IPTABLES_ONLY) - ROUTES),
+    "ambient apply": ("ambient --redirect-dns --enable-ipv6", (BASE | IPTABLES_ONLY) - ROUTES),
 }
 # The cleanups clean up after an apply of the same form.
 SET_UP = {"iptables cleanup": INJECTOR, "native cleanup": f"--native-nftables {INJECTOR}"}
@@ -153,5 +155,5 @@ def test_paths_that_write_stay_within_their_import_budget(path: str, netns: NetN
     assert done.returncode == 0, done.stderr[-2000:]
     loaded = loaded_modules(done.stderr)
     assert over_budget(loaded, forbidden) == []
-    if "TPROXY" in path:
-        assert "pyroute2" in loaded  # the probe really took the routes path
+    if "TPROXY" in path or "ambient" in path:
+        assert "istio_iptables.system.routes" in loaded  # the probe really took the routes path

@@ -252,10 +252,10 @@ def test_routes_failing_half_way_take_back_what_they_added(backend: str, netns: 
     before = snapshot(netns, backend)
     real = routes._local_default_route
 
-    def failing_v6(ipr, command, family, lo, table):
+    def failing_v6(command, family, lo, table):
         if command == "add" and family is Family.V6:
             raise ApplyError("ip -6 route add local ::/0 dev lo table 133 failed: injected")
-        return real(ipr, command, family, lo, table)
+        return real(command, family, lo, table)
 
     monkeypatch.setattr(routes, "_local_default_route", failing_v6)
     with inside(netns), pytest.raises(IstioIptablesError) as failed:

@@ -161,9 +161,6 @@ class FakeSystem:
     def check_loopback_up(self) -> None:
         self._step("check lo")
 
-    def load_netlink(self) -> None:
-        self.events.append("load netlink")
-
     def ensure_routes(self, wanted: Any, passthrough_v6: bool) -> None:
         self._step("routes")
 

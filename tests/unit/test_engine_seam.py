@@ -59,7 +59,6 @@ def test_apply_order_lock_first_sets_before_rules_routes_after() -> None:
         "detect",
         "check lo",  # TPROXY: a down lo is refused before anything is written
         "ipset load",  # sets before the rules that match them
-        "load netlink",  # pyroute2 before the rules, not between them and their routes
         "write IPv4",
         "write IPv6",
         "routes",  # after the rules
@@ -176,7 +175,7 @@ def test_native_apply_order_and_rollback_when_the_routes_fail() -> None:
     system = FakeSystem()
     run(Action.APPLY, cfg, system)
     assert system.events == [
-        "enter pod", "check privileges", "lock", "read nft", "check lo", "load netlink", "nft -f", "routes", "unlock",
+        "enter pod", "check privileges", "lock", "read nft", "check lo", "nft -f", "routes", "unlock",
     ]
     failing = FakeSystem(fail_at={"routes": "fail"})
     with pytest.raises(EnvironmentProblem, match="the nftables rules were rolled back"):

@@ -64,9 +64,13 @@ def _options(command: Any) -> Any:
 def ambient_command(ctx: click.Context, **values: Any) -> None:
     """Istio ambient mode's rules for one pod (or, with --host, the node), as iptables or native nft.
 
+    A re-run writes nothing; other flags exit 3 with a diff unless --reconcile; --cleanup-only
+    removes exactly ours. Sidecar and ambient rules never share a namespace (exit 3).
+
     \b
-    istio-iptables ambient --dry-run --redirect-dns --network-namespace POD_NS
-    istio-iptables ambient --dry-run --host --enable-ipv6
+    istio-iptables ambient --redirect-dns --network-namespace POD_NS
+    istio-iptables ambient --cleanup-only --network-namespace POD_NS
+    istio-iptables ambient --host --enable-ipv6 --enrol 10.0.0.7 --pod-uid UID
     istio-iptables ambient --dry-run --native-nftables --host --kubelet-uid 0
     """
     try:

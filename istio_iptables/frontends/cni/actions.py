@@ -104,14 +104,12 @@ _PRELOAD = (
     "istio_iptables.system.nft",
     "istio_iptables.policy.sidecar_nft", "istio_iptables.nft.render", "istio_iptables.engine.validation",
 )
-# TPROXY routes and IPv6's ::6 need pyroute2 (~100 ms more, for hostUsers: false pods only).
-_PRELOAD_ROUTES = ("pyroute2", "pyroute2.netlink.exceptions", "pyroute2.iproute.linux")
 
 
 def _preload() -> None:
     import importlib
 
-    for name in _PRELOAD + _PRELOAD_ROUTES:
+    for name in _PRELOAD:
         importlib.import_module(name)
 
 
