@@ -7,7 +7,8 @@
 (a2) the same for ambient: ``istio-iptables ambient`` (a pod's rules and in-pod policy routing, as the
     node agent asks for them) applied in a fresh namespace, against the same kind of floor, measured
     in the same rounds as (a) so the two read side by side;
-(b) the same for TPROXY + DNS capture (floor: python with click and pyroute2 + restore);
+(b) the same for TPROXY + DNS capture (floor: python with click + restore: the policy routes go over
+    raw rtnetlink, no pyroute2 any more);
 (c) dry run against ``python -I -c 'import click'``;
 (d) N excluded CIDRs and N included ports: load time and per-new-connection cost, our rules
     (sets above the threshold) against one rule per entry, on both iptables backends and with
@@ -343,8 +344,8 @@ def process_section(rounds: int) -> None:
         "istio-iptables <TPROXY+DNS argv> (apply, fresh ns)", [Step([*CLI, *tproxy_argv], env=dns_env)], True, routed
     )
     tproxy_floor = Job(
-        "floor: import click, pyroute2 + restore of that text",
-        [Step([PYTHON, "-I", "-c", "import click, pyroute2"]), *restore_steps(tproxy_text, None)],
+        f"floor: import click + {restore} of that text",
+        [Step([PYTHON, "-I", "-c", "import click"]), *restore_steps(tproxy_text, None)],
         True,
     )
     dry = Job("istio-iptables --dry-run <injector argv>", [Step([*CLI, "--dry-run", *INJECTOR_ARGV])])
