@@ -4,7 +4,11 @@
 
 (a) init run: the injector's argv applied in a fresh namespace, against the floor (python with
     click + one iptables-restore of the same text per family) and against bare Python;
-(b) the same for TPROXY + DNS capture (floor: python with click and pyroute2 + restore);
+(a2) the same for ambient: ``istio-iptables ambient`` (a pod's rules and in-pod policy routing, as the
+    node agent asks for them) applied in a fresh namespace, against the same kind of floor, measured
+    in the same rounds as (a) so the two read side by side;
+(b) the same for TPROXY + DNS capture (floor: python with click + restore: the policy routes go over
+    raw rtnetlink, no pyroute2 any more);
 (c) dry run against ``python -I -c 'import click'``;
 (d) N excluded CIDRs and N included ports: load time and per-new-connection cost, our rules
     (sets above the threshold) against one rule per entry, on both iptables backends and with
@@ -73,6 +77,8 @@ CLONE_NEWNET = 0x40000000
 POD_ADDRESS = "10.1.2.3/24"  # what a pod's eth0 holds: IPv4 only, so one family
 RESOLV_CONF = "nameserver 10.96.0.10\nsearch default.svc.cluster.local\n"
 TPROXY_DNS_ARGV = [*("TPROXY" if arg == "REDIRECT" else arg for arg in INJECTOR_ARGV), "--redirect-dns"]
+# What Istio's node agent asks for an IPv4 pod with DNS capture on (AMBIENT_DNS_CAPTURE, on by default).
+AMBIENT_ARGV = ["ambient", "--redirect-dns", "--disable-ipv6", "--log_output_level=default:info"]
 # The per-connection probe: one process that enters each namespace in turn (interleaved rounds,
 # so load on the machine hits every variant alike) and times new TCP connections to 192.0.2.10:80,
 # which the rules REDIRECT to a stand-in proxy on 15001 in the same namespace. Bounded: ROUNDS x
@@ -260,12 +266,25 @@ def sections(printed: str) -> list[tuple[str, str]]:
     return [(program, "\n".join(lines) + "\n") for program, lines in found]
 
 
-def dry_run_text(argv: Sequence[str], env: dict[str, str] | None = None) -> str:
+def dry_run_text(argv: Sequence[str], env: dict[str, str] | None = None, dry_run_flag: bool = True) -> str:
     namespace = make_pod_namespace()
     try:
-        return namespace.run(*CLI, "--dry-run", *argv, env=env).stdout
+        return namespace.run(*CLI, *(["--dry-run"] if dry_run_flag else []), *argv, env=env).stdout
     finally:
         namespace.delete()
+
+
+def ambient_floor_steps(argv: Sequence[str]) -> tuple[list[Step], list[Step]]:
+    """The restores of ``ambient --dry-run`` (one per family), and the policy routing it lists as
+    ``ip`` commands (shown beside the floor: the floor itself is the restores alone, as for (a))."""
+    from tests.support.ambient_support import split_dry_run
+
+    printed = dry_run_text([argv[0], "--dry-run", *argv[1:]], dry_run_flag=False)
+    _sets, documents = split_dry_run(printed)
+    restores = [Step([f"{'ip6tables' if index else 'iptables'}-restore", "--noflush"], document)
+                for index, document in enumerate(documents)]
+    routing = [Step(line[4:].split()) for line in printed.splitlines() if line.startswith("#   ip ")]
+    return restores, routing
 
 
 def restore_steps(printed: str, backend: str | None) -> list[Step]:
@@ -325,15 +344,33 @@ def process_section(rounds: int) -> None:
         "istio-iptables <TPROXY+DNS argv> (apply, fresh ns)", [Step([*CLI, *tproxy_argv], env=dns_env)], True, routed
     )
     tproxy_floor = Job(
-        "floor: import click, pyroute2 + restore of that text",
-        [Step([PYTHON, "-I", "-c", "import click, pyroute2"]), *restore_steps(tproxy_text, None)],
+        f"floor: import click + {restore} of that text",
+        [Step([PYTHON, "-I", "-c", "import click"]), *restore_steps(tproxy_text, None)],
         True,
     )
     dry = Job("istio-iptables --dry-run <injector argv>", [Step([*CLI, "--dry-run", *INJECTOR_ARGV])])
-    measure([python_pass, click, init, init_floor, tproxy, tproxy_floor, dry], rounds)
+    ambient_restores, ambient_routing = ambient_floor_steps(AMBIENT_ARGV)
+    ambient_routed = Step(["sh", "-c", f"{has_rules} && ip rule | grep -q 'fwmark 0x111/0xfff lookup 100'"])
+    ambient = Job(f"istio-iptables {' '.join(AMBIENT_ARGV[:3])} (apply, fresh ns)", [Step([*CLI, *AMBIENT_ARGV])],
+                  True, ambient_routed)
+    ambient_floor = Job(
+        f"floor: import click + {restore} of that text",
+        [Step([PYTHON, "-I", "-c", "import click"]), *ambient_restores],
+        True,
+    )
+    ambient_floor_ip = Job(
+        f"floor + {len(ambient_routing)} ip commands of its policy routing",
+        [Step([PYTHON, "-I", "-c", "import click"]), *ambient_restores, *ambient_routing],
+        True,
+    )
+    measure([python_pass, click, init, init_floor, ambient, ambient_floor, ambient_floor_ip, tproxy, tproxy_floor,
+             dry], rounds)
     os.unlink(resolv.name)
 
     report_process_jobs("(a) init run", init, [init_floor, python_pass], "<= 1.25x floor, peak RSS <= 30 MiB")
+    report_process_jobs("(a2) ambient init run (node agent's in-pod rules + policy routing), same rounds as (a)",
+                        ambient, [ambient_floor, ambient_floor_ip, init, python_pass],
+                        "<= 1.25x floor (issue 14); beside the sidecar's (a)")
     report_process_jobs("(b) init run, TPROXY + DNS capture", tproxy, [tproxy_floor, python_pass], "<= 1.25x floor")
     report_process_jobs("(c) dry run", dry, [click, python_pass], "<= 1.2x import click")
 

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -110,13 +111,15 @@ def ambient_demo(backend: str) -> int:
     from tests.support.netns import NetNS
 
     started = time.monotonic()
+    left = ""
     bed = AmbientTestbed(backend=backend, make_namespace=NetNS)
     try:
         print(f"pod namespace {bed.pod.name}: app (uid 1000) on :8080, ztunnel stand-in (SO_MARK 0x539) on "
               f":15001/:15006/:15008/:15053; the remote namespace doubles as the node\n")
         pod_args = ["--redirect-dns", "--enable-ipv6"]
         bed.load(*pod_args)
-        print(f"# istio-iptables ambient --dry-run {shlex.join(pod_args)}  (loaded, {backend})")
+        print(f"# istio-iptables ambient --network-namespace {bed.pod.name} {shlex.join(pod_args)}"
+              f"  (applied, {backend})")
         kinds = [
             ("app -> remote service (outbound)", lambda f: Probe("app", f.service, 80), ("ztunnel:15001", "remote:80")),
             ("remote -> the app's port (inbound)", lambda f: Probe("remote", f.pod, APP_PORT),
@@ -131,7 +134,8 @@ def ambient_demo(backend: str) -> int:
         host_args = ["--host", "--enable-ipv6", *(["--kubelet-uid", "0"] if backend == "native-nftables" else []),
                      "--enrol", ",".join(f.pod for f in FAMILIES), "--pod-uid", "demo-pod"]
         bed.load(*host_args, namespace=bed.remote)
-        print(f"# istio-iptables ambient --dry-run {shlex.join(host_args)}  (loaded in the node)\n")
+        print(f"# istio-iptables ambient --network-namespace {bed.remote.name} {shlex.join(host_args)}"
+              "  (applied in the node)\n")
         probes = [("kubelet probe from the node (SNATed)", family, Probe("remote", family.pod, APP_PORT),
                    (f"app:{APP_PORT}",)) for family in FAMILIES]
         cases += probes
@@ -146,11 +150,30 @@ def ambient_demo(backend: str) -> int:
                          describe(landing), landing.hops[0].peer_host if landing.hops else "-",
                          "ok" if ok else f"WRONG: want {' -> '.join(want)}"))
         print(table(rows))
+        bed.unload(bed.remote)  # the node's rules and probe sets, then the pod's rules and policy routing
+        bed.unload()
+        left = leftovers(bed, backend)
+        print(f"\n# istio-iptables ambient --cleanup-only, in the node and in the pod: {left or 'nothing of ours'}")
     finally:
         bed.close()
     print(f"\n{len(cases) - failures}/{len(cases)} connections landed where Istio's ambient design sends them "
           f"({time.monotonic() - started:.1f} s); namespaces removed.")
-    return 1 if failures else 0
+    return 1 if failures or left else 0
+
+
+def leftovers(bed: Any, backend: str) -> str:
+    """What of ambient's rules, policy routing and probe sets is still in the pod or the node."""
+    found = []
+    for namespace in (bed.pod, bed.remote):
+        if backend == "native-nftables":
+            text = namespace.run("nft", "list", "tables").stdout
+        else:
+            text = "".join(namespace.run(f"{program}-{backend}-save", env=bed._environment()).stdout
+                           for program in ("iptables", "ip6tables"))
+        text += namespace.run("ip", "rule").stdout + namespace.run("ipset", "list", "-n", check=False).stdout
+        found += [f"{namespace.name}: {word}" for word in ("ISTIO_", "istio-ambient", "0x111", "istio-inpod")
+                  if word in text]
+    return ", ".join(found)
 
 
 if __name__ == "__main__":

@@ -284,7 +284,10 @@ def _match(match: Mapping[str, Any]) -> Part | None:
 def _set_elements(elements: Any) -> SetMembers | None:
     members: list[Any] = []
     try:
-        for element in elements:
+        for listed in elements:
+            # An element with a comment (the probe sets': the pod's UID), timeout or counter is listed
+            # wrapped: {"elem": {"val": VALUE, "comment": ...}}.
+            element = listed["elem"]["val"] if isinstance(listed, dict) and "elem" in listed else listed
             if type(element) is int or (isinstance(element, dict) and "range" in element and _is_port_range(element)):
                 members += _ports(element)
             elif isinstance(element, dict) and "range" in element:

@@ -1,16 +1,28 @@
 """The sidecar test bed (:mod:`tests.beds.testbed`) with a ztunnel stand-in instead of the sidecar proxy,
 for ambient capture with live traffic (root only). Same namespaces, wiring, app and remote side; only
-the pod's proxy differs, and the rules come from ``istio-iptables ambient --dry-run``."""
+the pod's proxy differs.
+
+The rules are written by the real engine, as Istio's node agent would have them written: ``load``
+runs ``istio-iptables ambient --network-namespace NS`` (the bed's backend chosen with
+``--force-iptables-binary`` or ``--native-nftables``, and the bed's own ``XTABLES_LOCKFILE``), which
+writes the rules and the in-pod policy routing (or, with ``--host``, the node's rules and probe sets);
+``unload`` runs the same command with ``--cleanup-only``; ``enrol_probe_addresses`` is the node
+agent's per-pod update, ``ambient --host ... --enrol ADDRS --pod-uid UID`` in the node namespace.
+(Before issue 14's engine work the bed loaded ``ambient --dry-run`` by hand; nothing here loads a
+dry run any more, so a live-traffic test fails when apply does.)
+"""
 
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from tests.beds.testbed import Testbed
-from tests.support.ambient_support import dry_run, split_dry_run
+from tests.beds.testbed import CLI, Testbed
 from tests.support.netns import NetNS
 
 ZTUNNEL_MARK = 0x539
@@ -19,11 +31,14 @@ ZTUNNEL_PORTS = {"outbound": 15001, "inbound": 15006, "hbone": 15008, "dns": 150
 
 @dataclass
 class AmbientTestbed(Testbed):
-    """The pod runs ``app`` and ``ztunnel`` (every socket marked 0x539, as ztunnel's are); rules come
-    from our ``ambient --dry-run``, loaded test-side (iptables-restore / nft -f) until the engine applies them.
-    ``remote`` doubles as the node: it is the pod's gateway, so the host rules' SNAT is undone there."""
+    """The pod runs ``app`` and ``ztunnel`` (every socket marked 0x539, as ztunnel's are); ``load``
+    applies ``istio-iptables ambient`` for real. ``remote`` doubles as the node: it is the pod's
+    gateway, so the host rules' SNAT is undone there."""
 
     __test__ = False
+    # What ``load`` last applied in each namespace (by name): ``unload`` and ``enrol_probe_addresses``
+    # repeat those flags, so that their run is the same configuration (not drift).
+    loaded: dict[str, tuple[str, ...]] = field(init=False, default_factory=dict)
 
     def _proxy_node(self) -> dict[str, Any]:
         return {
@@ -40,45 +55,58 @@ class AmbientTestbed(Testbed):
 
     def _environment(self) -> dict[str, str]:
         # Our own xtables lock: other people's tests never wait on ours (tests/support/netns.py's advice).
-        lock = os.path.join(tempfile.gettempdir(), f"xtables-{self.pod.name}.lock")
-        return {"XTABLES_LOCKFILE": lock}
+        # The file exists before any run: iptables would create it, our engine only opens it.
+        lock = Path(tempfile.gettempdir()) / f"xtables-{self.pod.name}.lock"
+        lock.touch(exist_ok=True)
+        return {"XTABLES_LOCKFILE": str(lock)}
 
-    def load(self, *argv: str, namespace: NetNS | None = None) -> str:
-        """Load ``istio-iptables ambient --dry-run ARGV`` into the pod (or ``namespace``) on this bed's
-        backend, with the policy routing it lists; returns the dry run."""
+    def ambient(self, namespace: NetNS, *argv: str) -> subprocess.CompletedProcess[str]:
+        """``istio-iptables ambient --network-namespace NAMESPACE`` on this bed's backend; raises if it fails."""
+        selection = (["--native-nftables"] if self.backend == "native-nftables"
+                     else ["--force-iptables-binary", self.backend])
+        command = [*CLI, "ambient", "--network-namespace", namespace.path, *selection, *argv]
+        result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=120,
+                                env={**os.environ, **self._environment()})
+        if result.returncode != 0:
+            raise RuntimeError(f"istio-iptables ambient {' '.join(argv)} in {namespace.name} failed "
+                               f"({result.returncode}):\n{result.stderr}")
+        return result
+
+    def load(self, *argv: str, namespace: NetNS | None = None) -> subprocess.CompletedProcess[str]:
+        """Apply ``istio-iptables ambient ARGV`` in the pod (or ``namespace``, e.g. the node: ``--host``)."""
         target = namespace or self.pod
-        native = self.backend == "native-nftables"
-        text = dry_run(None, "ambient", *(["--native-nftables"] if native else []), *argv)
-        for line in text.splitlines():
-            if line.startswith("#   ip "):
-                target.run(*line[4:].split())
-        if native:
-            target.run("nft", "-f", "-", input=text)
-            return text
-        sets, documents = split_dry_run(text)
-        if sets:
-            target.run("ipset", "restore", input=sets)
-        for index, document in enumerate(documents):
-            program = f"{'ip6tables' if index else 'iptables'}-{self.backend}-restore"
-            target.run(program, "--noflush", input=document, env=self._environment())
-        return text
+        result = self.ambient(target, *argv)
+        self.loaded[target.name] = _without_enrolment(argv)
+        return result
 
-    def unload(self, namespace: NetNS | None = None) -> None:
-        """Remove every rule of the namespace (test namespaces hold only ours)."""
+    def unload(self, namespace: NetNS | None = None) -> subprocess.CompletedProcess[str]:
+        """``ambient --cleanup-only`` with the flags ``load`` applied there."""
         target = namespace or self.pod
-        if self.backend == "native-nftables":
-            target.run("nft", "flush", "ruleset")
-            return
-        for program in ("iptables", "ip6tables"):
-            for table in ("mangle", "nat", "raw"):
-                for action in ("-F", "-X"):
-                    target.run(f"{program}-{self.backend}", "-t", table, action, env=self._environment())
+        return self.ambient(target, *self.loaded.pop(target.name, ()), "--cleanup-only")
 
-    def enrol_probe_addresses(self, addresses: list[str]) -> None:
-        """What the node agent does per pod: its addresses into the node's probe sets."""
-        for address in addresses:
-            name = "istio-inpod-probes-v6" if ":" in address else "istio-inpod-probes-v4"
-            if self.backend == "native-nftables":
-                self.remote.run("nft", "add", "element", "inet", "istio-ambient-nat", name, f"{{ {address} }}")
-            else:
-                self.remote.run("ipset", "add", name, address, "comment", "pod-uid", "-exist")
+    def enrol_probe_addresses(self, addresses: Sequence[str], pod_uid: str = "pod-uid") -> None:
+        """What the node agent does per pod: its addresses into the node's probe sets, with the node's
+        flags as ``load`` applied them (or the node's defaults, IPv6 included)."""
+        native = ("--kubelet-uid", "0") if self.backend == "native-nftables" else ()
+        host = self.loaded.get(self.remote.name) or ("--host", "--enable-ipv6", *native)
+        self.ambient(self.remote, *host, "--enrol", ",".join(addresses), "--pod-uid", pod_uid)
+        self.loaded[self.remote.name] = host
+
+    def close(self) -> None:
+        super().close()
+        if getattr(self, "pod", None) is not None:
+            (Path(tempfile.gettempdir()) / f"xtables-{self.pod.name}.lock").unlink(missing_ok=True)
+
+
+def _without_enrolment(argv: Sequence[str]) -> tuple[str, ...]:
+    """``argv`` without ``--enrol``/``--unenrol``/``--pod-uid`` and their values: the node's own flags."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--enrol", "--unenrol", "--pod-uid"):
+            skip = True
+        elif not arg.startswith(("--enrol=", "--unenrol=", "--pod-uid=")):
+            kept.append(arg)
+    return tuple(kept)

@@ -111,11 +111,11 @@ def test_starting_never_writes_bytecode(image: str, named_container: str) -> Non
     """Every module the tool can import has valid bytecode in the image, so a read-only root is safe.
 
     Bytecode writing is switched back on and the root left writable; ``podman diff`` then shows
-    any .pyc Python had to (re)write. The package's modules, python-iptables and pyroute2 are all
+    any .pyc Python had to (re)write. The package's modules and python-iptables are all
     imported, so the paths that apply rules are covered, not only the dry run.
     """
     imports = (
-        "import pkgutil, importlib, istio_iptables, iptc, pyroute2;"
+        "import pkgutil, importlib, istio_iptables, iptc;"
         "[importlib.import_module(m.name) for m in pkgutil.walk_packages(istio_iptables.__path__, 'istio_iptables.')"
         " if not m.name.endswith('.__main__')]"  # a __main__ runs its program when imported
     )

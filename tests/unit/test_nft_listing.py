@@ -35,3 +35,17 @@ def test_rules_are_read_into_the_model_only_when_asked() -> None:
     assert (rule.handle, rule.packets, rule._parts) == (4, 2, None)  # nothing read into the model yet
     assert rule.parts == (nft.RedirectTo(15001),)
     assert table.chains["output"].hook == "output" and table.objects == objects
+
+
+def test_set_elements_with_a_comment_are_read_like_plain_ones() -> None:
+    """The probe sets' members carry the pod's UID as a comment: nft lists them wrapped in ``elem``."""
+    import ipaddress
+
+    objects = [
+        {"table": {"family": "inet", "name": "istio-ambient-nat"}},
+        {"set": {"family": "inet", "table": "istio-ambient-nat", "name": "istio-inpod-probes-v4", "type": "ipv4_addr",
+                 "elem": [{"elem": {"val": "10.0.0.2", "comment": "pod-a"}}, "10.0.0.3"]}},
+    ]  # fmt: skip
+    (table,) = read_listing_objects(objects)
+    members = (ipaddress.ip_network("10.0.0.2/32"), ipaddress.ip_network("10.0.0.3/32"))
+    assert table.sets["istio-inpod-probes-v4"] == members

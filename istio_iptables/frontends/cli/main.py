@@ -1,6 +1,6 @@
 """The ``istio-iptables`` command line: Istio's flags and environment variables, unchanged.
 
-Only click is imported here; python-iptables, pyroute2 and the appliers are imported
+Only click is imported here; python-iptables and the appliers are imported
 lazily on the paths that need them, so a dry run costs little more than starting Python.
 
 Boolean flags parse as pflag parses them (Istio's cobra): ``--dry-run`` and ``--dry-run=false``
