@@ -24,7 +24,7 @@ import pytest
 from istio_iptables.errors import ExitCode
 from istio_iptables.system.nslock import LOCK_NAME, WAIT_ENV
 from tests.support.ambient_support import dry_run, load_ambient_cases, nft_listing, split_dry_run
-from tests.support.apply_support import inside
+from tests.support.apply_support import FOREIGN_NFT, inside
 from tests.support.conformance import golden_restore_documents, load_into_kernel
 from tests.support.locks_support import EXECUTABLE, backend_args
 from tests.support.netns import NetNS, canonical_save
@@ -63,13 +63,6 @@ COMMIT
 *raw
 [7:420] -A PREROUTING -p udp -m udp --dport 4789 -j NOTRACK
 COMMIT
-"""
-FOREIGN_NFT = """table inet foreign {
-\tchain input {
-\t\ttype filter hook input priority 10; policy accept;
-\t\ttcp dport 2222 counter packets 3 bytes 180 accept
-\t}
-}
 """
 FOREIGN_SHELL = (
     "ip rule add fwmark 0x111 lookup 200",

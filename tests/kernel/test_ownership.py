@@ -23,7 +23,7 @@ from istio_iptables.errors import ApplyError, ExitCode, IstioIptablesError
 from istio_iptables.net import Family
 from istio_iptables.policy.sidecar_xtables import build_plan
 from istio_iptables.system import routes
-from tests.support.apply_support import FOREIGN_V4, FOREIGN_V6, cli_in, config_of, inside, without_comments
+from tests.support.apply_support import FOREIGN_NFT, FOREIGN_V4, FOREIGN_V6, cli_in, config_of, inside, without_comments
 from tests.support.netns import NetNS, canonical_save
 
 BACKENDS = ["legacy", "nft", "native"]
@@ -40,13 +40,6 @@ COMMIT
 -A OUTPUT -o lo -p tcp -m mark --mark 0x7 -j RETURN
 -A OUTPUT ! -d 127.0.0.1/32 -o lo -p tcp -m owner --uid-owner 999 -j MARK --set-xmark 0x53a/0xffffffff
 COMMIT
-"""
-FOREIGN_NFT = """table inet foreign {
-\tchain input {
-\t\ttype filter hook input priority 10; policy accept;
-\t\ttcp dport 2222 counter packets 3 bytes 180 accept
-\t}
-}
 """
 SHELL_SEED = [
     "ip link set lo up",

@@ -141,3 +141,13 @@ def cli_in(
     """Run the real CLI inside ``namespace`` through ``ip netns exec`` (binds /etc/netns/NAME/group)."""
     executable = str(Path(sys.executable).parent / "istio-iptables")
     return namespace.run(executable, *args, check=False, env=env)
+
+
+# A foreign nft table with a counter: cleanup and reconcile must leave it byte-identical.
+FOREIGN_NFT = """table inet foreign {
+\tchain input {
+\t\ttype filter hook input priority 10; policy accept;
+\t\ttcp dport 2222 counter packets 3 bytes 180 accept
+\t}
+}
+"""
