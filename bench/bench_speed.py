@@ -162,8 +162,8 @@ def make_pod_namespace(address: str = POD_ADDRESS) -> NetNS:
     return namespace
 
 
-def spawn(step: Step, namespace: NetNS | None) -> tuple[float, int, int, str]:
-    """Wall ms, exit status, peak RSS (KiB) and stderr of one process, entered into ``namespace``."""
+def spawn(step: Step, namespace: NetNS | None) -> tuple[float, int, str]:
+    """Wall ms, exit status and stderr of one process, entered into ``namespace``."""
     enter: Callable[[], None] | None = None
     if namespace is not None:
         fd = os.open(namespace.path, os.O_RDONLY)
@@ -181,14 +181,43 @@ def spawn(step: Step, namespace: NetNS | None) -> tuple[float, int, int, str]:
         process = subprocess.Popen(
             step.argv, stdin=stdin, stdout=subprocess.DEVNULL, stderr=stderr, env=env, preexec_fn=enter
         )
-        _, status, usage = os.wait4(process.pid, 0)
+        _, status, _usage = os.wait4(process.pid, 0)
         wall = (time.perf_counter() - start) * 1000
         process.returncode = os.waitstatus_to_exitcode(status)
         stderr.seek(0)
         message = stderr.read()
     if namespace is not None:
         os.close(fd)
-    return wall, process.returncode, usage.ru_maxrss, message
+    return wall, process.returncode, message
+
+
+# A process forked from this bench starts with the bench's own pages, and the kernel's peak RSS
+# (ru_maxrss) survives exec: measured directly, every step would report at least the bench's size.
+# So the peak is measured once, in a grandchild: a small launcher forks and execs the step.
+RSS_LAUNCHER = (
+    "import os, sys\n"
+    "pid = os.fork()\n"
+    "if pid == 0:\n"
+    "    os.execvp(sys.argv[1], sys.argv[1:])\n"
+    "_, status, usage = os.wait4(pid, 0)\n"
+    "print(f'peak-rss-kb {usage.ru_maxrss}', file=sys.stderr)\n"
+    "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
+
+
+def measure_peak_rss(job: Job) -> None:
+    """The largest peak RSS of the job's steps, each run once through the launcher."""
+    namespace = make_pod_namespace() if job.fresh_namespace else None
+    try:
+        for step in job.steps:
+            launched = Step([sys.executable, "-I", "-S", "-c", RSS_LAUNCHER, *step.argv], step.input, step.env)
+            _wall, code, message = spawn(launched, namespace)
+            peaks = [line.split()[1] for line in message.splitlines() if line.startswith("peak-rss-kb ")]
+            if code == 0 and peaks:
+                job.peak_rss_kb = max(job.peak_rss_kb, int(peaks[-1]))
+    finally:
+        if namespace is not None:
+            namespace.delete()
 
 
 def run_job(job: Job, *, check: bool = False) -> None:
@@ -198,13 +227,12 @@ def run_job(job: Job, *, check: bool = False) -> None:
     try:
         total = 0.0
         for step in [*job.steps, *([job.check] if check and job.check else [])]:
-            wall, code, rss, message = spawn(step, namespace)
+            wall, code, message = spawn(step, namespace)
             if code != 0:
                 job.failure = message.strip().splitlines()[-1] if message.strip() else f"exit {code}"
                 return
             if step is not job.check:
                 total += wall
-                job.peak_rss_kb = max(job.peak_rss_kb, rss)
         job.walls.append(total)
     finally:
         if namespace is not None:
@@ -215,6 +243,8 @@ def measure(jobs: list[Job], rounds: int) -> None:
     for job in jobs:  # warm the page cache, and find jobs that fail or do not do their job
         run_job(job, check=True)
         job.walls.clear()
+        if not job.failure:
+            measure_peak_rss(job)
     for _ in range(rounds):
         for job in jobs:
             run_job(job)
@@ -421,7 +451,7 @@ class Variant:
         total = 0.0
         native = [Step(["nft", "-f", "-"], self.printed)]
         for step in native if self.backend == "native" else restore_steps(self.printed, self.backend):
-            wall, code, _rss, message = spawn(step, namespace)
+            wall, code, message = spawn(step, namespace)
             if code != 0:
                 raise RuntimeError(f"{step.argv[0]} failed: {message.strip()}")
             total += wall
