@@ -107,6 +107,10 @@ def read_nft_state(state: NamespaceState) -> None:
     path = which("nft")
     if path is None:
         return  # without nft there are neither our tables nor iptables-nft rules to look at
+    from istio_iptables.system.nf_tables import table_names
+
+    if table_names() == set():
+        return  # the kernel holds no nf_tables table at all (a fresh pod): nothing to list
     listing = _run_tool([path, "-j", "list", "ruleset"])
     if listing.returncode != 0:
         raise EnvironmentProblem(f"cannot list the nftables ruleset: {listing.stderr.strip()}")
