@@ -69,7 +69,7 @@ def test_an_interrupted_run_of_another_configuration_is_still_drift(backend: str
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_rules_without_their_routes_get_them_back(backend: str, netns) -> None:
-    """A run killed after the rules, before the ip rule/route/::6 (a few ms now, once pyroute2 is loaded)."""
+    """A run killed after the rules, before the ip rule/route/::6 (a window of a few netlink messages)."""
     args = [*TPROXY, *backend_args(backend)]
     assert finish(start(netns, args))[0] == 0
     for family in ("-4", "-6"):
