@@ -53,7 +53,7 @@ from istio_iptables.nft.model import (
     SocketOwner,
 )
 from istio_iptables.nft.names import AMBIENT_MANGLE, AMBIENT_NAT, AMBIENT_RAW, AMBIENT_TABLES
-from istio_iptables.policy.ambient_xtables import families
+from istio_iptables.policy.ambient_xtables import families, probe_set
 
 __all__ = ["AMBIENT_TABLES", "host_ruleset", "pod_ruleset", "probe_set_lines", "render_ambient_script", "ruleset"]
 
@@ -189,15 +189,11 @@ def probe_set_lines(config: AmbientConfig) -> list[str]:
     # The node agent's per-pod update (Istio: an element commented with the pod's UID). Adding before
     # deleting makes the delete valid when the element is absent (the transaction would fail otherwise).
     for address in config.enrol:
-        lines.append(f'add element inet {AMBIENT_NAT} {_probe_set(address)} {{ {address} comment "{config.pod_uid}" }}')
+        lines.append(f'add element inet {AMBIENT_NAT} {probe_set(address)} {{ {address} comment "{config.pod_uid}" }}')
     for address in config.unenrol:
-        target = f"inet {AMBIENT_NAT} {_probe_set(address)} {{ {address} }}"
+        target = f"inet {AMBIENT_NAT} {probe_set(address)} {{ {address} }}"
         lines += [f"add element {target}", f"delete element {target}"]
     return lines
-
-
-def _probe_set(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
-    return PROBE_SET_V4 if address.version == 4 else PROBE_SET_V6
 
 
 def render_ambient_script(config: AmbientConfig) -> str:

@@ -218,12 +218,13 @@ def probe_ipset_document(config: AmbientConfig) -> str:
     for family in families(config):
         name, inet = (PROBE_SET_V4, "inet") if family is Family.V4 else (PROBE_SET_V6, "inet6")
         lines.append(f"create {name} hash:ip family {inet} comment -exist")
-    lines += [f'add {_probe_set(address)} {address} comment "{config.pod_uid}" -exist' for address in config.enrol]
-    lines += [f"del {_probe_set(address)} {address} -exist" for address in config.unenrol]
+    lines += [f'add {probe_set(address)} {address} comment "{config.pod_uid}" -exist' for address in config.enrol]
+    lines += [f"del {probe_set(address)} {address} -exist" for address in config.unenrol]
     return "\n".join(lines) + "\n"
 
 
-def _probe_set(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+def probe_set(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """The node's probe set holding a pod address of this family (ipset and nft set alike)."""
     return PROBE_SET_V6 if address.version == 6 else PROBE_SET_V4
 
 

@@ -216,6 +216,11 @@ def _resolve(reference: str) -> Any:
     return getattr(importlib.import_module(module), function)
 
 
+# The chains only one of the two in-pod modes writes, beside the ISTIO_OUTPUT both name: each
+# mode's companions are the other's rivals.
+SIDECAR_COMPANIONS = OWN_CHAINS - {"ISTIO_OUTPUT"}
+AMBIENT_POD_COMPANIONS = frozenset({"ISTIO_PRERT"})
+
 SIDECAR = Footprint(
     mode="sidecar",
     chains=OWN_CHAINS,
@@ -239,8 +244,8 @@ SIDECAR = Footprint(
     tproxy_mark="istio_iptables.xtables.reconcile:live_tproxy_mark",
     plan="istio_iptables.policy.sidecar_xtables:build_plan",
     nft_ruleset="istio_iptables.policy.sidecar_nft:build_nft_ruleset",
-    companion_chains=OWN_CHAINS - {"ISTIO_OUTPUT"},
-    rival_chains=frozenset({"ISTIO_PRERT"}),  # ambient in-pod mode's companion of its ISTIO_OUTPUT
+    companion_chains=SIDECAR_COMPANIONS,
+    rival_chains=AMBIENT_POD_COMPANIONS,
     rival_nft_tables=(AMBIENT_MANGLE,),
     rival_mode="Istio ambient in-pod",
     rival_cleanup="istio-iptables ambient --cleanup-only",
@@ -267,8 +272,8 @@ AMBIENT_POD = Footprint(
     tproxy_mark="istio_iptables.policy.ambient_xtables:no_tproxy_mark",
     plan="istio_iptables.policy.ambient_xtables:build_plan",
     nft_ruleset="istio_iptables.policy.ambient_nft:ruleset",
-    companion_chains=frozenset({"ISTIO_PRERT"}),
-    rival_chains=OWN_CHAINS - {"ISTIO_OUTPUT"},  # the sidecar's companions of its ISTIO_OUTPUT
+    companion_chains=AMBIENT_POD_COMPANIONS,
+    rival_chains=SIDECAR_COMPANIONS,
     rival_nft_tables=OUR_TABLES,
     rival_mode="Istio sidecar",
     rival_cleanup="istio-iptables --cleanup-only",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import _socket as socket  # the C module: socket.py's enums cost ~4 ms we do not need
 import errno
+import os
 import struct
 from collections.abc import Iterable
 
@@ -104,14 +105,8 @@ def _change(kind: int, flags: int, body: bytes, tolerated: int, action: str) -> 
         return False
     if code:
         hint = " (is lo up?)" if code in (errno.EINVAL, errno.ENETDOWN) else ""
-        raise ApplyError(f"{action} failed: {errno.errorcode.get(code, code)}: {_strerror(code)}{hint}")
+        raise ApplyError(f"{action} failed: {errno.errorcode.get(code, code)}: {os.strerror(code)}{hint}")
     return True
-
-
-def _strerror(code: int) -> str:
-    import os
-
-    return os.strerror(code)
 
 
 # --- policy rules ---------------------------------------------------------------------------------
